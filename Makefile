@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` (score the shipped set with the bundled model)
+# and `make test`. Both create .venv when it is missing. torch is installed first and pinned:
+# on these machines torch==2.13.0 is a local CPU wheel, any other request pulls CUDA packages.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.atomuq-installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/atomuq models
+	$(VENV)/bin/atomuq score src/atomuq/data/structures/demo.extxyz -o out/demo_scored.extxyz
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_force_delta.py
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,90 @@
+"""ASE calculator: every atomuq result of a model, for one structure at a time."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+
+from atomuq.core.batch import Batch
+from atomuq.models.derivatives import evaluate, rotational_gradient_norm
+from atomuq.models.protocol import AtomisticModel
+from atomuq.models.registry import resolve_model
+from atomuq.uq.confidence import confidence
+from atomuq.uq.force_delta import force_delta
+
+
+class AtomuqCalculator(Calculator):
+    """ASE calculator around any atomuq model.
+
+    forces: "direct" (the model's force head; default for a direct model) or "conservative"
+    (-dE/dr). Results: energy (eV), forces, forces_direct, forces_conservative (eV/Å),
+    force_delta (U_Delta, eV/Å), force_delta_atoms (u_i, eV/Å), stress (eV/Å³, periodic only;
+    direct head if forces="direct" and the model has one, else virial), stress_virial,
+    stress_direct, confidence_error (per atom, eV/Å), and with rotational_gradient=True
+    rotational_gradient (3x3, eV) and rotational_gradient_norm (eV).
+    """
+
+    implemented_properties = [
+        "energy", "free_energy", "forces", "stress", "forces_direct", "forces_conservative",
+        "force_delta", "force_delta_atoms", "stress_direct", "stress_virial", "confidence_error",
+        "rotational_gradient", "rotational_gradient_norm",
+    ]
+
+    def __init__(
+        self,
+        model: AtomisticModel | str | None = None,
+        forces: str | None = None,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        rotational_gradient: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.model = model if isinstance(model, AtomisticModel) else resolve_model(model, device=device)
+        if dtype is not None:
+            self.model = self.model.to(dtype)
+        direct = self.model.has_direct_forces
+        forces = forces or ("direct" if direct else "conservative")
+        if forces not in ("direct", "conservative"):
+            raise ValueError(f"forces must be 'direct' or 'conservative', got {forces!r}")
+        if forces == "direct" and not direct:
+            raise ValueError("forces='direct' needs a model with a direct force head; this one is conservative-only")
+        self.force_mode = forces
+        self.want_rotational = rotational_gradient
+
+    def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        batch = Batch.from_atoms([self.atoms])
+        periodic = bool(self.atoms.pbc.all())
+        pred = evaluate(self.model, batch, conservative=True, stress=periodic, rotational=self.want_rotational).detach()
+        to_np = lambda t: t.detach().cpu().double().numpy()  # noqa: E731
+        r = self.results
+        r["energy"] = r["free_energy"] = float(pred.energy[0])
+        r["forces_conservative"] = to_np(pred.forces_conservative)
+        if pred.forces_direct is not None:
+            r["forces_direct"] = to_np(pred.forces_direct)
+            fd = force_delta(pred, batch)
+            r["force_delta"] = float(fd.per_structure["force_delta"][0])
+            r["force_delta_atoms"] = to_np(fd.per_atom["force_delta"])
+        r["forces"] = r["forces_direct"] if self.force_mode == "direct" else r["forces_conservative"]
+        if periodic:
+            r["stress_virial"] = to_np(pred.stress_virial[0])
+            if pred.stress_direct is not None:
+                r["stress_direct"] = to_np(pred.stress_direct[0])
+            use_direct = self.force_mode == "direct" and pred.stress_direct is not None
+            r["stress"] = r["stress_direct"] if use_direct else r["stress_virial"]
+        if pred.confidence_logits is not None:
+            conf = confidence(pred.confidence_logits, self.model.confidence_bin_edges, batch)
+            r["confidence_error"] = to_np(conf.per_atom["confidence_error"])
+        if self.want_rotational:
+            r["rotational_gradient"] = to_np(pred.rotational_gradient[0])
+            r["rotational_gradient_norm"] = float(rotational_gradient_norm(pred)[0])
+
+    def get_property(self, name, atoms=None, allow_calculation=True):
+        if name == "stress" and atoms is not None and not np.asarray(atoms.pbc).all():
+            raise PropertyNotImplementedError("stress is defined only for fully periodic structures")
+        if name.startswith("rotational_gradient") and not self.want_rotational:
+            raise PropertyNotImplementedError("create the calculator with rotational_gradient=True for this result")
+        return super().get_property(name, atoms, allow_calculation)

@@ -1,0 +1,1 @@
+"""Command-line interface (thin: parse, show progress, call the library, write files)."""

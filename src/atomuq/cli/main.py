@@ -1,0 +1,93 @@
+"""The `atomuq` command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from ase.data import chemical_symbols
+from rich.table import Table
+
+import atomuq
+from atomuq.cli.common import check_device, console, progress_bar, user_errors
+from atomuq.core.io import read_structures, write_structures
+from atomuq.core.validate import DEFAULT_MIN_DISTANCE
+from atomuq.models.checkpoint import load_model
+from atomuq.models.registry import DEFAULT_MODEL, bundled_models, resolve_model
+from atomuq.workflows.score import ScoreRow, score_records, validate_records
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="atomuq: when can a machine-learned interatomic potential be trusted?")
+
+
+@app.callback()
+def _main() -> None:
+    """atomuq: per-structure and per-atom uncertainty for machine-learned interatomic potentials."""
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def summary_table(rows: list[ScoreRow], top: int) -> Table:
+    """Rich table of the worst `top` structures by Force Delta."""
+    table = Table(title=f"Force Delta, worst first ({min(top, len(rows))} of {len(rows)})")
+    for name in ("rank", "file:index", "formula", "atoms", "E/atom eV", "U_Δ eV/Å", "max u_i eV/Å", "ε_nc eV/Å", "ε_c eV/Å"):
+        table.add_column(name, justify="right" if name not in ("file:index", "formula") else "left")
+    ordered = sorted(rows, key=lambda r: r.force_delta, reverse=True)[:top]
+    for rank, r in enumerate(ordered, 1):
+        table.add_row(str(rank), f"{Path(r.source).name}:{r.index}", r.formula, str(r.n_atoms),
+                      _fmt(r.energy_per_atom, 3), _fmt(r.force_delta), _fmt(r.force_delta_max),
+                      _fmt(r.eps_nc), _fmt(r.eps_c))
+    return table
+
+
+@app.command()
+def score(
+    inputs: List[Path] = typer.Argument(..., help="Structure files ASE can read (extxyz, xyz, cif, POSCAR, traj, ...)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output extended XYZ file."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Bundled model name or model file (default {DEFAULT_MODEL})."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Structures per batch."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    rotational: bool = typer.Option(False, "--rotational", help="Also compute the rotational gradient |Δ_rot| (eV)."),
+    forces_key: Optional[str] = typer.Option(None, "--forces-key", help="Array holding reference forces (default: calculator results or REF_forces)."),
+    min_distance: float = typer.Option(DEFAULT_MIN_DISTANCE, "--min-distance", help="Atoms closer than this (Å) are rejected as overlapping."),
+    top: int = typer.Option(10, "--top", help="Rows in the summary table."),
+) -> None:
+    """Score structures: direct and conservative forces, Force Delta, errors against reference forces."""
+    device = check_device(device)
+    with user_errors():
+        net = resolve_model(model, device=device)
+        records = read_structures(inputs)
+        validate_records(records, net, min_distance)
+        with progress_bar() as bar:
+            task = bar.add_task("scoring", total=len(records))
+            scored, rows = score_records(records, net, batch_size, rotational, forces_key,
+                                         progress=lambda n: bar.advance(task, n))
+        write_structures(output, scored)
+    console.print(summary_table(rows, top))
+    console.print(f"model {getattr(net, 'source', model)}; wrote {len(scored)} structures to {output}")
+
+
+@app.command()
+def models() -> None:
+    """List the bundled models."""
+    table = Table(title=f"bundled models (atomuq {atomuq.__version__})")
+    for name in ("name", "elements", "cutoff Å", "layers", "latent", "parameters", "trained on", "file"):
+        table.add_column(name)
+    with user_errors():
+        for name, path in bundled_models().items():
+            m = load_model(path)
+            cfg = m.config
+            table.add_row(
+                name + (" (default)" if name == DEFAULT_MODEL else ""),
+                " ".join(chemical_symbols[z] for z in cfg.elements), f"{cfg.cutoff:g}", str(cfg.num_layers),
+                str(cfg.latent), f"{sum(p.numel() for p in m.parameters()):,}",
+                str(m.metadata.get("trained_on", "-")), path.name,
+            )
+    console.print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

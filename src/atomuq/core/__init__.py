@@ -1,0 +1,1 @@
+"""Structures and batching, neighbour lists, input checks and file I/O."""

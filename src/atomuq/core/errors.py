@@ -1,0 +1,13 @@
+"""Exceptions a user can act on."""
+
+
+class AtomuqError(Exception):
+    """Base class of every error atomuq raises on purpose."""
+
+
+class InputError(AtomuqError):
+    """A structure or file that cannot be used; the message names the file and structure."""
+
+
+class ModelFileError(AtomuqError):
+    """A model file that is missing, corrupt or inconsistent; the message names the file."""

@@ -1,0 +1,117 @@
+"""Reading and writing structures (extended XYZ through ase.io) and reference labels."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from ase import Atoms
+from ase.io import read, write
+
+from atomuq.core.errors import InputError
+
+REFERENCE_PREFIX = "REF_"
+
+
+@dataclass
+class Record:
+    """One input structure and where it came from (file and 0-based index in it)."""
+
+    atoms: Atoms
+    source: str
+    index: int
+
+    @property
+    def where(self) -> str:
+        """Human-readable location used in every error message."""
+        return f"{self.source} structure {self.index}"
+
+
+def read_structures(paths: Sequence[str | Path], index: str = ":") -> list[Record]:
+    """Read every structure of every file; an unreadable or empty file raises InputError naming it."""
+    records: list[Record] = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: file not found")
+        try:
+            frames = read(path, index=index)
+        except Exception as exc:  # ase.io raises many exception types for bad files
+            raise InputError(f"{path}: cannot read structures ({type(exc).__name__}: {exc})") from exc
+        if isinstance(frames, Atoms):
+            frames = [frames]
+        if len(frames) == 0:
+            raise InputError(f"{path}: the file contains no structures")
+        records.extend(Record(a, str(path), k) for k, a in enumerate(frames))
+    return records
+
+
+def reference_forces(atoms: Atoms, key: str | None = None) -> np.ndarray | None:
+    """Reference forces (N, 3) eV/Å: atoms.arrays[key] if key is given, else the attached calculator's,
+    else an array named REF_forces; None when there are none."""
+    if key is not None:
+        return np.asarray(atoms.arrays[key], dtype=float) if key in atoms.arrays else None
+    calc = atoms.calc
+    if calc is not None and "forces" in getattr(calc, "results", {}):
+        return np.asarray(calc.results["forces"], dtype=float)
+    for name in (REFERENCE_PREFIX + "forces", "forces"):
+        if name in atoms.arrays:
+            return np.asarray(atoms.arrays[name], dtype=float)
+    return None
+
+
+def reference_energy(atoms: Atoms, key: str | None = None) -> float | None:
+    """Reference energy in eV, found like reference_forces (info[key], calculator, REF_energy)."""
+    if key is not None:
+        return float(atoms.info[key]) if key in atoms.info else None
+    calc = atoms.calc
+    if calc is not None and "energy" in getattr(calc, "results", {}):
+        return float(calc.results["energy"])
+    if REFERENCE_PREFIX + "energy" in atoms.info:
+        return float(atoms.info[REFERENCE_PREFIX + "energy"])
+    return None
+
+
+def detach_reference(atoms: Atoms) -> Atoms:
+    """A copy without calculator whose reference energy/forces/stress are kept as REF_* keys."""
+    out = atoms.copy()
+    calc = atoms.calc
+    results = getattr(calc, "results", {}) if calc is not None else {}
+    if "energy" in results:
+        out.info[REFERENCE_PREFIX + "energy"] = float(results["energy"])
+    if "forces" in results:
+        out.arrays[REFERENCE_PREFIX + "forces"] = np.asarray(results["forces"], dtype=float)
+    if "stress" in results:
+        out.info[REFERENCE_PREFIX + "stress"] = np.asarray(results["stress"], dtype=float)
+    out.calc = None
+    return out
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[str]:
+    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_structures(path: str | Path, structures: Iterable[Atoms], format: str = "extxyz") -> Path:
+    """Write all structures to path atomically: a temporary file renamed into place only when complete."""
+    with atomic_path(path) as tmp:
+        write(tmp, list(structures), format=format)
+    return Path(path)

@@ -1,0 +1,79 @@
+"""Neighbour lists (vesin) and differentiable edge vectors.
+
+Indices and integer periodic shifts are found without gradients by vesin; edge vectors are
+then rebuilt in torch from positions and cell, so that they are differentiable with respect
+to both (conservative forces, virial stress, rotational gradient all flow through them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from vesin import NeighborList
+
+from atomuq.core.batch import Batch
+
+
+@dataclass(frozen=True)
+class Graph:
+    """Directed edges i -> j (j is a neighbour of centre i), one per periodic image.
+
+    centers, neighbors: (E,) global atom indices; shifts: (E, 3) integer cell shifts (as
+    floats) so that r_ij = r_j - r_i + shifts @ cell; edge_batch: (E,) structure of each edge.
+    """
+
+    centers: torch.Tensor
+    neighbors: torch.Tensor
+    shifts: torch.Tensor
+    edge_batch: torch.Tensor
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.centers.shape[0])
+
+
+def _limit_neighbors(i: np.ndarray, d: np.ndarray, max_neighbors: int) -> np.ndarray:
+    """Boolean mask keeping, for each centre, its max_neighbors nearest edges (ties by order)."""
+    order = np.lexsort((d, i))
+    sorted_i = i[order]
+    starts = np.searchsorted(sorted_i, sorted_i, side="left")
+    rank = np.arange(len(order)) - starts
+    keep = np.zeros(len(i), dtype=bool)
+    keep[order[rank < max_neighbors]] = True
+    return keep
+
+
+def build_graph(batch: Batch, cutoff: float, max_neighbors: int | None = None) -> Graph:
+    """Full neighbour list within cutoff (Å) of every structure in the batch, periodic images included."""
+    calculator = NeighborList(cutoff=float(cutoff), full_list=True)
+    positions = batch.positions.detach().cpu().double().numpy()
+    cells = batch.cell.detach().cpu().double().numpy()
+    pbcs = batch.pbc.cpu().numpy()
+    ptr = batch.ptr.tolist()
+    centers, neighbors, shifts, owners = [], [], [], []
+    for b in range(batch.num_structures):
+        start, stop = ptr[b], ptr[b + 1]
+        box = cells[b] if pbcs[b].any() else np.zeros((3, 3))
+        i, j, s, d = calculator.compute(positions[start:stop], box, pbcs[b], quantities="ijSd")
+        if max_neighbors is not None:
+            keep = _limit_neighbors(i, d, max_neighbors)
+            i, j, s = i[keep], j[keep], s[keep]
+        centers.append(i.astype(np.int64) + start)
+        neighbors.append(j.astype(np.int64) + start)
+        shifts.append(s)
+        owners.append(np.full(len(i), b, dtype=np.int64))
+    device = batch.device
+    return Graph(
+        centers=torch.as_tensor(np.concatenate(centers), device=device),
+        neighbors=torch.as_tensor(np.concatenate(neighbors), device=device),
+        shifts=torch.as_tensor(np.concatenate(shifts).reshape(-1, 3), dtype=batch.dtype, device=device),
+        edge_batch=torch.as_tensor(np.concatenate(owners), device=device),
+    )
+
+
+def edge_vectors(batch: Batch, graph: Graph) -> torch.Tensor:
+    """(E, 3) vectors r_j - r_i + S·cell in Å, differentiable in positions and cell."""
+    offsets = torch.einsum("ek,ekl->el", graph.shifts, batch.cell[graph.edge_batch])
+    return batch.positions[graph.neighbors] - batch.positions[graph.centers] + offsets

@@ -1,0 +1,53 @@
+"""Input checks with errors that name the file and structure."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from ase import Atoms
+from ase.data import chemical_symbols
+from vesin import NeighborList
+
+from atomuq.core.errors import InputError
+
+DEFAULT_MIN_DISTANCE = 0.3  # Å: closer than this, two atoms are taken as overlapping
+
+
+def check_structure(
+    atoms: Atoms,
+    where: str,
+    elements: Sequence[int] | None = None,
+    min_distance: float = DEFAULT_MIN_DISTANCE,
+) -> None:
+    """Raise InputError naming `where` if the structure is empty, non-finite, cell-less, overlapping or has unsupported elements."""
+    if len(atoms) == 0:
+        raise InputError(f"{where}: the structure has no atoms")
+    positions = atoms.positions
+    if not np.isfinite(positions).all():
+        bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
+        raise InputError(f"{where}: positions of atoms {bad[:10].tolist()} are NaN or infinite")
+    cell = atoms.cell.array
+    if not np.isfinite(cell).all():
+        raise InputError(f"{where}: the cell contains NaN or infinite values")
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    lengths = np.linalg.norm(cell, axis=1)
+    if pbc.any() and (lengths[pbc] < 1e-6).any():
+        axes = "".join("abc"[k] for k in range(3) if pbc[k] and lengths[k] < 1e-6)
+        raise InputError(f"{where}: periodic along {axes} but the cell vector is zero; set a cell or pbc=False")
+    if pbc.all() and abs(np.linalg.det(cell)) < 1e-6:
+        raise InputError(f"{where}: periodic cell has zero volume (cell vectors are linearly dependent)")
+    if elements is not None:
+        unknown = sorted(set(atoms.numbers.tolist()) - set(int(z) for z in elements))
+        if unknown:
+            names = ", ".join(chemical_symbols[z] for z in unknown)
+            have = " ".join(chemical_symbols[int(z)] for z in elements)
+            raise InputError(f"{where}: element(s) {names} not supported by the model (it knows {have})")
+    if min_distance > 0 and len(atoms) > 0:
+        box = cell if pbc.any() else np.zeros((3, 3))
+        i, j, d = NeighborList(cutoff=min_distance, full_list=False).compute(positions, box, pbc, quantities="ijd")
+        if len(d):
+            k = int(np.argmin(d))
+            raise InputError(
+                f"{where}: atoms {int(i[k])} and {int(j[k])} overlap ({d[k]:.3f} Å apart, minimum {min_distance} Å)"
+            )

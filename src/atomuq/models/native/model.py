@@ -1,0 +1,131 @@
+"""The native Orb-v3-style direct-force network.
+
+Edge features: 8 Bessel radial functions times 16 real spherical harmonics (L_max = 3),
+times a smooth envelope, encoded by an MLP. Message passing: edge update from the edge and
+both end nodes, envelope-weighted sum into the centre, node update; residuals and LayerNorm.
+Heads: per-atom energy plus per-element reference energy (and optional ZBL repulsion);
+direct forces as a sum over neighbours of learned scalars along the unit bond vectors, with
+the net force removed; optional direct stress; a confidence head on detached node features.
+Like Orb-v3 the backbone is not rotation-invariant by construction: invariance is learned
+(rotation augmentation, equigrad) and measured by the rotational gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from atomuq.core.batch import Batch, scatter_mean, scatter_sum
+from atomuq.core.neighbors import build_graph, edge_vectors
+from atomuq.models.native.basis import bessel_basis, polynomial_envelope, spherical_harmonics
+from atomuq.models.native.config import NativeConfig
+from atomuq.models.native.zbl import ZBLRepulsion
+from atomuq.models.protocol import AtomisticModel, ModelOutput
+
+
+def mlp(n_in: int, hidden: int, n_out: int, norm: bool = True) -> nn.Sequential:
+    """Two-layer SiLU MLP, optionally followed by LayerNorm."""
+    layers: list[nn.Module] = [nn.Linear(n_in, hidden), nn.SiLU(), nn.Linear(hidden, n_out)]
+    if norm:
+        layers.append(nn.LayerNorm(n_out))
+    return nn.Sequential(*layers)
+
+
+class InteractionLayer(nn.Module):
+    """One message-passing step with residual edge and node updates."""
+
+    def __init__(self, latent: int, hidden: int, avg_neighbors: float) -> None:
+        super().__init__()
+        self.edge_mlp = mlp(3 * latent, hidden, latent)
+        self.node_mlp = mlp(2 * latent, hidden, latent)
+        self.avg_neighbors = avg_neighbors
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor, centers: torch.Tensor, neighbors: torch.Tensor,
+                envelope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e = e + self.edge_mlp(torch.cat([e, h[centers], h[neighbors]], dim=-1))
+        messages = scatter_sum(e * envelope[:, None], centers, h.shape[0]) / self.avg_neighbors
+        h = h + self.node_mlp(torch.cat([h, messages], dim=-1))
+        return h, e
+
+
+class NativeModel(AtomisticModel):
+    """Compact direct-force model with energy, force, optional stress and confidence heads."""
+
+    def __init__(self, config: NativeConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.cutoff = config.cutoff
+        self.elements = list(config.elements)
+        lookup = torch.full((119,), -1, dtype=torch.long)
+        lookup[torch.tensor(self.elements)] = torch.arange(len(self.elements))
+        self.register_buffer("species_index", lookup, persistent=False)
+        self.register_buffer("reference_energies", torch.zeros(len(self.elements)))
+        self.register_buffer("energy_scale", torch.tensor(1.0))
+        self.register_buffer("force_scale", torch.tensor(1.0))
+        edges = torch.linspace(0.0, config.confidence_max_error, config.confidence_bins + 1)
+        self.register_buffer("confidence_bin_edges", edges)
+
+        n_edge_in = config.num_bessel * (config.lmax + 1) ** 2
+        self.embedding = nn.Embedding(len(self.elements), config.latent)
+        self.node_encoder = mlp(config.latent, config.hidden, config.latent)
+        self.edge_encoder = mlp(n_edge_in, config.hidden, config.latent)
+        self.layers = nn.ModuleList(
+            InteractionLayer(config.latent, config.hidden, config.avg_neighbors) for _ in range(config.num_layers)
+        )
+        self.energy_head = mlp(config.latent, config.hidden, 1, norm=False)
+        self.force_head = mlp(2 * config.latent, config.hidden, 1, norm=False)
+        self.stress_head = mlp(config.latent, config.hidden, 6, norm=False) if config.direct_stress else None
+        self.confidence_head = mlp(config.latent, config.confidence_hidden, config.confidence_bins, norm=False)
+        self.zbl = ZBLRepulsion() if config.zbl else None
+
+    @property
+    def has_direct_forces(self) -> bool:
+        return True
+
+    @property
+    def has_direct_stress(self) -> bool:
+        return self.stress_head is not None
+
+    def species(self, numbers: torch.Tensor) -> torch.Tensor:
+        """Atomic numbers -> indices into self.elements; raises on an element the model lacks."""
+        idx = self.species_index[numbers]
+        if (idx < 0).any():
+            missing = sorted(set(numbers[idx < 0].tolist()))
+            raise ValueError(f"elements {missing} are not supported by this model (elements {self.elements})")
+        return idx
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        """Energies (B,) eV, direct forces (N, 3) eV/Å, node features, confidence logits, optional stress."""
+        cfg = self.config
+        n, b = batch.num_atoms, batch.num_structures
+        species = self.species(batch.numbers)
+        graph = build_graph(batch, cfg.cutoff, cfg.max_neighbors)
+        vectors = edge_vectors(batch, graph)
+        lengths = torch.linalg.norm(vectors, dim=-1)
+        unit = vectors / lengths[:, None]
+        envelope = polynomial_envelope(lengths, cfg.cutoff)
+        radial = bessel_basis(lengths, cfg.cutoff, cfg.num_bessel) * envelope[:, None]
+        angular = spherical_harmonics(unit, cfg.lmax)
+        edge_in = (radial[:, :, None] * angular[:, None, :]).flatten(1)
+
+        h = self.node_encoder(self.embedding(species))
+        e = self.edge_encoder(edge_in)
+        for layer in self.layers:
+            h, e = layer(h, e, graph.centers, graph.neighbors, envelope)
+
+        atom_energy = self.energy_head(h).squeeze(-1) * self.energy_scale + self.reference_energies[species]
+        energy = scatter_sum(atom_energy, batch.batch, b)
+        if self.zbl is not None and graph.num_edges:
+            pair = self.zbl(lengths, batch.numbers[graph.centers], batch.numbers[graph.neighbors])
+            energy = energy + 0.5 * scatter_sum(pair, graph.edge_batch, b)
+
+        weights = self.force_head(torch.cat([e, h[graph.neighbors]], dim=-1)).squeeze(-1) * envelope
+        # a positive weight pushes the centre away from its neighbour
+        forces = -scatter_sum(weights[:, None] * unit, graph.centers, n) * self.force_scale
+        forces = forces - scatter_mean(forces, batch.batch, b)[batch.batch]
+
+        stress = None
+        if self.stress_head is not None:
+            stress = self.stress_head(scatter_mean(h, batch.batch, b))
+        confidence = self.confidence_head(h.detach())
+        return ModelOutput(energy=energy, forces=forces, stress=stress, node_features=h, confidence_logits=confidence)

@@ -1,0 +1,134 @@
+"""Score many structures in batches: model outputs, Force Delta, confidence, errors against references."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from atomuq.core.batch import Batch
+from atomuq.core.io import Record, detach_reference, reference_forces
+from atomuq.core.validate import DEFAULT_MIN_DISTANCE, check_structure
+from atomuq.models.derivatives import evaluate, rotational_gradient_norm
+from atomuq.models.protocol import AtomisticModel
+from atomuq.uq.confidence import confidence
+from atomuq.uq.force_delta import force_delta
+
+#: per-structure info keys written by score, with units
+INFO_KEYS = {
+    "energy": "eV",
+    "force_delta": "eV/Å",
+    "force_delta_max": "eV/Å",
+    "force_delta_stress": "eV/Å³",
+    "confidence_error": "eV/Å",
+    "eps_nc": "eV/Å",
+    "eps_c": "eV/Å",
+    "rotational_gradient": "eV",
+}
+#: per-atom arrays written by score, with units
+ARRAY_KEYS = {
+    "forces_direct": "eV/Å",
+    "forces_conservative": "eV/Å",
+    "force_delta": "eV/Å",
+    "confidence_error": "eV/Å",
+    "eps_nc": "eV/Å",
+    "eps_c": "eV/Å",
+}
+
+
+@dataclass
+class ScoreRow:
+    """One line of the summary table."""
+
+    source: str
+    index: int
+    formula: str
+    n_atoms: int
+    energy_per_atom: float
+    force_delta: float
+    force_delta_max: float
+    eps_nc: float | None
+    eps_c: float | None
+
+
+def validate_records(records: Sequence[Record], model: AtomisticModel, min_distance: float = DEFAULT_MIN_DISTANCE) -> None:
+    """Check every structure before any work, so a bad one stops the run with nothing written."""
+    for rec in records:
+        check_structure(rec.atoms, rec.where, model.elements, min_distance)
+
+
+def score_records(
+    records: Sequence[Record],
+    model: AtomisticModel,
+    batch_size: int = 16,
+    rotational: bool = False,
+    forces_key: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[Atoms], list[ScoreRow]]:
+    """Annotated copies of the structures (arrays and info as in ARRAY_KEYS / INFO_KEYS) and summary rows."""
+    if not model.has_direct_forces:
+        raise ValueError("atomuq score needs a model with a direct force head for the Force Delta")
+    out_atoms: list[Atoms] = []
+    rows: list[ScoreRow] = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        structures = [r.atoms for r in chunk]
+        batch = Batch.from_atoms(structures, device=model.device, dtype=model.dtype)
+        refs = [reference_forces(a, forces_key) for a in structures]
+        has_ref = [f is not None and f.shape == (len(a), 3) for f, a in zip(refs, structures)]
+        ref_tensor = None
+        if any(has_ref):
+            ref_tensor = torch.as_tensor(
+                np.concatenate([f if ok else np.zeros((len(a), 3)) for f, ok, a in zip(refs, has_ref, structures)]),
+                dtype=model.dtype, device=model.device,
+            )
+        periodic = bool(batch.pbc.all(dim=1).any())
+        pred = evaluate(model, batch, conservative=True, stress=periodic, rotational=rotational).detach()
+        fd = force_delta(pred, batch, ref_tensor)
+        conf = (confidence(pred.confidence_logits, model.confidence_bin_edges, batch)
+                if pred.confidence_logits is not None else None)
+        rot = rotational_gradient_norm(pred) if rotational else None
+        split = lambda t: [x.cpu().double().numpy() for x in batch.split(t)]  # noqa: E731
+        per_atom = {
+            "forces_direct": split(pred.forces_direct),
+            "forces_conservative": split(pred.forces_conservative),
+            "force_delta": split(fd.per_atom["force_delta"]),
+        }
+        if conf is not None:
+            per_atom["confidence_error"] = split(conf.per_atom["confidence_error"])
+        for name in ("eps_nc", "eps_c"):
+            if name in fd.per_atom:
+                per_atom[name] = split(fd.per_atom[name])
+        for k, (rec, atoms) in enumerate(zip(chunk, structures)):
+            out = detach_reference(atoms)
+            for name, arrays in per_atom.items():
+                if name.startswith("eps") and not has_ref[k]:
+                    continue
+                out.arrays[name] = arrays[k]
+            info = out.info
+            info["energy"] = float(pred.energy[k])
+            info["force_delta"] = float(fd.per_structure["force_delta"][k])
+            info["force_delta_max"] = float(per_atom["force_delta"][k].max())
+            if "force_delta_stress" in fd.per_structure and bool(pred.periodic[k]):
+                info["force_delta_stress"] = float(fd.per_structure["force_delta_stress"][k])
+            if conf is not None:
+                info["confidence_error"] = float(conf.per_structure["confidence_error"][k])
+            if has_ref[k]:
+                info["eps_nc"] = float(fd.per_structure["eps_nc"][k])
+                info["eps_c"] = float(fd.per_structure["eps_c"][k])
+            if rot is not None:
+                info["rotational_gradient"] = float(rot[k])
+            info["source_file"] = rec.source
+            info["source_index"] = rec.index
+            out_atoms.append(out)
+            rows.append(ScoreRow(
+                source=rec.source, index=rec.index, formula=atoms.get_chemical_formula(), n_atoms=len(atoms),
+                energy_per_atom=info["energy"] / len(atoms), force_delta=info["force_delta"],
+                force_delta_max=info["force_delta_max"], eps_nc=info.get("eps_nc"), eps_c=info.get("eps_c"),
+            ))
+        if progress is not None:
+            progress(len(chunk))
+    return out_atoms, rows
