@@ -56,7 +56,7 @@ class AtomuqCalculator(Calculator):
 
     def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
-        batch = Batch.from_atoms([self.atoms])
+        batch = Batch.from_atoms([self.atoms], device=self.model.device, dtype=self.model.dtype)
         periodic = bool(self.atoms.pbc.all())
         pred = evaluate(self.model, batch, conservative=True, stress=periodic, rotational=self.want_rotational).detach()
         to_np = lambda t: t.detach().cpu().double().numpy()  # noqa: E731
