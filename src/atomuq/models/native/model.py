@@ -31,18 +31,43 @@ def mlp(n_in: int, hidden: int, n_out: int, norm: bool = True) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class EdgeMLP(nn.Module):
+    """MLP on the concatenation [e_ij, h_i, h_j] (or [e_ij, h_j]) without building it per edge.
+
+    The first linear layer is split by input block and the node blocks are applied per atom
+    before gathering: e W_e + (h W_c)[i] + (h W_n)[j], the same function as Linear(cat(...)) at a
+    fraction of the per-edge memory and arithmetic.
+    """
+
+    def __init__(self, latent: int, hidden: int, n_out: int, use_center: bool = True, norm: bool = True) -> None:
+        super().__init__()
+        self.edge_in = nn.Linear(latent, hidden)
+        self.center_in = nn.Linear(latent, hidden, bias=False) if use_center else None
+        self.neighbor_in = nn.Linear(latent, hidden, bias=False)
+        tail: list[nn.Module] = [nn.SiLU(), nn.Linear(hidden, n_out)]
+        if norm:
+            tail.append(nn.LayerNorm(n_out))
+        self.tail = nn.Sequential(*tail)
+
+    def forward(self, e: torch.Tensor, h: torch.Tensor, centers: torch.Tensor, neighbors: torch.Tensor) -> torch.Tensor:
+        x = self.edge_in(e) + self.neighbor_in(h)[neighbors]
+        if self.center_in is not None:
+            x = x + self.center_in(h)[centers]
+        return self.tail(x)
+
+
 class InteractionLayer(nn.Module):
     """One message-passing step with residual edge and node updates."""
 
     def __init__(self, latent: int, hidden: int, avg_neighbors: float) -> None:
         super().__init__()
-        self.edge_mlp = mlp(3 * latent, hidden, latent)
+        self.edge_mlp = EdgeMLP(latent, hidden, latent)
         self.node_mlp = mlp(2 * latent, hidden, latent)
         self.avg_neighbors = avg_neighbors
 
     def forward(self, h: torch.Tensor, e: torch.Tensor, centers: torch.Tensor, neighbors: torch.Tensor,
                 envelope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        e = e + self.edge_mlp(torch.cat([e, h[centers], h[neighbors]], dim=-1))
+        e = e + self.edge_mlp(e, h, centers, neighbors)
         messages = scatter_sum(e * envelope[:, None], centers, h.shape[0]) / self.avg_neighbors
         h = h + self.node_mlp(torch.cat([h, messages], dim=-1))
         return h, e
@@ -73,7 +98,7 @@ class NativeModel(AtomisticModel):
             InteractionLayer(config.latent, config.hidden, config.avg_neighbors) for _ in range(config.num_layers)
         )
         self.energy_head = mlp(config.latent, config.hidden, 1, norm=False)
-        self.force_head = mlp(2 * config.latent, config.hidden, 1, norm=False)
+        self.force_head = EdgeMLP(config.latent, config.hidden, 1, use_center=False, norm=False)
         self.stress_head = mlp(config.latent, config.hidden, 6, norm=False) if config.direct_stress else None
         self.confidence_head = mlp(config.latent, config.confidence_hidden, config.confidence_bins, norm=False)
         self.zbl = ZBLRepulsion() if config.zbl else None
@@ -119,7 +144,7 @@ class NativeModel(AtomisticModel):
             pair = self.zbl(lengths, batch.numbers[graph.centers], batch.numbers[graph.neighbors])
             energy = energy + 0.5 * scatter_sum(pair, graph.edge_batch, b)
 
-        weights = self.force_head(torch.cat([e, h[graph.neighbors]], dim=-1)).squeeze(-1) * envelope
+        weights = self.force_head(e, h, graph.centers, graph.neighbors).squeeze(-1) * envelope
         # a positive weight pushes the centre away from its neighbour
         forces = -scatter_sum(weights[:, None] * unit, graph.centers, n) * self.force_scale
         forces = forces - scatter_mean(forces, batch.batch, b)[batch.batch]
