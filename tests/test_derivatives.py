@@ -184,3 +184,12 @@ def test_models_with_different_seeds_differ():
     a, b = make_native(seed=0), make_native(seed=5)
     batch = Batch.from_atoms([ethanol()], dtype=torch.float64)
     assert not torch.allclose(evaluate(a, batch).energy, evaluate(b, batch).energy)
+
+
+def test_energy_spread_under_rotations(native_model, pair_model):
+    from atomuq.uq.equigrad import energy_spread_under_rotations, random_rotations
+
+    rots = random_rotations(8, seed=1)
+    assert np.allclose(np.einsum("nij,nkj->nik", rots, rots), np.eye(3)) and np.allclose(np.linalg.det(rots), 1)
+    assert energy_spread_under_rotations(pair_model, ethanol(), 8) < 1e-10
+    assert energy_spread_under_rotations(native_model, ethanol(), 8) > 1e-6
