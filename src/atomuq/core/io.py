@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -77,6 +78,28 @@ def reference_energy(atoms: Atoms, key: str | None = None) -> float | None:
     return None
 
 
+def reference_stress(atoms: Atoms, key: str | None = None) -> np.ndarray | None:
+    """Reference stress (6,) eV/Å³ in Voigt order xx, yy, zz, yz, xz, xy (ASE sign), or None."""
+    value = None
+    if key is not None:
+        value = atoms.info.get(key)
+    else:
+        calc = atoms.calc
+        if calc is not None and "stress" in getattr(calc, "results", {}):
+            value = calc.results["stress"]
+        elif "REF_stress" in atoms.info:
+            value = atoms.info["REF_stress"]
+    if value is None:
+        return None
+    array = np.asarray(value, dtype=float)
+    if array.shape == (6,):
+        return array
+    if array.size == 9:
+        m = array.reshape(3, 3)
+        return np.array([m[a, b] for a, b in ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))])
+    raise ValueError(f"stress must have 6 (Voigt) or 9 components, got shape {array.shape}")
+
+
 def detach_reference(atoms: Atoms) -> Atoms:
     """A copy without calculator whose reference energy/forces/stress are kept as REF_* keys."""
     out = atoms.copy()
@@ -115,3 +138,17 @@ def write_structures(path: str | Path, structures: Iterable[Atoms], format: str 
     with atomic_path(path) as tmp:
         write(tmp, list(structures), format=format)
     return Path(path)
+
+
+def file_sha256(paths: Sequence[Path]) -> tuple[str, list[str]]:
+    """SHA-256 (hex) of the files' bytes in order, and each file's own SHA-256."""
+    total = hashlib.sha256()
+    each = []
+    for path in paths:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+                total.update(chunk)
+        each.append(digest.hexdigest())
+    return total.hexdigest(), each

@@ -3,12 +3,11 @@ spread under random rotations (Orb-v3 Fig. 3 compares the two)."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from ase import Atoms
-from scipy.spatial.transform import Rotation
 
 from atomuq.core.batch import Batch
+from atomuq.core.rotations import random_rotations
 from atomuq.models.derivatives import Prediction, evaluate, rotational_gradient_norm
 from atomuq.models.protocol import AtomisticModel
 from atomuq.uq.result import UQResult
@@ -20,16 +19,11 @@ def rotational_gradient(prediction: Prediction) -> UQResult:
                     units={"rotational_gradient": "eV"})
 
 
-def random_rotations(n: int, seed: int = 0) -> np.ndarray:
-    """(n, 3, 3) uniformly distributed proper rotation matrices."""
-    return Rotation.random(n, random_state=seed).as_matrix()
-
-
 def energy_spread_under_rotations(model: AtomisticModel, atoms: Atoms, n_rotations: int = 32, seed: int = 0,
                                   batch_size: int = 32) -> float:
     """Standard deviation (eV) of the predicted energy over n random rigid rotations of positions and cell."""
     copies = []
-    for rot in random_rotations(n_rotations, seed):
+    for rot in random_rotations(n_rotations, torch.Generator().manual_seed(seed)).numpy():
         rotated = atoms.copy()
         rotated.positions = atoms.positions @ rot.T
         rotated.cell = atoms.cell.array @ rot.T

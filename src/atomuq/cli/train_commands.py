@@ -1,0 +1,88 @@
+"""`atomuq train CONFIG`: train or fine-tune the native model from a TOML file."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from ase.data import chemical_symbols
+from rich.progress import Progress
+
+from atomuq.cli.common import check_device, console, fail, progress_bar, user_errors
+from atomuq.models.native import NativeModel
+from atomuq.workflows.train import STATE_FILE, TrainCallback, TrainConfig, train_model
+
+
+def _fmt(value: Any, scale: float = 1.0, digits: int = 4) -> str:
+    return "-" if value is None or value == "" else f"{float(value) * scale:.{digits}g}"
+
+
+class RichTrainCallback(TrainCallback):
+    """Epoch and batch progress bars plus one summary line per epoch."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.epochs_task: Any = None
+        self.batch_task: Any = None
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        """Print what is being trained and create the bars."""
+        what = "resuming" if info["resumed"] else "training"
+        elements = " ".join(chemical_symbols[z] for z in info["elements"])
+        self.bar.console.print(
+            f"{what} in {info['run_dir']}: {info['n_train']} training structures ({info['n_atoms']} atoms), "
+            f"{info['n_val']} validation, elements {elements}, {info['parameters']:,} parameters")
+        if info["scales"].get("fitted"):
+            s = info["scales"]
+            refs = ", ".join(f"{k} {v:.4f}" for k, v in s.get("reference_energies", {}).items())
+            self.bar.console.print(f"energy scale {s['energy_scale']:.4g} eV, force scale {s['force_scale']:.4g} eV/Å"
+                                   + (f"; reference energies (eV) {refs} (rank {s['rank']}), residual std "
+                                      f"{s['residual_std_per_atom']:.4g} eV/atom" if refs else ""))
+        self.epochs_task = self.bar.add_task("epochs", total=info["epochs"], completed=info["start_epoch"])
+
+    def on_epoch_start(self, epoch: int, n_batches: int) -> None:
+        """Reset the batch bar."""
+        if self.batch_task is None:
+            self.batch_task = self.bar.add_task(f"epoch {epoch}", total=n_batches)
+        else:
+            self.bar.reset(self.batch_task, total=n_batches, description=f"epoch {epoch}")
+
+    def on_batch_end(self, epoch: int, batch: int, n_batches: int, loss: float) -> None:
+        """Advance the batch bar."""
+        self.bar.advance(self.batch_task)
+
+    def on_epoch_end(self, epoch: int, row: dict[str, Any], model: NativeModel, improved: bool) -> None:
+        """Print the epoch's losses and errors (meV/atom, eV/Å)."""
+        stage = "val" if row.get("val_forces_mae") is not None else "train"
+        self.bar.console.print(
+            f"epoch {epoch:>4}  loss {_fmt(row['train_loss'])}  {stage}: "
+            f"E {_fmt(row.get(f'{stage}_energy_mae_per_atom'), 1000)} meV/atom  "
+            f"F {_fmt(row.get(f'{stage}_forces_mae'))}  F_c {_fmt(row.get(f'{stage}_conservative_forces_mae'))} eV/Å  "
+            f"|Δrot| {_fmt(row.get(f'{stage}_rotational_gradient'))} eV  lr {row['lr']:.3g}"
+            + ("  [best]" if improved else ""), highlight=False)
+        self.bar.advance(self.epochs_task)
+
+
+def train(
+    config: Path = typer.Argument(..., help="TOML training configuration (paths in it are relative to its folder)."),
+    resume: bool = typer.Option(False, "--resume", help=f"Require an existing run to resume (a run resumes "
+                                                         f"automatically anyway when its run_dir holds {STATE_FILE})."),
+    device: Optional[str] = typer.Option(None, "--device", help="Override the config's device: cpu, cuda or cuda:N."),
+) -> None:
+    """Train or fine-tune the native model (energies eV, forces eV/Å); writes best.pt, last.pt, metrics.csv and the per-atom error log."""
+    with user_errors():
+        cfg = TrainConfig.from_toml(config)
+        if device is not None:
+            cfg = dataclasses.replace(cfg, device=check_device(device))
+        with progress_bar() as bar:
+            try:
+                result = train_model(cfg, resume=True if resume else None, callback=RichTrainCallback(bar))
+            except KeyboardInterrupt:
+                fail(f"interrupted; run the same command again to resume from the last completed epoch "
+                     f"({cfg.run_dir / STATE_FILE})", code=130)
+    if result.epochs_completed == result.start_epoch:
+        console.print(f"{cfg.run_dir}: already complete ({result.epochs_completed} of {cfg.epochs} epochs)")
+    console.print(f"best epoch {result.best_epoch} ({result.best_metric_name} {result.best_metric:.4g}); "
+                  f"wall time {result.wall_time_s:.1f} s; wrote {cfg.run_dir}/best.pt, last.pt, metrics.csv, error_log/")
