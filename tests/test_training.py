@@ -392,3 +392,25 @@ def test_cli_trains_resumes_and_reports_errors(data_dir):
     missing = runner.invoke(app, ["train", str(_write(data_dir / "cli2.toml", text.replace("cli_run", "cli_new"))),
                                   "--resume"])
     assert missing.exit_code == 1 and "no training state to resume" in missing.output
+
+
+def test_validation_fraction_holds_out_a_fixed_subset(data_dir, tmp_path):
+    from atomuq.core.io import read_structures
+    from atomuq.workflows.train import split_validation
+
+    records = read_structures([data_dir / "tiny_train.extxyz"])
+    train_a, val_a = split_validation(records, 0.25, seed=0)
+    train_b, val_b = split_validation(records, 0.25, seed=0)
+    assert [r.index for r in val_a] == [r.index for r in val_b] and len(val_a) == 3
+    assert sorted(r.index for r in train_a + val_a) == list(range(len(records)))
+    assert [r.index for r in train_a] == sorted(r.index for r in train_a)
+    with pytest.raises(ConfigError, match="empty split"):
+        split_validation(records, 0.01, seed=0)
+    text = (data_dir / "tiny.toml").read_text().replace('validation = ["tiny_val.extxyz"]', "validation_fraction = 0.25")
+    (data_dir / "fraction.toml").write_text(text)
+    config = TrainConfig.from_toml(data_dir / "fraction.toml")
+    assert config.data.validation_fraction == 0.25 and config.data.validation == ()
+    bad = text.replace("validation_fraction = 0.25", 'validation_fraction = 0.25\nvalidation = ["tiny_val.extxyz"]')
+    (data_dir / "both.toml").write_text(bad)
+    with pytest.raises(ConfigError, match="not both"):
+        TrainConfig.from_toml(data_dir / "both.toml")

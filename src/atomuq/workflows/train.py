@@ -89,10 +89,15 @@ class DataConfig:
     energy_key / forces_key / stress_key: info/array names of the labels; unset means the
     calculator results ASE attaches on reading, else REF_energy / REF_forces / REF_stress.
     min_distance: Å, atoms closer than this make a structure invalid.
+    validation_fraction: hold out this fraction of the training structures for validation when no
+    validation files are given, chosen by validation_seed (independent of the training seed, so
+    that runs with different seeds share one training set and their error logs line up for LTAU).
     """
 
     train: tuple[Path, ...]
     validation: tuple[Path, ...] = ()
+    validation_fraction: float = 0.0
+    validation_seed: int = 0
     energy_key: str | None = None
     forces_key: str | None = None
     stress_key: str | None = None
@@ -103,6 +108,10 @@ class DataConfig:
             raise ValueError("data.train must name at least one file")
         if self.min_distance < 0:
             raise ValueError(f"data.min_distance must be >= 0 Å, got {self.min_distance}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"data.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.validation_fraction > 0 and self.validation:
+            raise ValueError("give either data.validation files or data.validation_fraction, not both")
 
 
 @dataclass(frozen=True)
@@ -405,6 +414,15 @@ class LabelledData:
         return batch, targets
 
 
+def split_validation(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Deterministic split into (training, validation) records, each kept in file order."""
+    n_val = int(round(fraction * len(records)))
+    if n_val < 1 or n_val >= len(records):
+        raise ConfigError(f"data.validation_fraction {fraction} of {len(records)} structures leaves an empty split")
+    held = set(np.random.default_rng(seed).permutation(len(records))[:n_val].tolist())
+    return ([r for k, r in enumerate(records) if k not in held], [r for k, r in enumerate(records) if k in held])
+
+
 def load_labelled(paths: Sequence[Path], data: DataConfig, elements: Sequence[int] | None, need_energy: bool,
                   what: str) -> LabelledData:
     """Read and check every structure and label of the files (energies eV, forces eV/Å, stress eV/Å³)."""
@@ -705,6 +723,9 @@ def train_model(config: TrainConfig, resume: bool | None = None, callback: Train
         model_config = None
     train_records = read_structures(config.data.train)
     val_records = read_structures(config.data.validation) if config.data.validation else []
+    if config.data.validation_fraction > 0:
+        train_records, val_records = split_validation(train_records, config.data.validation_fraction,
+                                                      config.data.validation_seed)
     if model_config is None:
         settings = config.model_settings()
         if "elements" in settings:
