@@ -3,7 +3,8 @@
 For the small and default native configs at 100, 1,000 and 10,000 atoms (periodic water boxes
 at 1 g/cm³), times a direct-only forward pass (no autograd graph) and a Force Delta evaluation
 (forward + backward for the conservative forces + u_i, U_Delta), their ratio, and the extra
-peak resident memory of each (each case runs in a fresh subprocess). Both modes are timed
+peak resident memory of each (each case runs in a fresh subprocess). As in atomuq's CLI, glibc is
+asked to keep freed memory (atomuq.core.memory); --no-allocator-cache measures without it. Both modes are timed
 interleaved in one process (minimum over repeats); the neighbour list is included in both (it is part of every evaluation).
 
 Run: .venv/bin/python benchmarks/bench_force_delta.py [--sizes 100 1000 10000] [--repeats 3]
@@ -26,6 +27,7 @@ import torch
 from ase import Atoms
 
 from atomuq.core.batch import Batch
+from atomuq.core.memory import reuse_freed_memory
 from atomuq.models.derivatives import evaluate
 from atomuq.models.native import NativeConfig, NativeModel
 from atomuq.models.native.config import PRESETS
@@ -55,9 +57,11 @@ def water_box(n_atoms: int, seed: int = 0) -> Atoms:
     return Atoms("OH2" * n_mol, positions=positions, cell=[side] * 3, pbc=True)
 
 
-def run_case(preset: str, n_atoms: int, repeats: int) -> dict:
+def run_case(preset: str, n_atoms: int, repeats: int, allocator_cache: bool = True) -> dict:
     """Time both modes of one (config, size) in this process, interleaved so that load from other
     processes hits both alike; seconds are minima, memory the extra peak RSS (MiB) of each mode."""
+    if allocator_cache:
+        reuse_freed_memory()
     torch.manual_seed(0)
     model = NativeModel(NativeConfig(elements=(1, 8), **PRESETS[preset])).eval()
     atoms = water_box(n_atoms)
@@ -92,16 +96,18 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000])
     parser.add_argument("--presets", nargs="+", default=["small", "default"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-allocator-cache", action="store_true", help="do not call reuse_freed_memory()")
     parser.add_argument("--case", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:  # child process: one measurement, printed as JSON
         preset, n = args.case
-        print(json.dumps(run_case(preset, int(n), args.repeats)))
+        print(json.dumps(run_case(preset, int(n), args.repeats, not args.no_allocator_cache)))
         return
     rows = []
     for preset in args.presets:
         for n in args.sizes:
-            out = subprocess.run([sys.executable, __file__, "--case", preset, str(n), "--repeats", str(args.repeats)],
+            flags = ["--no-allocator-cache"] if args.no_allocator_cache else []
+            out = subprocess.run([sys.executable, __file__, "--case", preset, str(n), "--repeats", str(args.repeats), *flags],
                                  capture_output=True, text=True, check=True)
             row = {"config": preset, **json.loads(out.stdout.strip().splitlines()[-1])}
             row["ratio"] = row["force_delta_s"] / row["direct_s"]
@@ -109,7 +115,7 @@ def main() -> None:
             print(f"{preset:8s} {row['n_atoms']:6d} atoms  direct {row['direct_s']:.4f} s  "
                   f"force delta {row['force_delta_s']:.4f} s  ratio {row['ratio']:.2f}  "
                   f"memory {row['direct_mib']:.0f} / {row['force_delta_mib']:.0f} MiB", flush=True)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+    meta = {"allocator_cache": not args.no_allocator_cache, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
             "python": platform.python_version()}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "force_delta.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

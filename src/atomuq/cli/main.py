@@ -11,7 +11,10 @@ from rich.table import Table
 
 import atomuq
 from atomuq.cli.common import check_device, console, progress_bar, user_errors
+from atomuq.cli.data_commands import label, sample
+from atomuq.cli.train_commands import train
 from atomuq.core.io import read_structures, write_structures
+from atomuq.core.memory import reuse_freed_memory
 from atomuq.core.validate import DEFAULT_MIN_DISTANCE
 from atomuq.models.checkpoint import load_model
 from atomuq.models.registry import DEFAULT_MODEL, bundled_models, resolve_model
@@ -24,6 +27,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 @app.callback()
 def _main() -> None:
     """atomuq: per-structure and per-atom uncertainty for machine-learned interatomic potentials."""
+    reuse_freed_memory()
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -87,6 +91,11 @@ def models() -> None:
                 str(m.metadata.get("trained_on", "-")), path.name,
             )
     console.print(table)
+
+
+app.command()(train)
+app.command()(label)
+app.command()(sample)
 
 
 if __name__ == "__main__":  # pragma: no cover
