@@ -196,7 +196,7 @@ def main() -> None:
     demo = args.demo or (None if args.quick else DEMO_PATH)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    command = "OMP_NUM_THREADS=1 .venv/bin/python scripts/build_molecular_set.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = " ".join(["OMP_NUM_THREADS=1 .venv/bin/python scripts/build_molecular_set.py"] + [shlex.quote(a) for a in sys.argv[1:]])
     t_start = time.perf_counter()
     say(f"building the molecular set in {out} ({'quick' if args.quick else 'full'}), seed {args.seed}, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
