@@ -42,7 +42,8 @@ from ase.io import read
 from ase.optimize import BFGS
 
 from atomuq.core.io import Record
-from atomuq.core.labelling import get_method, write_frames
+from atomuq.core.io import write_structures
+from atomuq.core.labelling import get_method
 from atomuq.workflows.sample import SampleSettings, sample_structures
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +137,7 @@ def relaxed(mol: Molecule, plan: Plan, seed: int, work: Path) -> tuple[Atoms, di
             "relax_seconds": time.perf_counter() - t0}
     out = Atoms(atoms.numbers, atoms.positions)
     out.info.update(molecule=mol.name, smiles=mol.smiles, **info)
-    write_frames(path, [out])
+    write_structures(path, [out])
     return out, info
 
 
@@ -232,7 +233,7 @@ def main() -> None:
     files = {}
     for name, frames in splits.items():
         if frames:
-            path = write_frames(out / f"{name}.extxyz.gz", frames)
+            path = write_structures(out / f"{name}.extxyz.gz", frames)
             files[path.name] = {"frames": len(frames), "sha256": sha256(path)}
             say(f"wrote {path} ({len(frames)} frames)")
     if demo is not None:
@@ -240,7 +241,7 @@ def main() -> None:
                   + pick(splits["heldout_300K"] + splits["heldout_1200K"], 10))
         for f, group in zip(subset, ["in-domain 300 K"] * 10 + ["in-domain 1200 K"] * 10 + ["held-out"] * 10):
             f.info["demo_group"] = group
-        write_frames(demo, subset)
+        write_structures(demo, subset)
         say(f"wrote {demo} ({len(subset)} frames)")
 
     wall = time.perf_counter() - t_start

@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 
 from atomuq.cli.main import app
 from atomuq.core.errors import InputError
-from atomuq.core.io import Record
+from atomuq.core.io import Record, write_structures
 from atomuq.core.labelling import (
     LabellingError, PartialFrames, ReferenceMethod, failures_path, get_method, label_structures, openmp_threads,
-    partial_path, write_frames,
+    partial_path,
 )
 from atomuq.workflows.sample import SampleSettings, sample_structures
 
@@ -290,7 +290,7 @@ def test_bad_methods_and_inputs_give_clear_errors(tmp_path):
 
 def test_compressed_output_is_reproducible(tmp_path):
     frames = rattled_molecules(3)
-    a, b = write_frames(tmp_path / "a.extxyz.gz", frames), write_frames(tmp_path / "b.extxyz.gz", frames)
+    a, b = write_structures(tmp_path / "a.extxyz.gz", frames), write_structures(tmp_path / "b.extxyz.gz", frames)
     assert a.read_bytes() == b.read_bytes()
     assert gzip.open(a, "rt").readline().strip() == str(len(frames[0]))
     assert len(read(a, ":")) == 3

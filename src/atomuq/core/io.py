@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import gzip
 import hashlib
+import io
+import lzma
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from ase import Atoms
@@ -133,11 +137,25 @@ def atomic_path(path: str | Path) -> Iterator[str]:
             os.unlink(tmp)
 
 
+_COMPRESSORS: dict[str, Callable[[Any], Any]] = {
+    ".gz": lambda raw: gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0),  # no name or time: reproducible
+    ".xz": lambda raw: lzma.LZMAFile(raw, mode="wb"),
+    ".bz2": lambda raw: bz2.BZ2File(raw, mode="wb"),
+}
+
+
 def write_structures(path: str | Path, structures: Iterable[Atoms], format: str = "extxyz") -> Path:
-    """Write all structures to path atomically: a temporary file renamed into place only when complete."""
+    """Write all structures to path atomically (a temporary file renamed into place only when complete);
+    a .gz, .xz or .bz2 suffix compresses (reproducibly for .gz)."""
+    path = Path(path)
+    compressor = _COMPRESSORS.get(path.suffix)
     with atomic_path(path) as tmp:
-        write(tmp, list(structures), format=format)
-    return Path(path)
+        if compressor is None:
+            write(tmp, list(structures), format=format)
+        else:
+            with open(tmp, "wb") as raw, compressor(raw) as packed, io.TextIOWrapper(packed, encoding="utf-8") as fh:
+                write(fh, list(structures), format=format)
+    return path
 
 
 def file_sha256(paths: Sequence[Path]) -> tuple[str, list[str]]:

@@ -16,19 +16,16 @@ skipped and recorded in ``OUTPUT.failures.jsonl``.
 
 from __future__ import annotations
 
-import bz2
 import concurrent.futures as cf
 import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
 import functools
-import gzip
 import hashlib
 import importlib
 import io
 import json
-import lzma
 import multiprocessing
 import os
 import time
@@ -44,7 +41,7 @@ from ase.data import chemical_symbols
 from ase.io import read, write
 
 from atomuq.core.errors import AtomuqError, InputError
-from atomuq.core.io import Record, atomic_path
+from atomuq.core.io import Record, atomic_path, write_structures
 from atomuq.core.validate import DEFAULT_MIN_DISTANCE, check_structure
 
 #: result keys written as labels, with units
@@ -283,26 +280,6 @@ def structure_hash(atoms: Atoms, *extra: Any) -> str:
 # --------------------------------------------------------------------------------------------
 # files: compressed atomic output, append-only partial files, failure logs
 
-_COMPRESSORS: dict[str, Callable[[Any], Any]] = {
-    ".gz": lambda raw: gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0),  # no name or time: reproducible
-    ".xz": lambda raw: lzma.LZMAFile(raw, mode="wb"),
-    ".bz2": lambda raw: bz2.BZ2File(raw, mode="wb"),
-}
-
-
-def write_frames(path: str | Path, frames: Sequence[Atoms]) -> Path:
-    """Write frames as extended XYZ atomically; a .gz, .xz or .bz2 suffix compresses (reproducibly for .gz)."""
-    path = Path(path)
-    compressor = _COMPRESSORS.get(path.suffix)
-    with atomic_path(path) as tmp:
-        if compressor is None:
-            write(tmp, list(frames), format="extxyz")
-        else:
-            with open(tmp, "wb") as raw, compressor(raw) as packed, io.TextIOWrapper(packed, encoding="utf-8") as fh:
-                write(fh, list(frames), format="extxyz")
-    return path
-
-
 def partial_path(output: str | Path) -> Path:
     """Where unfinished work for `output` is kept: OUTPUT.partial."""
     return Path(str(output) + ".partial")
@@ -347,7 +324,7 @@ class PartialFrames:
         """Replace the file's content by `frames` atomically (used to drop unusable frames on resume)."""
         self.close()
         if frames:
-            write_frames(self.path, frames)
+            write_structures(self.path, frames)
         elif self.path.exists():
             self.path.unlink()
 
@@ -641,7 +618,7 @@ def label_structures(
             partial.remove()
             raise LabellingError(f"no structure could be labelled with {ref.name}; see {flog} for the errors")
         frames = [attach_labels(records[p].atoms, done[p], ref.name) for p in sorted(done)]
-        write_frames(output, frames)
+        write_structures(output, frames)
         partial.remove()
         if not failures:
             write_failures(failures_path(output), [])  # remove a stale log of an earlier run

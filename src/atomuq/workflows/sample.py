@@ -35,9 +35,10 @@ from ase.md.langevin import Langevin
 
 from atomuq.core.errors import InputError
 from atomuq.core.io import Record
+from atomuq.core.io import write_structures
 from atomuq.core.labelling import (
     LabellingError, PartialFrames, ReferenceMethod, as_records, attach_labels, compute_labels, failures_path,
-    get_method, openmp_threads, partial_path, single_thread_env, structure_hash, write_failures, write_frames,
+    get_method, openmp_threads, partial_path, single_thread_env, structure_hash, write_failures,
 )
 from atomuq.core.validate import DEFAULT_MIN_DISTANCE, check_structure
 
@@ -352,7 +353,7 @@ def sample_structures(
     if not frames:
         partial.remove()
         raise LabellingError(f"no frame could be sampled with {ref.name}; see {flog} for the errors")
-    write_frames(output, frames)
+    write_structures(output, frames)
     partial.remove()
     if not failures:
         write_failures(failures_path(output), [])

@@ -1,0 +1,181 @@
+"""Model card of a trained native model on the molecular set: errors, parity, equigrad, confidence head.
+
+Run (after training, see configs/train_molecular.toml):
+    .venv/bin/python scripts/model_card.py --model runs/molecular/best.pt \
+        --compare runs/molecular_noequigrad/best.pt --out docs/model_card
+Writes OUT.md, OUT.json and figures OUT_parity.png, OUT_equigrad.png, OUT_confidence.png.
+
+- Force MAE (per Cartesian component, eV/Å) of the direct and the conservative forces, energy MAE
+  (meV/atom) and U_Delta on every test split (300 / 600 / 1200 K, held-out molecules).
+- ||Delta_rot|| against the measured energy spread over 32 random rotations (Orb-v3 Fig. 3), for
+  the model and, with --compare, a model trained without the equigrad term.
+- The confidence head's predicted error bin against the true per-atom force error (Orb-v3 Fig. 4)
+  with the Spearman correlation of its expected error and the true error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
+
+from atomuq.core.batch import Batch  # noqa: E402
+from atomuq.core.io import read_structures, reference_energy  # noqa: E402
+from atomuq.core.memory import reuse_freed_memory  # noqa: E402
+from atomuq.models.checkpoint import load_model  # noqa: E402
+from atomuq.models.derivatives import evaluate, rotational_gradient_norm  # noqa: E402
+from atomuq.uq.confidence import bin_centres  # noqa: E402
+from atomuq.uq.equigrad import energy_spread_under_rotations  # noqa: E402
+from atomuq.workflows.score import score_records  # noqa: E402
+
+SPLITS = ("test_300K", "test_600K", "test_1200K", "heldout_300K", "heldout_600K", "heldout_1200K")
+
+
+def split_metrics(records, scored) -> dict:
+    """Force MAE (eV/Å, per component) of both force kinds, energy MAE (meV/atom), mean U_Delta (eV/Å)."""
+    ref_f = np.concatenate([a.arrays["REF_forces"] for a in scored])
+    direct = np.concatenate([a.arrays["forces_direct"] for a in scored])
+    conservative = np.concatenate([a.arrays["forces_conservative"] for a in scored])
+    e_err = [abs(a.info["energy"] - reference_energy(r.atoms)) / len(a) for r, a in zip(records, scored)]
+    return {
+        "structures": len(scored), "atoms": int(len(ref_f)),
+        "force_mae_direct": float(np.abs(direct - ref_f).mean()),
+        "force_mae_conservative": float(np.abs(conservative - ref_f).mean()),
+        "energy_mae_mev_per_atom": 1000 * float(np.mean(e_err)),
+        "force_delta_mean": float(np.mean([a.info["force_delta"] for a in scored])),
+        "spearman_force_delta_eps_nc": float(spearmanr([a.info["force_delta"] for a in scored],
+                                                       [a.info["eps_nc"] for a in scored]).statistic),
+    }
+
+
+def rotation_study(model, structures, n_rotations: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Per structure: ||Delta_rot|| (eV) and the energy std over random rotations (eV)."""
+    grads, spreads = [], []
+    for atoms in structures:
+        pred = evaluate(model, Batch.from_atoms([atoms], dtype=model.dtype), conservative=False, rotational=True)
+        grads.append(float(rotational_gradient_norm(pred)[0]))
+        spreads.append(energy_spread_under_rotations(model, atoms, n_rotations, seed=0))
+    return np.array(grads), np.array(spreads)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--compare", help="a model trained without the equigrad term")
+    ap.add_argument("--data", default="data/molecular")
+    ap.add_argument("--out", default="docs/model_card")
+    ap.add_argument("--rotation-structures", type=int, default=40)
+    args = ap.parse_args()
+    reuse_freed_memory()
+    torch.manual_seed(0)
+    model = load_model(args.model)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = model.metadata
+    card: dict = {"model": args.model, "parameters": sum(p.numel() for p in model.parameters()),
+                  "config": model.config.to_dict(), "epochs": meta.get("epoch"), "best_epoch": meta.get("best_epoch"),
+                  "wall_time_s": meta.get("wall_time_s"), "trained_on": meta.get("trained_on"), "splits": {}}
+
+    per_split = {}
+    for split in SPLITS:
+        path = Path(args.data) / f"{split}.extxyz.gz"
+        if not path.exists():
+            continue
+        records = read_structures([path])
+        scored, _ = score_records(records, model, batch_size=32)
+        per_split[split] = (records, scored)
+        card["splits"][split] = split_metrics(records, scored)
+        print(split, json.dumps(card["splits"][split]))
+
+    # parity plot: direct and conservative forces on the 300 K and 1200 K test sets
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    for ax, kind in zip(axes, ("forces_direct", "forces_conservative")):
+        for split, colour in (("test_300K", "tab:blue"), ("test_1200K", "tab:red"), ("heldout_300K", "tab:green")):
+            if split not in per_split:
+                continue
+            scored = per_split[split][1]
+            ref = np.concatenate([a.arrays["REF_forces"] for a in scored]).ravel()
+            pred = np.concatenate([a.arrays[kind] for a in scored]).ravel()
+            mae = np.abs(pred - ref).mean()
+            ax.scatter(ref, pred, s=1, alpha=0.3, color=colour, label=f"{split} (MAE {mae:.3f} eV/Å)", rasterized=True)
+        lim = 12
+        ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="GFN2-xTB force component (eV/Å)",
+               ylabel=f"model {kind.split('_')[1]} force (eV/Å)", title=kind.replace("_", " "))
+        ax.legend(fontsize=8, markerscale=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(f"{out}_parity.png", dpi=130)
+    plt.close(fig)
+
+    # equigrad: ||Delta_rot|| against the measured energy spread under 32 rotations
+    rng = np.random.default_rng(0)
+    pool = [a for split in ("test_300K", "test_1200K", "heldout_300K") if split in per_split for a in per_split[split][0]]
+    chosen = [pool[i].atoms for i in rng.choice(len(pool), size=min(args.rotation_structures, len(pool)), replace=False)]
+    fig, ax = plt.subplots(figsize=(5.5, 4.6))
+    card["equigrad"] = {}
+    studies = [("with equigrad (this model)", model, "tab:red")]
+    if args.compare:
+        studies.append(("without equigrad", load_model(args.compare), "tab:grey"))
+    for label, net, colour in studies:
+        grads, spreads = rotation_study(net, chosen)
+        n_atoms = np.array([len(a) for a in chosen])
+        ax.scatter(1000 * grads / n_atoms, 1000 * spreads / n_atoms, s=14, color=colour, label=label)
+        card["equigrad"][label] = {"mean_rotational_gradient_mev_per_atom": float(1000 * np.mean(grads / n_atoms)),
+                                   "mean_energy_spread_mev_per_atom": float(1000 * np.mean(spreads / n_atoms)),
+                                   "spearman": float(spearmanr(grads, spreads).statistic)}
+    ax.set(xlabel="‖Δ_rot‖ (meV/atom)", ylabel="energy std over 32 rotations (meV/atom)", xscale="log", yscale="log",
+           title="rotational invariance (Orb-v3 Fig. 3)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(f"{out}_equigrad.png", dpi=130)
+    plt.close(fig)
+
+    # confidence head: predicted bin against the true per-atom direct-force error
+    scored = [a for split in per_split for a in per_split[split][1]]
+    batch_atoms = [r.atoms for split in per_split for r in per_split[split][0]]
+    true_err = np.concatenate([a.arrays["eps_nc"] for a in scored])
+    expected = np.concatenate([a.arrays["confidence_error"] for a in scored])
+    edges = model.confidence_bin_edges.double()
+    bins = []
+    with torch.no_grad():
+        for start in range(0, len(batch_atoms), 64):
+            batch = Batch.from_atoms(batch_atoms[start:start + 64], dtype=model.dtype)
+            bins.append(model(batch).confidence_logits.argmax(-1).numpy())
+    bins = np.concatenate(bins)
+    centres = bin_centres(edges).numpy()
+    rho = float(spearmanr(expected, true_err).statistic)
+    card["confidence"] = {"spearman_expected_vs_true": rho, "atoms": int(len(true_err)),
+                          "bins_used": sorted(set(bins.tolist()))}
+    fig, ax = plt.subplots(figsize=(6, 4.6))
+    used = sorted(set(bins.tolist()))
+    ax.boxplot([true_err[bins == b] for b in used], positions=centres[used], widths=0.004, showfliers=False,
+               manage_ticks=False)
+    ax.plot([0, edges[-1]], [0, edges[-1]], "k--", lw=0.8)
+    ax.set(xlabel="predicted error bin centre (eV/Å)", ylabel="true per-atom direct-force error (eV/Å)",
+           title=f"confidence head (Orb-v3 Fig. 4), Spearman {rho:.2f} over {len(true_err)} atoms")
+    fig.tight_layout()
+    fig.savefig(f"{out}_confidence.png", dpi=130)
+    plt.close(fig)
+
+    Path(f"{out}.json").write_text(json.dumps(card, indent=2))
+    lines = ["| split | structures | atoms | force MAE direct (eV/Å) | force MAE conservative (eV/Å) | energy MAE (meV/atom) | mean U_Δ (eV/Å) | r_s(U_Δ, ε_nc) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for split, m in card["splits"].items():
+        lines.append(f"| {split} | {m['structures']} | {m['atoms']} | {m['force_mae_direct']:.4f} | "
+                     f"{m['force_mae_conservative']:.4f} | {m['energy_mae_mev_per_atom']:.2f} | "
+                     f"{m['force_delta_mean']:.4f} | {m['spearman_force_delta_eps_nc']:.2f} |")
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(json.dumps({k: card[k] for k in ("equigrad", "confidence")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
