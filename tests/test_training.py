@@ -392,6 +392,12 @@ def test_cli_trains_resumes_and_reports_errors(data_dir):
     missing = runner.invoke(app, ["train", str(_write(data_dir / "cli2.toml", text.replace("cli_run", "cli_new"))),
                                   "--resume"])
     assert missing.exit_code == 1 and "no training state to resume" in missing.output
+    member = runner.invoke(app, ["train", str(path), "--seed", "7", "--run-dir", str(data_dir / "cli_seed7")])
+    assert member.exit_code == 0, member.output
+    metadata = load_model(data_dir / "cli_seed7" / "best.pt").metadata
+    assert metadata["seed"] == 7 and metadata["config"]["seed"] == 7
+    assert weights_fingerprint(load_model(data_dir / "cli_seed7" / "best.pt")) != \
+        weights_fingerprint(load_model(data_dir / "cli_run" / "best.pt"))
 
 
 def test_validation_fraction_holds_out_a_fixed_subset(data_dir, tmp_path):

@@ -70,12 +70,18 @@ def train(
     resume: bool = typer.Option(False, "--resume", help=f"Require an existing run to resume (a run resumes "
                                                          f"automatically anyway when its run_dir holds {STATE_FILE})."),
     device: Optional[str] = typer.Option(None, "--device", help="Override the config's device: cpu, cuda or cuda:N."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Override the config's seed (ensemble members)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Override the config's run_dir."),
 ) -> None:
     """Train or fine-tune the native model (energies eV, forces eV/Å); writes best.pt, last.pt, metrics.csv and the per-atom error log."""
     with user_errors():
         cfg = TrainConfig.from_toml(config)
         if device is not None:
             cfg = dataclasses.replace(cfg, device=check_device(device))
+        if seed is not None:
+            cfg = dataclasses.replace(cfg, seed=seed)
+        if run_dir is not None:
+            cfg = dataclasses.replace(cfg, run_dir=run_dir)
         with progress_bar() as bar:
             try:
                 result = train_model(cfg, resume=True if resume else None, callback=RichTrainCallback(bar))
