@@ -1,4 +1,5 @@
-# The two commands of the README: `make demo` (score the shipped set with the bundled model)
+# The two commands of the README: `make demo` (score the shipped molecular demo set: 300 K,
+# 1200 K and held-out molecules, GFN2-xTB labels, with the bundled model)
 # and `make test`. Both create .venv when it is missing. torch is installed first and pinned:
 # on these machines torch==2.13.0 is a local CPU wheel, any other request pulls CUDA packages.
 PYTHON ?= python3
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/atomuq models
-	$(VENV)/bin/atomuq score src/atomuq/data/structures/demo.extxyz -o out/demo_scored.extxyz
+	$(VENV)/bin/atomuq score src/atomuq/data/structures/molecular_demo.extxyz -o out/demo_scored.extxyz
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from atomuq.calculator import AtomuqCalculator
 from atomuq.cli.main import app
 from atomuq.models.checkpoint import save_model
+from atomuq.models.registry import DEFAULT_MODEL
 from conftest import copper_cell, ethanol, make_native
 
 runner = CliRunner()
@@ -59,7 +60,7 @@ def test_score_writes_every_structure_with_results(tmp_path, model_file):
 def test_models_lists_the_bundled_default():
     result = runner.invoke(app, ["models"])
     assert result.exit_code == 0, result.output
-    assert "untrained-demo" in result.output and "(default)" in result.output
+    assert DEFAULT_MODEL in result.output and "(default)" in result.output
 
 
 def bad_structures():

@@ -72,6 +72,7 @@ def train(
     device: Optional[str] = typer.Option(None, "--device", help="Override the config's device: cpu, cuda or cuda:N."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Override the config's seed (ensemble members)."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Override the config's run_dir."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the config's number of epochs."),
 ) -> None:
     """Train or fine-tune the native model (energies eV, forces eV/Å); writes best.pt, last.pt, metrics.csv and the per-atom error log."""
     with user_errors():
@@ -82,6 +83,8 @@ def train(
             cfg = dataclasses.replace(cfg, seed=seed)
         if run_dir is not None:
             cfg = dataclasses.replace(cfg, run_dir=run_dir)
+        if epochs is not None:
+            cfg = dataclasses.replace(cfg, epochs=epochs)
         with progress_bar() as bar:
             try:
                 result = train_model(cfg, resume=True if resume else None, callback=RichTrainCallback(bar))

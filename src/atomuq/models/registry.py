@@ -11,7 +11,7 @@ from atomuq.core.errors import ModelFileError
 from atomuq.models.checkpoint import load_model
 from atomuq.models.protocol import AtomisticModel
 
-DEFAULT_MODEL = "untrained-demo"
+DEFAULT_MODEL = "molecular-small"
 
 
 def bundled_dir() -> Path:
