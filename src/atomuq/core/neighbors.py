@@ -75,5 +75,6 @@ def build_graph(batch: Batch, cutoff: float, max_neighbors: int | None = None) -
 
 def edge_vectors(batch: Batch, graph: Graph) -> torch.Tensor:
     """(E, 3) vectors r_j - r_i + S·cell in Å, differentiable in positions and cell."""
-    offsets = torch.einsum("ek,ekl->el", graph.shifts, batch.cell[graph.edge_batch])
-    return batch.positions[graph.neighbors] - batch.positions[graph.centers] + offsets
+    offsets = torch.einsum("ek,ekl->el", graph.shifts, batch.cell.index_select(0, graph.edge_batch))
+    positions = batch.positions
+    return positions.index_select(0, graph.neighbors) - positions.index_select(0, graph.centers) + offsets
