@@ -110,3 +110,14 @@ def test_bad_options(tmp_path, model_file):
     assert result.exit_code == 1 and "neither a bundled model" in result.output
     result = runner.invoke(app, ["score", str(src), "-o", str(tmp_path / "o.extxyz"), "--batch-size", "0"])
     assert result.exit_code != 0
+
+
+def test_structure_tag_names_structures_in_the_summary():
+    from atomuq.workflows.score import structure_tag
+
+    atoms = molecule("H2O")
+    assert structure_tag(atoms) == ""
+    atoms.info.update(molecule="water", temperature=600.0, split="test")
+    assert structure_tag(atoms) == "water 600 K"
+    atoms.info["demo_group"] = "in-domain"
+    assert structure_tag(atoms) == "water in-domain"

@@ -37,11 +37,12 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 def summary_table(rows: list[ScoreRow], top: int) -> Table:
     """Rich table of the worst `top` structures by Force Delta."""
     table = Table(title=f"Force Delta, worst first ({min(top, len(rows))} of {len(rows)})")
-    for name in ("rank", "file:index", "formula", "atoms", "E/atom eV", "U_Δ eV/Å", "max u_i eV/Å", "ε_nc eV/Å", "ε_c eV/Å"):
-        table.add_column(name, justify="right" if name not in ("file:index", "formula") else "left")
+    text_columns = ("file:index", "structure", "formula")
+    for name in ("rank", *text_columns, "atoms", "E/atom eV", "U_Δ eV/Å", "max u_i eV/Å", "ε_nc eV/Å", "ε_c eV/Å"):
+        table.add_column(name, justify="left" if name in text_columns else "right")
     ordered = sorted(rows, key=lambda r: r.force_delta, reverse=True)[:top]
     for rank, r in enumerate(ordered, 1):
-        table.add_row(str(rank), f"{Path(r.source).name}:{r.index}", r.formula, str(r.n_atoms),
+        table.add_row(str(rank), f"{Path(r.source).name}:{r.index}", r.tag, r.formula, str(r.n_atoms),
                       _fmt(r.energy_per_atom, 3), _fmt(r.force_delta), _fmt(r.force_delta_max),
                       _fmt(r.eps_nc), _fmt(r.eps_c))
     return table

@@ -39,12 +39,27 @@ ARRAY_KEYS = {
 }
 
 
+#: info keys whose values name a structure in the summary table, in order of preference
+TAG_KEYS = ("molecule", "name", "config_type", "demo_group", "temperature")
+
+
+def structure_tag(atoms: Atoms, max_parts: int = 2) -> str:
+    """Short human label from the first info keys of TAG_KEYS present (e.g. 'naproxen 1200 K')."""
+    parts = []
+    for key in TAG_KEYS:
+        if key in atoms.info and len(parts) < max_parts:
+            value = atoms.info[key]
+            parts.append(f"{value:g} K" if key == "temperature" and isinstance(value, (int, float)) else str(value))
+    return " ".join(parts)
+
+
 @dataclass
 class ScoreRow:
     """One line of the summary table."""
 
     source: str
     index: int
+    tag: str
     formula: str
     n_atoms: int
     energy_per_atom: float
@@ -125,7 +140,8 @@ def score_records(
             info["source_index"] = rec.index
             out_atoms.append(out)
             rows.append(ScoreRow(
-                source=rec.source, index=rec.index, formula=atoms.get_chemical_formula(), n_atoms=len(atoms),
+                source=rec.source, index=rec.index, tag=structure_tag(atoms), formula=atoms.get_chemical_formula(),
+                n_atoms=len(atoms),
                 energy_per_atom=info["energy"] / len(atoms), force_delta=info["force_delta"],
                 force_delta_max=info["force_delta_max"], eps_nc=info.get("eps_nc"), eps_c=info.get("eps_c"),
             ))
