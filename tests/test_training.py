@@ -416,6 +416,14 @@ def test_validation_fraction_holds_out_a_fixed_subset(data_dir, tmp_path):
     (data_dir / "fraction.toml").write_text(text)
     config = TrainConfig.from_toml(data_dir / "fraction.toml")
     assert config.data.validation_fraction == 0.25 and config.data.validation == ()
+    # a one-epoch run logs exactly the training frames, and says which frame each logged structure is
+    seed = next(s for s in range(100) if 0 in [r.index for r in split_validation(records, 0.25, s)[1]])
+    run = dataclasses.replace(config, epochs=1, run_dir=tmp_path / "fraction_run",
+                              data=dataclasses.replace(config.data, validation_seed=seed))
+    train_model(run)
+    frames = np.load(tmp_path / "fraction_run" / "error_log" / "structure_frames.npy")
+    kept = [r.index for r in split_validation(records, 0.25, seed)[0]]
+    assert frames[:, 0].tolist() == [0] * len(kept) and frames[:, 1].tolist() == kept and 0 not in kept
     bad = text.replace("validation_fraction = 0.25", 'validation_fraction = 0.25\nvalidation = ["tiny_val.extxyz"]')
     (data_dir / "both.toml").write_text(bad)
     with pytest.raises(ConfigError, match="not both"):

@@ -414,6 +414,9 @@ class LabelledData:
         return batch, targets
 
 
+STRUCTURE_FRAMES = "structure_frames.npy"  # (structures, 2): training-file number and frame index in that file
+
+
 def split_validation(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     """Deterministic split into (training, validation) records, each kept in file order."""
     n_val = int(round(fraction * len(records)))
@@ -470,7 +473,8 @@ def labelled_from_records(records: list[Record], data: DataConfig, elements: Seq
     n_atoms = np.array([len(r.atoms) for r in records], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(n_atoms)])
     data_hash, hashes = file_sha256(paths)
-    starts = [k for k, r in enumerate(records) if r.index == 0] + [len(records)]  # each file's first frame
+    # each file's first record (not frame 0: a validation split may have taken it)
+    starts = [k for k, r in enumerate(records) if k == 0 or r.source != records[k - 1].source] + [len(records)]
     if len(starts) - 1 != len(paths):
         raise ValueError(f"records of {len(starts) - 1} files for {len(paths)} paths")
     files = [{"path": str(p), "sha256": h, "n_structures": int(starts[k + 1] - starts[k]),
@@ -736,7 +740,8 @@ def train_model(config: TrainConfig, resume: bool | None = None, callback: Train
     elements = list(model_config.elements)
     need_energy = config.loss.energy > 0 or config.select_best_by == "energy"
     train_data = labelled_from_records(train_records, config.data, elements, need_energy, "training", config.data.train)
-    val_data = (labelled_from_records(val_records, config.data, elements, need_energy, "validation", config.data.validation)
+    val_data = (labelled_from_records(val_records, config.data, elements, need_energy, "validation",
+                                     config.data.validation or config.data.train)
                 if val_records else None)
     if (config.loss.stress > 0 or config.loss.conservative_stress > 0) and not train_data.stress_mask.any():
         raise ConfigError(f"{where}: loss.stress / loss.conservative_stress > 0 but no periodic training structure "
@@ -783,8 +788,15 @@ def train_model(config: TrainConfig, resume: bool | None = None, callback: Train
             numbers=train_data.numbers, reference_force_norms=np.linalg.norm(train_data.forces, axis=1),
             training_files=train_data.files, training_data_hash=train_data.data_hash,
             extra={"seed": config.seed, "atomuq_version": atomuq.__version__,
-                   "init_from": str(config.init_from) if config.init_from else None},
+                   "init_from": str(config.init_from) if config.init_from else None,
+                   "structure_frames": STRUCTURE_FRAMES},
         )
+        # which frame of which training file each logged structure is (a validation split leaves gaps)
+        file_number = np.repeat(np.arange(len(train_data.files)), [f["n_structures"] for f in train_data.files])
+        frames = np.stack([file_number, [r.index for r in train_data.records]], axis=1).astype(np.int64)
+        with atomic_path(run_dir / ERROR_LOG_DIR / STRUCTURE_FRAMES) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, frames)
 
     metric_key = BEST_BY[config.select_best_by]
     metric_stage = "val" if val_data is not None else "train"
