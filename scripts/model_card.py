@@ -3,7 +3,8 @@
 Run (after training, see configs/train_molecular.toml):
     .venv/bin/python scripts/model_card.py --model runs/molecular/best.pt \
         --compare runs/molecular_noequigrad/best.pt --out docs/model_card
-Writes OUT.md, OUT.json and figures OUT_parity.png, OUT_equigrad.png, OUT_confidence.png.
+Writes OUT.md, OUT.json and figures OUT_parity.png, OUT_equigrad.png, OUT_confidence.png; with
+--members M1 M2 ..., OUT_ensemble.md with every member's force errors per split.
 
 - Force MAE (per Cartesian component, eV/Å) of the direct and the conservative forces, energy MAE
   (meV/atom) and U_Delta on every test split (300 / 600 / 1200 K, held-out molecules).
@@ -74,6 +75,7 @@ def main() -> None:
     ap.add_argument("--data", default="data/molecular")
     ap.add_argument("--out", default="docs/model_card")
     ap.add_argument("--rotation-structures", type=int, default=40)
+    ap.add_argument("--members", nargs="*", default=[], help="ensemble members: their errors go to OUT_ensemble.md")
     args = ap.parse_args()
     reuse_freed_memory()
     torch.manual_seed(0)
@@ -167,6 +169,22 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(f"{out}_confidence.png", dpi=130)
     plt.close(fig)
+
+    if args.members:
+        rows = ["| member | seed | epochs | " + " | ".join(f"{s} direct / conservative (eV/Å)" for s in per_split) + " |",
+                "|---|---:|---:|" + "---:|" * len(per_split)]
+        card["members"] = {}
+        for path in [args.model, *args.members]:
+            member = load_model(path)
+            cells, metrics = [], {}
+            for split, (records, _) in per_split.items():
+                metrics[split] = split_metrics(records, score_records(records, member, batch_size=32)[0])
+                cells.append(f"{metrics[split]['force_mae_direct']:.3f} / {metrics[split]['force_mae_conservative']:.3f}")
+            card["members"][path] = metrics
+            rows.append(f"| {Path(path).name} | {member.metadata.get('seed')} | {member.metadata.get('epoch')} | "
+                        + " | ".join(cells) + " |")
+        Path(f"{out}_ensemble.md").write_text("\n".join(rows) + "\n")
+        print("\n".join(rows))
 
     Path(f"{out}.json").write_text(json.dumps(card, indent=2))
     lines = ["| split | structures | atoms | force MAE direct (eV/Å) | force MAE conservative (eV/Å) | energy MAE (meV/atom) | mean U_Δ (eV/Å) | r_s(U_Δ, ε_nc) |",
