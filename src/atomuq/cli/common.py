@@ -6,11 +6,11 @@ import contextlib
 import sys
 from typing import Iterator
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from atomuq.core.device import resolve_device
 from atomuq.core.errors import AtomuqError
 
 # rich falls back to 80 columns when not on a terminal, which wraps the tables badly in logs
@@ -34,14 +34,11 @@ def user_errors() -> Iterator[None]:
 
 
 def check_device(device: str) -> str:
-    """Validate a --device value ('cpu', 'cuda' or 'cuda:N')."""
-    if device == "cpu":
-        return device
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            fail(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu")
-        return device
-    fail(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    """Validate a --device value ('cpu', 'cuda' or 'cuda:N'); one-line error and exit otherwise."""
+    try:
+        resolve_device(device)
+    except AtomuqError as exc:
+        fail(f"--device: {exc}")
     return device
 
 

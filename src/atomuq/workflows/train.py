@@ -34,6 +34,7 @@ from ase.data import chemical_symbols
 
 import atomuq
 from atomuq.core.batch import Batch
+from atomuq.core.device import resolve_device
 from atomuq.core.errors import AtomuqError, InputError
 from atomuq.core.io import (Record, atomic_path, file_sha256, read_structures, reference_energy, reference_forces,
                             reference_stress)
@@ -610,10 +611,10 @@ class TrainResult:
 
 
 def _device(name: str, where: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"{where}: device {name!r}: CUDA is not available (torch {torch.__version__}); "
-                          "use device = \"cpu\"")
-    return torch.device(name)
+    try:
+        return resolve_device(name)
+    except InputError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, config: OptimizerConfig, epochs: int) -> Any:
