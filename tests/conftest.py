@@ -7,6 +7,8 @@ import pytest
 import torch
 from ase import Atoms
 from ase.build import bulk, molecule
+from ase.calculators.emt import EMT
+from ase.calculators.singlepoint import SinglePointCalculator
 
 from atomuq.core.batch import Batch, scatter_sum
 from atomuq.core.neighbors import build_graph, edge_vectors
@@ -94,3 +96,33 @@ def triclinic_alcu() -> Atoms:
                   cell=[[2.9, 0.0, 0.0], [0.6, 3.1, 0.0], [0.4, -0.5, 3.3]], pbc=True)
     atoms.positions += np.random.default_rng(3).normal(scale=0.05, size=atoms.positions.shape)
     return atoms
+
+
+def _emt_label(atoms: Atoms) -> Atoms:
+    atoms.calc = EMT()
+    results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces()}
+    if atoms.pbc.all():
+        results["stress"] = atoms.get_stress()
+    atoms.calc = SinglePointCalculator(atoms, **results)
+    return atoms
+
+
+def emt_structures(seed: int, n_cells: int, n_molecules: int) -> list[Atoms]:
+    """EMT-labelled rattled Cu/Al fcc cells (with stress) and small molecules: tiny training data."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n_cells):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+        symbols = atoms.get_chemical_symbols()
+        for i in rng.choice(len(atoms), size=k % 3, replace=False):
+            symbols[i] = "Al"
+        atoms.set_chemical_symbols(symbols)
+        atoms.set_cell(atoms.cell * (1 + 0.01 * rng.normal()), scale_atoms=True)
+        atoms.positions += rng.normal(scale=0.08, size=atoms.positions.shape)
+        out.append(_emt_label(atoms))
+    names = ["H2O", "NH3", "CH4", "CO2", "HCN", "CH3OH"]
+    for k in range(n_molecules):
+        atoms = molecule(names[k % len(names)])
+        atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
+        out.append(_emt_label(atoms))
+    return out

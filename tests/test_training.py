@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
-from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
+from conftest import emt_structures
 from typer.testing import CliRunner
 
 from atomuq.cli.main import app
@@ -45,35 +44,6 @@ TINY_CONFIG = ROOT / "configs" / "train_tiny.toml"
 EPOCHS = 4
 
 
-def _label(atoms):
-    atoms.calc = EMT()
-    results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces()}
-    if atoms.pbc.all():
-        results["stress"] = atoms.get_stress()
-    atoms.calc = SinglePointCalculator(atoms, **results)
-    return atoms
-
-
-def _structures(seed: int, n_cells: int, n_molecules: int) -> list:
-    rng = np.random.default_rng(seed)
-    out = []
-    for k in range(n_cells):
-        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
-        symbols = atoms.get_chemical_symbols()
-        for i in rng.choice(len(atoms), size=k % 3, replace=False):
-            symbols[i] = "Al"
-        atoms.set_chemical_symbols(symbols)
-        atoms.set_cell(atoms.cell * (1 + 0.01 * rng.normal()), scale_atoms=True)
-        atoms.positions += rng.normal(scale=0.08, size=atoms.positions.shape)
-        out.append(_label(atoms))
-    names = ["H2O", "NH3", "CH4", "CO2", "HCN", "CH3OH"]
-    for k in range(n_molecules):
-        atoms = molecule(names[k % len(names)])
-        atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
-        out.append(_label(atoms))
-    return out
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """Tiny tensors: one thread is faster than two on a shared machine, and keeps runs comparable."""
@@ -86,8 +56,8 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny")
-    write(folder / "tiny_train.extxyz", _structures(0, n_cells=6, n_molecules=6))
-    write(folder / "tiny_val.extxyz", _structures(1, n_cells=3, n_molecules=3))
+    write(folder / "tiny_train.extxyz", emt_structures(0, n_cells=6, n_molecules=6))
+    write(folder / "tiny_val.extxyz", emt_structures(1, n_cells=3, n_molecules=3))
     shutil.copy(TINY_CONFIG, folder / "tiny.toml")
     return folder
 

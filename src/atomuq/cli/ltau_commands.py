@@ -1,0 +1,199 @@
+"""`atomuq ltau fit | score | calibrate | weights`: LTAU-FF from training error logs and latent nearest neighbours."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from atomuq.cli.common import check_device, console, fail, progress_bar, user_errors
+from atomuq.core.errors import InputError
+from atomuq.core.io import Record, atomic_path, read_structures, write_structures
+from atomuq.models.registry import DEFAULT_MODEL, resolve_model
+from atomuq.uq.ltau.estimator import LTAUEstimator
+from atomuq.uq.ltau.index import KINDS
+from atomuq.uq.ltau.plots import reliability_figure
+from atomuq.uq.ltau.reweight import SCHEMES, loss_weights
+from atomuq.workflows.ltau import ScoredAtoms, annotate, calibrate, fit_from_logs, predict_records
+from atomuq.workflows.score import validate_records
+
+ltau_app = typer.Typer(no_args_is_help=True, add_completion=False,
+                       help="LTAU-FF: uncertainty from training-error trajectories and latent nearest neighbours.")
+
+
+# options shared by score and calibrate
+_MODEL = typer.Option(None, "--model", "-m", help="Model (default: the one the estimator was fitted with).")
+_K = typer.Option(1, "-k", "--neighbours", min=1, help="Training neighbours averaged per atom.")
+_BATCH = typer.Option(16, "--batch-size", min=1, help="Structures per batch.")
+_FORCES_KEY = typer.Option(None, "--forces-key", help="Array holding reference forces (default: calculator results or REF_forces).")
+_DEVICE = typer.Option("cpu", "--device", help="cpu or cuda.")
+
+
+def _parameters(items: List[str]) -> dict[str, int]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--index-param {item!r}: expected KEY=VALUE, e.g. ef_search=64")
+        try:
+            out[key.strip()] = int(value)
+        except ValueError:
+            fail(f"--index-param {item!r}: the value must be an integer")
+    return out
+
+
+def _predict(inputs: List[Path], estimator: LTAUEstimator, model: Optional[str], device: str, k: int,
+             atol: Optional[float], batch_size: int, forces_key: Optional[str]) -> tuple[list[Record], ScoredAtoms]:
+    """Read and check the structures, then LTAU per atom with a progress bar (model default: the fitted one)."""
+    net = resolve_model(model or estimator.metadata.get("model_name") or DEFAULT_MODEL, device=device)
+    records = read_structures(inputs)
+    validate_records(records, net)
+    with progress_bar() as bar:
+        task = bar.add_task("LTAU", total=len(records))
+        scored = predict_records(records, net, estimator, k, atol, batch_size, forces_key,
+                                 progress=lambda n: bar.advance(task, n))
+    return records, scored
+
+
+@ltau_app.command("fit")
+def fit(
+    logs: List[Path] = typer.Option(..., "--logs", help="Error-log folder(s) <run_dir>/error_log; several runs give μ_M and σ_M."),
+    train: List[Path] = typer.Option(..., "--train", help="The training file(s) of those runs (matched by SHA-256)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Estimator file to write (.npz)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Model giving the descriptors (default {DEFAULT_MODEL})."),
+    errors: str = typer.Option("direct", "--errors", help="Which logged errors: direct or conservative forces."),
+    atol: Optional[float] = typer.Option(None, "--atol", help="Tolerance in eV/Å (default: mean final-epoch error norm)."),
+    rtol: float = typer.Option(0.0, "--rtol", min=0.0, help="Relative tolerance: threshold atol + rtol·|F_ref|."),
+    skip_epochs: int = typer.Option(0, "--skip-epochs", min=0, help="Ignore the first epochs of every run."),
+    index: str = typer.Option("flat", "--index", help=f"FAISS index: {', '.join(KINDS)} (flat is exact)."),
+    index_param: List[str] = typer.Option([], "--index-param", help="KEY=VALUE: M, ef_construction, ef_search (hnsw); nlist, nprobe (ivf)"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Structures per batch for descriptors."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+) -> None:
+    """Fit an LTAU estimator: per-atom confidences p_i from error logs, descriptors of the training atoms, a FAISS index."""
+    device = check_device(device)
+    if errors not in ("direct", "conservative"):
+        fail(f"--errors {errors!r}: use direct or conservative")
+    with user_errors():
+        net = resolve_model(model, device=device)
+        start = time.perf_counter()
+        with progress_bar() as bar:
+            task = bar.add_task("descriptors", total=None)
+            estimator = fit_from_logs(logs, net, train, kind=errors, atol=atol, rtol=rtol, skip_epochs=skip_epochs,
+                                      index_kind=index, index_parameters=_parameters(index_param),
+                                      batch_size=batch_size, progress=lambda n: bar.advance(task, n))
+        estimator.metadata["model_name"] = model or DEFAULT_MODEL
+        estimator.save(output)
+    p = estimator.confidence
+    table = Table(title=f"LTAU estimator {output}")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    rows = [
+        ("runs (epochs each)", f"{len(logs)} ({', '.join(map(str, estimator.metadata['epochs_per_run']))})"),
+        ("training atoms", f"{estimator.n_atoms:,}"),
+        ("descriptor width", str(estimator.index.dimension)),
+        ("errors", errors),
+        ("atol (eV/Å)", f"{estimator.atol:.4g}" + (f" + {rtol:g}·|F_ref|" if rtol else "")),
+        ("mean μ_M(p_i)", f"{p.mean():.3f}"),
+        ("atoms with p_i = 0 / = 1", f"{(p == 0).mean():.1%} / {(p == 1).mean():.1%}"),
+        ("mean σ_M(p_i)", f"{estimator.spread.mean():.3f}"),
+        ("index", f"{index} {estimator.index.parameters or ''}".strip()),
+        ("recall@k vs exact", "exact" if estimator.index.recall is None else
+         f"{estimator.index.recall:.3f} (k={estimator.index.recall_k}, {estimator.index.recall_queries} queries)"),
+        ("time (s)", f"{time.perf_counter() - start:.1f}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+
+
+@ltau_app.command("score")
+def score(
+    inputs: List[Path] = typer.Argument(..., help="Structure files ASE can read."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output extended XYZ file."),
+    estimator_path: Path = typer.Option(..., "--estimator", "-e", help="Estimator file from `atomuq ltau fit`."),
+    model: Optional[str] = _MODEL,
+    k: int = _K,
+    atol: Optional[float] = typer.Option(None, "--atol", help="Read p_j at another tolerance (eV/Å) from the stored histograms."),
+    batch_size: int = _BATCH,
+    forces_key: Optional[str] = _FORCES_KEY,
+    device: str = _DEVICE,
+    top: int = typer.Option(10, "--top", help="Rows in the summary table."),
+) -> None:
+    """Per-atom ltau_confidence, ltau_uncertainty, ltau_expected_error (eV/Å), ltau_distance; per-structure aggregates."""
+    device = check_device(device)
+    with user_errors():
+        estimator = LTAUEstimator.load(estimator_path)
+        records, scored = _predict(inputs, estimator, model, device, k, atol, batch_size, forces_key)
+        atoms, rows = annotate(records, scored, estimator.metadata.get("force_kind", "direct"))
+        write_structures(output, atoms)
+    table = Table(title=f"LTAU, least trusted first ({min(top, len(rows))} of {len(rows)}); p_j refers to error ≤ "
+                        f"{scored.prediction.threshold:.4g} eV/Å, k = {k}")
+    text = ("file:index", "structure", "formula")
+    for name in ("rank", *text, "atoms", "mean 1-p_j", "max 1-p_j", "expected error eV/Å", "max distance", "error eV/Å"):
+        table.add_column(name, justify="left" if name in text else "right")
+    for rank, r in enumerate(sorted(rows, key=lambda r: r.uncertainty, reverse=True)[:top], 1):
+        table.add_row(str(rank), f"{Path(r.source).name}:{r.index}", r.tag, r.formula, str(r.n_atoms),
+                      f"{r.uncertainty:.3f}", f"{r.uncertainty_max:.3f}", f"{r.expected_error:.4f}",
+                      f"{r.distance_max:.3g}", "-" if r.error is None else f"{r.error:.4f}")
+    console.print(table)
+    console.print(f"wrote {len(atoms)} structures to {output}")
+
+
+@ltau_app.command("calibrate")
+def calibrate_command(
+    inputs: List[Path] = typer.Argument(..., help="Held-out structures with reference forces."),
+    estimator_path: Path = typer.Option(..., "--estimator", "-e", help="Estimator file to calibrate."),
+    output: Path = typer.Option(..., "-o", "--output", help="Calibrated estimator file to write."),
+    model: Optional[str] = _MODEL,
+    k: int = _K,
+    bins: int = typer.Option(10, "--bins", min=2, help="Equal-width bins of p_j for the reliability curve."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the reliability curves before and after (PNG)."),
+    batch_size: int = _BATCH,
+    forces_key: Optional[str] = _FORCES_KEY,
+    device: str = _DEVICE,
+) -> None:
+    """Fit the scale s (p_j then refers to error ≤ s·atol) on held-out atoms; report miscalibration area and Brier score."""
+    device = check_device(device)
+    with user_errors():
+        estimator = LTAUEstimator.load(estimator_path)
+        if estimator.scale != 1.0:
+            raise InputError(f"{estimator_path}: already calibrated (s = {estimator.scale:.4g}); calibrate the "
+                             "uncalibrated estimator from `atomuq ltau fit` instead")
+        _, scored = _predict(inputs, estimator, model, device, k, None, batch_size, forces_key)
+        result = calibrate(scored, estimator, bins, where=", ".join(map(str, inputs)))
+        record = {**result.fit.as_dict(), "k": k, "bins": bins, "files": [str(p) for p in inputs]}
+        estimator.with_scale(result.fit.scale, record).save(output)
+        if plot is not None:
+            reliability_figure([(f"k = {k}", [("s = 1", result.before), (f"s = {result.fit.scale:.2f}", result.after)])],
+                               plot)
+    f = result.fit
+    table = Table(title=f"LTAU calibration on {f.n_atoms:,} atoms (k = {k}, atol {estimator.atol:.4g} eV/Å)")
+    for name in ("", "scale s", "miscalibration area", "Brier score"):
+        table.add_column(name, justify="right")
+    table.add_row("before", "1", f"{f.area_before:.4f}", f"{f.brier_before:.4f}")
+    table.add_row("after", f"{f.scale:.3f}", f"{f.area_after:.4f}", f"{f.brier_after:.4f}")
+    console.print(table)
+    console.print(f"wrote {output}" + (f" and {plot}" if plot else ""))
+
+
+@ltau_app.command("weights")
+def weights(
+    estimator_path: Path = typer.Option(..., "--estimator", "-e", help="Estimator file (holds μ_M and σ_M of the training atoms)."),
+    scheme: str = typer.Option(..., "--scheme", help=f"{' or '.join(SCHEMES)}: up-weight easy or hard atoms."),
+    lam: float = typer.Option(..., "--lambda", help="Strength λ of the exponential weights (paper: 2.0 easy, 4.5 hard)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Per-atom loss weights (.npy), training-atom order, mean 1."),
+) -> None:
+    """Per-atom training loss weights from μ_M(p_i) and σ_M(p_i) (LTAU-FF appendix E) for `loss.atom_weights`."""
+    with user_errors():
+        estimator = LTAUEstimator.load(estimator_path)
+        w = loss_weights(estimator.confidence, estimator.spread, scheme, lam)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(output) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, w.astype(np.float32))
+    console.print(f"{len(w):,} weights ({scheme}, λ = {lam:g}): min {w.min():.3f}, median {np.median(w):.3f}, "
+                  f"max {w.max():.3f}; wrote {output}")

@@ -1,0 +1,274 @@
+"""The fitted LTAU-FF estimator: training-atom confidences, error distributions and a descriptor index.
+
+Inference (methods.md section 4, the paper's Algorithm 2): for a test atom j with descriptor d_j,
+find its k nearest training atoms N_j in descriptor space and report
+
+- ltau_confidence  p_j = (1/k) Σ_{i∈N_j} μ_M(p_i): the probability that the atom's force error is
+  ≤ s·atol (s = the calibrated scale, 1 until `calibrate` sets it); dimensionless, higher = more trusted;
+- ltau_uncertainty 1 − p_j (the paper's Algorithm 1 output); higher = less trusted;
+- ltau_expected_error s·(1/k) Σ_{i∈N_j} mean(ε_i) in eV/Å, the mean of the neighbour-averaged training
+  error distribution, read from the histograms (within one bin's resolution of the exact mean);
+- ltau_distance the mean L2 distance to the k neighbours (descriptor units); an out-of-distribution score.
+
+One estimator file (.npz, no pickles) holds everything; it loads without the training data and
+refuses a model whose weights fingerprint differs from the one it was fitted with.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from atomuq.core.errors import InputError
+from atomuq.core.io import atomic_path
+from atomuq.uq.ltau.distribution import (
+    DEFAULT_EDGES,
+    HistogramBins,
+    cdf_at,
+    error_histogram,
+    histogram_mean,
+    normalise,
+    run_confidences,
+)
+from atomuq.uq.ltau.index import NeighbourIndex
+
+FORMAT = "atomuq-ltau-estimator"
+FORMAT_VERSION = 1
+ARRAYS = ("index", "confidence", "spread", "histogram", "edges", "atom_numbers", "reference_force_norms")
+
+#: per-atom outputs with units
+ATOM_KEYS = {
+    "ltau_confidence": "1",
+    "ltau_uncertainty": "1",
+    "ltau_expected_error": "eV/Å",
+    "ltau_distance": "descriptor units",
+}
+
+
+@dataclass
+class LTAUPrediction:
+    """Per-atom LTAU outputs for Q query atoms (see ATOM_KEYS for names and units)."""
+
+    confidence: np.ndarray
+    expected_error: np.ndarray
+    distance: np.ndarray
+    neighbours: np.ndarray
+    threshold: float
+
+    @property
+    def uncertainty(self) -> np.ndarray:
+        """1 − p_j."""
+        return 1.0 - self.confidence
+
+    def per_atom(self) -> dict[str, np.ndarray]:
+        """The arrays under their output names."""
+        return {"ltau_confidence": self.confidence, "ltau_uncertainty": self.uncertainty,
+                "ltau_expected_error": self.expected_error, "ltau_distance": self.distance}
+
+
+@dataclass
+class LTAUEstimator:
+    """Everything LTAU-FF needs at inference, for N training atoms."""
+
+    index: NeighbourIndex
+    confidence: np.ndarray  # μ_M(p_i) at (atol, rtol), exact
+    spread: np.ndarray  # σ_M(p_i), exact
+    histogram: np.ndarray  # (N, C) counts of logged errors, all runs pooled
+    bins: HistogramBins
+    atom_numbers: np.ndarray
+    reference_force_norms: np.ndarray
+    atol: float
+    rtol: float = 0.0
+    scale: float = 1.0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = self.index.size
+        for name in ("confidence", "spread", "atom_numbers", "reference_force_norms"):
+            if len(getattr(self, name)) != n:
+                raise InputError(f"LTAU estimator: {name} has {len(getattr(self, name))} entries for {n} indexed atoms")
+        if self.histogram.shape != (n, self.bins.n_columns):
+            raise InputError(f"LTAU estimator: histogram of shape {self.histogram.shape}, "
+                             f"expected ({n}, {self.bins.n_columns})")
+        if not (np.isfinite(self.scale) and self.scale > 0):
+            raise InputError(f"LTAU estimator: calibration scale must be finite and > 0, got {self.scale}")
+        self._probabilities: np.ndarray | None = None
+        self._means: np.ndarray | None = None
+
+    @property
+    def n_atoms(self) -> int:
+        """Number of training atoms indexed."""
+        return self.index.size
+
+    @property
+    def elements(self) -> list[int]:
+        """Atomic numbers present in the training set."""
+        return sorted(int(z) for z in np.unique(self.atom_numbers))
+
+    @property
+    def threshold(self) -> float:
+        """The error tolerance p_j refers to: s·atol (eV/Å)."""
+        return self.scale * self.atol
+
+    def _distributions(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._probabilities is None:
+            self._probabilities = normalise(self.histogram)
+            self._means = histogram_mean(self._probabilities, self.bins)
+        return self._probabilities, self._means
+
+    def training_confidence(self, atol: float | None = None) -> np.ndarray:
+        """p_i of every training atom: exact μ_M at the fitted atol, else read from the histograms at atol (eV/Å)."""
+        if atol is None or atol == self.atol:
+            return self.confidence
+        if self.rtol:
+            raise InputError("changing atol of an estimator fitted with rtol > 0 is not supported; refit it")
+        probabilities, _ = self._distributions()
+        return cdf_at(probabilities, self.bins, atol)
+
+    def check_elements(self, numbers: np.ndarray, where: str) -> None:
+        """Raise InputError naming where when numbers holds an element the training set never had."""
+        unknown = sorted(set(int(z) for z in np.unique(numbers)) - set(self.elements))
+        if unknown:
+            raise InputError(f"{where}: elements {unknown} never occur in the LTAU training set (elements "
+                             f"{self.elements}); their neighbours would be atoms of other elements")
+
+    def predict(self, descriptors: np.ndarray, k: int = 1, atol: float | None = None) -> LTAUPrediction:
+        """Per-atom LTAU outputs for query descriptors (Q, d); atol (eV/Å) overrides the fitted one."""
+        distance, ids = self.index.search(descriptors, k)
+        p_train = self.training_confidence(atol)
+        _, means = self._distributions()
+        threshold = self.scale * (self.atol if atol is None else float(atol))
+        return LTAUPrediction(
+            confidence=p_train[ids].mean(axis=1),
+            expected_error=self.scale * means[ids].mean(axis=1),
+            distance=distance.mean(axis=1),
+            neighbours=ids,
+            threshold=threshold,
+        )
+
+    def check_model(self, fingerprint: str, name: str) -> None:
+        """Raise InputError unless the model's weights fingerprint is the one the estimator was fitted with."""
+        fitted = self.metadata.get("model_fingerprint")
+        if fitted != fingerprint:
+            raise InputError(f"{self.metadata.get('path', 'LTAU estimator')}: fitted with model "
+                             f"{self.metadata.get('model', '?')} (weights fingerprint {fitted}), but {name} has "
+                             f"fingerprint {fingerprint}; descriptors of another model are meaningless here: "
+                             "refit with `atomuq ltau fit` for this model")
+
+    def with_scale(self, scale: float, calibration: dict[str, Any]) -> "LTAUEstimator":
+        """A copy with calibration scale s and a record of how it was fitted."""
+        meta = {**self.metadata, "calibration": calibration}
+        return LTAUEstimator(self.index, self.confidence, self.spread, self.histogram, self.bins, self.atom_numbers,
+                             self.reference_force_norms, self.atol, self.rtol, float(scale), meta)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the estimator atomically to one .npz file."""
+        path = Path(path)
+        meta = {**self.metadata, "format": FORMAT, "format_version": FORMAT_VERSION, "atol": self.atol,
+                "rtol": self.rtol, "scale": self.scale, "index_kind": self.index.kind,
+                "index_parameters": self.index.parameters, "index_recall": self.index.recall,
+                "index_recall_k": self.index.recall_k, "index_recall_queries": self.index.recall_queries,
+                "n_atoms": self.n_atoms, "descriptor_width": self.index.dimension}
+        meta.pop("path", None)
+        arrays = {
+            "metadata": np.frombuffer(json.dumps(meta, ensure_ascii=False).encode(), dtype=np.uint8),
+            "index": self.index.to_bytes(),
+            "confidence": self.confidence.astype(np.float64),
+            "spread": self.spread.astype(np.float64),
+            "histogram": self.histogram,
+            "edges": self.bins.edges,
+            "atom_numbers": self.atom_numbers.astype(np.int32),
+            "reference_force_norms": self.reference_force_norms.astype(np.float32),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LTAUEstimator":
+        """Read an estimator file, checking format, completeness and consistency; errors name the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: LTAU estimator file not found; create one with `atomuq ltau fit`")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                missing = [key for key in ("metadata", *ARRAYS) if key not in data.files]
+                if missing:
+                    raise InputError(f"{path}: not a complete LTAU estimator (missing {', '.join(missing)})")
+                arrays = {key: data[key] for key in ("metadata", *ARRAYS)}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise InputError(f"{path}: unreadable LTAU estimator, truncated or not an .npz file ({exc})") from exc
+        try:
+            meta = json.loads(arrays.pop("metadata").tobytes().decode())
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise InputError(f"{path}: LTAU estimator metadata is damaged ({exc})") from exc
+        if meta.get("format") != FORMAT:
+            raise InputError(f"{path}: not an atomuq LTAU estimator (format {meta.get('format')!r})")
+        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            raise InputError(f"{path}: estimator format version {meta['format_version']} is newer than this atomuq "
+                             f"reads ({FORMAT_VERSION}); upgrade atomuq")
+        try:
+            index = NeighbourIndex.from_bytes(arrays["index"], meta["index_kind"], meta["index_parameters"],
+                                              recall=meta.get("index_recall"), recall_k=meta.get("index_recall_k"),
+                                              recall_queries=meta.get("index_recall_queries"))
+        except (RuntimeError, KeyError, TypeError) as exc:
+            raise InputError(f"{path}: the FAISS index inside the estimator cannot be read ({exc})") from exc
+        if index.size != meta.get("n_atoms") or index.dimension != meta.get("descriptor_width"):
+            raise InputError(f"{path}: index holds {index.size} vectors of width {index.dimension}, metadata says "
+                             f"{meta.get('n_atoms')} of width {meta.get('descriptor_width')}; the file is damaged")
+        meta["path"] = str(path)
+        try:
+            return cls(index=index, confidence=arrays["confidence"], spread=arrays["spread"],
+                       histogram=arrays["histogram"], bins=HistogramBins(arrays["edges"]),
+                       atom_numbers=arrays["atom_numbers"], reference_force_norms=arrays["reference_force_norms"],
+                       atol=float(meta["atol"]), rtol=float(meta["rtol"]), scale=float(meta["scale"]), metadata=meta)
+        except (ValueError, KeyError) as exc:
+            raise InputError(f"{path}: inconsistent LTAU estimator ({exc})") from exc
+
+
+def histogram_dtype(max_count: int) -> type:
+    """Smallest unsigned dtype that holds max_count."""
+    return np.uint16 if max_count <= np.iinfo(np.uint16).max else np.uint32
+
+
+def fit_estimator(
+    trajectories: Sequence[np.ndarray],
+    atom_numbers: np.ndarray,
+    reference_force_norms: np.ndarray,
+    index: NeighbourIndex,
+    atol: float | None = None,
+    rtol: float = 0.0,
+    bins: HistogramBins | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> LTAUEstimator:
+    """Estimator from M error trajectories (each (E_m, N), eV/Å) over the N indexed atoms.
+
+    atol defaults to the mean final-epoch error norm of the first run (the paper's "MAE of the
+    final model", taken over per-atom force-error norms to match what p_i thresholds).
+    """
+    if not trajectories:
+        raise InputError("no error trajectories given")
+    n = trajectories[0].shape[1]
+    if index.size != n:
+        raise InputError(f"the descriptor index holds {index.size} atoms but the error logs cover {n}")
+    if atol is None:
+        atol = float(np.asarray(trajectories[0][-1], dtype=np.float64).mean())
+    bins = bins or HistogramBins(DEFAULT_EDGES)
+    confidences = run_confidences(trajectories, atol, rtol, reference_force_norms)
+    total = sum(t.shape[0] for t in trajectories)
+    histogram = np.zeros((n, bins.n_columns), dtype=np.uint32)
+    for trajectory in trajectories:
+        error_histogram(trajectory, bins, out=histogram)
+    histogram = histogram.astype(histogram_dtype(total))
+    return LTAUEstimator(index=index, confidence=confidences.mean, spread=confidences.spread, histogram=histogram,
+                         bins=bins, atom_numbers=np.asarray(atom_numbers), reference_force_norms=np.asarray(
+                             reference_force_norms, dtype=np.float32), atol=float(atol), rtol=float(rtol),
+                         metadata={**(metadata or {}), "n_runs": len(trajectories),
+                                   "epochs_per_run": [int(t.shape[0]) for t in trajectories]})

@@ -1,0 +1,253 @@
+"""LTAU-FF workflows: fit an estimator from training error logs, score structures, calibrate on held-out data."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from ase import Atoms
+
+import atomuq
+from atomuq.core.batch import Batch
+from atomuq.core.errors import InputError
+from atomuq.core.io import Record, detach_reference, file_sha256, read_structures, reference_forces
+from atomuq.models.checkpoint import weights_fingerprint
+from atomuq.models.derivatives import evaluate
+from atomuq.models.protocol import AtomisticModel
+from atomuq.uq.ltau.calibration import ReliabilityCurve, ScaleFit, fit_scale, reliability_curve
+from atomuq.uq.ltau.estimator import LTAUEstimator, LTAUPrediction, fit_estimator
+from atomuq.uq.ltau.index import build_index
+from atomuq.workflows.error_log import ErrorLog, load_error_log
+from atomuq.workflows.score import structure_tag
+
+FORCE_KINDS = ("direct", "conservative")
+#: per-structure info keys written by `ltau score`, with units
+LTAU_INFO_KEYS = {
+    "ltau_uncertainty": "1 (mean over atoms of 1 - p_j)",
+    "ltau_uncertainty_max": "1",
+    "ltau_expected_error": "eV/Å (mean over atoms)",
+    "ltau_distance_max": "descriptor units",
+    "ltau_threshold": "eV/Å (s·atol that p_j refers to)",
+}
+Progress = Callable[[int], None] | None
+
+
+def model_name(model: AtomisticModel, fallback: str = "model") -> str:
+    """Where a model came from, for messages (its file, or fallback)."""
+    return str(getattr(model, "source", None) or fallback)
+
+
+def load_runs(log_dirs: Sequence[str | Path], kind: str = "direct", skip_epochs: int = 0
+              ) -> tuple[list[np.ndarray], ErrorLog]:
+    """Error trajectories (E_m, N) in eV/Å of several runs over the same atoms, and the first run's log."""
+    if kind not in FORCE_KINDS:
+        raise InputError(f"unknown error kind {kind!r}; use direct or conservative")
+    if not log_dirs:
+        raise InputError("give at least one error-log folder (<run_dir>/error_log)")
+    logs = [load_error_log(d) for d in log_dirs]
+    first = logs[0]
+    trajectories = []
+    for log in logs:
+        if log.n_atoms != first.n_atoms or not np.array_equal(log.atom_numbers, first.atom_numbers):
+            raise InputError(f"{log.directory}: logs {log.n_atoms} atoms that differ from {first.directory} "
+                             f"({first.n_atoms}); LTAU needs every run on the same training atoms in the same order")
+        if log.metadata.get("training_data_hash") != first.metadata.get("training_data_hash"):
+            raise InputError(f"{log.directory}: trained on other data than {first.directory} (training-data hash)")
+        errors = log.errors_direct if kind == "direct" else log.errors_conservative
+        if skip_epochs >= log.n_epochs:
+            raise InputError(f"{log.directory}: skip_epochs = {skip_epochs} leaves none of its {log.n_epochs} epochs")
+        trajectories.append(errors[skip_epochs:])
+    return trajectories, first
+
+
+def training_records(log: ErrorLog, train_paths: Sequence[str | Path]) -> list[Record]:
+    """The training structures of an error log, in its atom order, read from the given files (matched by SHA-256)."""
+    entries = log.metadata.get("training_files") or []
+    if not entries:
+        raise InputError(f"{log.directory}: the error log names no training files")
+    by_hash: dict[str, Path] = {}
+    for path in map(Path, train_paths):
+        if not path.is_file():
+            raise InputError(f"{path}: training file not found")
+        by_hash[file_sha256([path])[1][0]] = path
+    files = []
+    for entry in entries:
+        path = by_hash.get(entry.get("sha256"))
+        if path is None:
+            raise InputError(f"{log.directory}: the run was trained on {entry.get('path')} (SHA-256 "
+                             f"{str(entry.get('sha256'))[:12]}…) but no --train file has that content; "
+                             f"give the exact training files ({', '.join(map(str, train_paths))} do not match)")
+        files.append(read_structures([path]))
+    frames_file = log.directory / str(log.metadata.get("structure_frames", "structure_frames.npy"))
+    if frames_file.is_file():
+        frames = np.load(frames_file, allow_pickle=False)
+        try:
+            records = [files[int(f)][int(i)] for f, i in frames]
+        except IndexError as exc:
+            raise InputError(f"{frames_file}: points outside the training files ({exc})") from exc
+    else:
+        records = [rec for recs in files for rec in recs]
+    numbers = np.concatenate([rec.atoms.numbers for rec in records])
+    if len(records) != len(log.structure_offsets) - 1 or not np.array_equal(numbers, log.atom_numbers):
+        raise InputError(f"{log.directory}: the training structures read ({len(records)}, {len(numbers)} atoms) do "
+                         f"not match the log ({len(log.structure_offsets) - 1} structures, {log.n_atoms} atoms)")
+    return records
+
+
+def compute_descriptors(model: AtomisticModel, structures: Sequence[Atoms], batch_size: int = 16,
+                        progress: Progress = None) -> np.ndarray:
+    """Per-atom descriptors (N, d) float32: the model's last message-passing features, structures concatenated."""
+    chunks = []
+    for start in range(0, len(structures), batch_size):
+        part = list(structures[start : start + batch_size])
+        batch = Batch.from_atoms(part, device=model.device, dtype=model.dtype)
+        with torch.no_grad():
+            features = model(batch).node_features
+        if features is None:
+            raise InputError(f"{model_name(model)} exposes no per-atom node features; LTAU needs them as descriptors")
+        chunks.append(features.detach().cpu().float().numpy())
+        if progress is not None:
+            progress(len(part))
+    return np.concatenate(chunks)
+
+
+def fit_from_logs(
+    log_dirs: Sequence[str | Path],
+    model: AtomisticModel,
+    train_paths: Sequence[str | Path],
+    *,
+    kind: str = "direct",
+    atol: float | None = None,
+    rtol: float = 0.0,
+    skip_epochs: int = 0,
+    index_kind: str = "flat",
+    index_parameters: dict[str, int] | None = None,
+    batch_size: int = 16,
+    progress: Progress = None,
+) -> LTAUEstimator:
+    """Fit an LTAU estimator: error logs of one or more runs, descriptors of their training atoms from model."""
+    trajectories, log = load_runs(log_dirs, kind, skip_epochs)
+    records = training_records(log, train_paths)
+    descriptors = compute_descriptors(model, [r.atoms for r in records], batch_size, progress)
+    index = build_index(descriptors, index_kind, index_parameters)
+    meta = {
+        "model": model_name(model),
+        "model_fingerprint": weights_fingerprint(model),
+        "force_kind": kind,
+        "skip_epochs": int(skip_epochs),
+        "runs": [{"error_log": str(d), "run_id": load_error_log(d, check_finite=False).metadata.get("run_id")}
+                 for d in log_dirs],
+        "training_data_hash": log.metadata.get("training_data_hash"),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "atomuq_version": atomuq.__version__,
+    }
+    return fit_estimator(trajectories, log.atom_numbers, log.reference_force_norms, index, atol, rtol, metadata=meta)
+
+
+@dataclass
+class LTAURow:
+    """One structure's LTAU summary."""
+
+    source: str
+    index: int
+    tag: str
+    formula: str
+    n_atoms: int
+    uncertainty: float
+    uncertainty_max: float
+    expected_error: float
+    distance_max: float
+    error: float | None
+
+
+@dataclass
+class ScoredAtoms:
+    """Per-atom LTAU predictions of a set of structures, with the model's force errors where references exist."""
+
+    prediction: LTAUPrediction
+    errors: np.ndarray | None  # per-atom ‖F − F_ref‖ (eV/Å) of the estimator's force kind, or None
+    offsets: np.ndarray  # structure boundaries in the concatenated atom arrays
+    forces: np.ndarray
+
+
+def predict_records(records: Sequence[Record], model: AtomisticModel, estimator: LTAUEstimator, k: int = 1,
+                    atol: float | None = None, batch_size: int = 16, forces_key: str | None = None,
+                    progress: Progress = None) -> ScoredAtoms:
+    """LTAU per atom for many structures (checked against the estimator first) and force errors where labelled."""
+    estimator.check_model(weights_fingerprint(model), model_name(model))
+    for rec in records:
+        estimator.check_elements(rec.atoms.numbers, rec.where)
+    kind = estimator.metadata.get("force_kind", "direct")
+    descriptors, forces = [], []
+    for start in range(0, len(records), batch_size):
+        part = [r.atoms for r in records[start : start + batch_size]]
+        batch = Batch.from_atoms(part, device=model.device, dtype=model.dtype)
+        pred = evaluate(model, batch, conservative=kind == "conservative").detach()
+        if pred.node_features is None:
+            raise InputError(f"{model_name(model)} exposes no per-atom node features; LTAU needs them as descriptors")
+        descriptors.append(pred.node_features.cpu().float().numpy())
+        chosen = pred.forces_direct if kind == "direct" else pred.forces_conservative
+        forces.append(chosen.cpu().double().numpy())
+        if progress is not None:
+            progress(len(part))
+    descriptors_all, forces_all = np.concatenate(descriptors), np.concatenate(forces)
+    offsets = np.concatenate([[0], np.cumsum([len(r.atoms) for r in records])])
+    refs = [reference_forces(r.atoms, forces_key) for r in records]
+    errors = None
+    if all(f is not None and f.shape == (len(r.atoms), 3) for f, r in zip(refs, records)):
+        errors = np.linalg.norm(forces_all - np.concatenate(refs), axis=1)
+    return ScoredAtoms(estimator.predict(descriptors_all, k, atol), errors, offsets, forces_all)
+
+
+def annotate(records: Sequence[Record], scored: ScoredAtoms, kind: str) -> tuple[list[Atoms], list[LTAURow]]:
+    """Copies of the structures with per-atom LTAU arrays and per-structure aggregates (LTAU_INFO_KEYS)."""
+    per_atom = scored.prediction.per_atom()
+    out_atoms, rows = [], []
+    for s, rec in enumerate(records):
+        sl = slice(scored.offsets[s], scored.offsets[s + 1])
+        atoms = detach_reference(rec.atoms)
+        for name, values in per_atom.items():
+            atoms.arrays[name] = values[sl]
+        atoms.arrays[f"forces_{kind}"] = scored.forces[sl]
+        info = atoms.info
+        info["ltau_uncertainty"] = float(per_atom["ltau_uncertainty"][sl].mean())
+        info["ltau_uncertainty_max"] = float(per_atom["ltau_uncertainty"][sl].max())
+        info["ltau_expected_error"] = float(per_atom["ltau_expected_error"][sl].mean())
+        info["ltau_distance_max"] = float(per_atom["ltau_distance"][sl].max())
+        info["ltau_threshold"] = scored.prediction.threshold
+        error = None
+        if scored.errors is not None:
+            atoms.arrays["ltau_force_error"] = scored.errors[sl]
+            error = float(np.sqrt(np.mean(scored.errors[sl] ** 2) / 3.0))
+            info["eps_nc" if kind == "direct" else "eps_c"] = error
+        info["source_file"], info["source_index"] = rec.source, rec.index
+        out_atoms.append(atoms)
+        rows.append(LTAURow(rec.source, rec.index, structure_tag(rec.atoms), rec.atoms.get_chemical_formula(),
+                            len(rec.atoms), info["ltau_uncertainty"], info["ltau_uncertainty_max"],
+                            info["ltau_expected_error"], info["ltau_distance_max"], error))
+    return out_atoms, rows
+
+
+@dataclass
+class CalibrationResult:
+    """A fitted scale, and reliability curves at s = 1 and at the fitted s."""
+
+    fit: ScaleFit
+    before: ReliabilityCurve
+    after: ReliabilityCurve
+
+
+def calibrate(scored: ScoredAtoms, estimator: LTAUEstimator, n_bins: int = 10, where: str = "held-out set"
+              ) -> CalibrationResult:
+    """Fit the scale s on labelled, scored atoms (p_j refers to atol before, s·atol after)."""
+    if scored.errors is None:
+        raise InputError(f"{where}: calibration needs reference forces on every structure")
+    p = scored.prediction.confidence
+    atol = scored.prediction.threshold / estimator.scale
+    fit = fit_scale(p, scored.errors, atol, n_bins)
+    return CalibrationResult(fit, reliability_curve(p, scored.errors <= atol, n_bins),
+                             reliability_curve(p, scored.errors <= fit.scale * atol, n_bins))

@@ -1,0 +1,336 @@
+"""LTAU-FF: exact confidences, histograms, FAISS search, estimator files, calibration, bad input, CLI.
+
+The end-to-end part trains the tiny model of configs/train_tiny.toml for a few epochs on EMT data
+(seconds) and fits, scores and calibrates an estimator from its real error log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+from ase.io import read, write
+from conftest import emt_structures
+from typer.testing import CliRunner
+
+from atomuq.cli.main import app
+from atomuq.core.errors import InputError
+from atomuq.core.io import read_structures
+from atomuq.models.checkpoint import load_model
+from atomuq.uq.ltau.calibration import brier_score, fit_scale, reliability_curve
+from atomuq.uq.ltau.distribution import (
+    DEFAULT_EDGES,
+    HistogramBins,
+    cdf_at,
+    error_histogram,
+    histogram_mean,
+    mean_error,
+    normalise,
+    run_confidences,
+    sample_confidence,
+)
+from atomuq.uq.ltau.estimator import LTAUEstimator, fit_estimator
+from atomuq.uq.ltau.index import build_index, measure_recall
+from atomuq.uq.ltau.reweight import loss_weights
+from atomuq.workflows.ltau import compute_descriptors, fit_from_logs, load_runs, predict_records
+from atomuq.workflows.train import TrainConfig, train_model
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+# ---------------------------------------------------------------- confidences and distributions
+
+
+def test_confidence_is_the_direct_count_with_less_or_equal():
+    errors = np.array([[0.1, 0.5, 0.2],
+                       [0.2, 0.1, 0.2],
+                       [0.3, 0.1, 0.25],
+                       [0.1, 0.4, 0.2]])
+    # atom 0: 0.1, 0.2, 0.3, 0.1 -> three of four <= 0.2 (0.2 itself counts)
+    assert np.allclose(sample_confidence(errors, 0.2), [3 / 4, 2 / 4, 3 / 4])
+    assert np.allclose(sample_confidence(errors, 0.1), [2 / 4, 2 / 4, 0.0])
+    norms = np.array([0.0, 1.0, 0.5])  # relative form: atol + rtol·|F_ref|
+    assert np.allclose(sample_confidence(errors, 0.1, rtol=0.3, reference_norms=norms), [2 / 4, 3 / 4, 1.0])
+    brute = [[np.mean([e <= 0.15 for e in errors[:, i]])] for i in range(3)]
+    assert np.allclose(sample_confidence(errors, 0.15), np.ravel(brute))
+
+
+def test_mean_and_spread_over_runs():
+    rng = np.random.default_rng(0)
+    runs = [rng.lognormal(-2, 0.7, (e, 50)) for e in (20, 30, 40)]
+    conf = run_confidences(runs, 0.12)
+    per_run = np.array([[np.sum(r[:, i] <= 0.12) / len(r) for i in range(50)] for r in runs])
+    assert np.allclose(conf.mean, per_run.mean(axis=0))
+    assert np.allclose(conf.spread, per_run.std(axis=0))
+    with pytest.raises(InputError, match="different numbers of atoms"):
+        run_confidences([runs[0], runs[1][:, :10]], 0.1)
+
+
+def test_histogram_cdf_is_exact_at_edges_and_mean_within_bin_resolution():
+    rng = np.random.default_rng(1)
+    errors = rng.lognormal(-3, 1.0, (60, 300)).astype(np.float32)
+    errors[5, :10] = DEFAULT_EDGES[40]  # values exactly on an edge count as <= that edge
+    bins = HistogramBins(DEFAULT_EDGES)
+    probs = normalise(error_histogram(errors, bins))
+    for edge in DEFAULT_EDGES[[20, 40, 41, 60]]:
+        assert np.allclose(cdf_at(probs, bins, edge), sample_confidence(errors, edge), atol=1e-12)
+    between = np.sqrt(DEFAULT_EDGES[45] * DEFAULT_EDGES[46])
+    lo, hi = cdf_at(probs, bins, DEFAULT_EDGES[45]), cdf_at(probs, bins, DEFAULT_EDGES[46])
+    mid = cdf_at(probs, bins, between)
+    assert np.all(mid >= lo - 1e-12) and np.all(mid <= hi + 1e-12)
+    exact = mean_error(errors)
+    approx = histogram_mean(probs, bins)
+    assert np.all(np.abs(approx / exact - 1) <= bins.resolution - 1)
+    # chunked accumulation gives the same counts as one pass
+    twice = error_histogram(errors[30:], bins, out=error_histogram(errors[:30], bins))
+    assert np.array_equal(twice, error_histogram(errors, bins))
+
+
+# ---------------------------------------------------------------- nearest neighbours
+
+
+def test_faiss_exact_index_matches_brute_force_numpy():
+    rng = np.random.default_rng(2)
+    data = rng.normal(size=(500, 12)).astype(np.float32)
+    queries = rng.normal(size=(40, 12)).astype(np.float32)
+    index = build_index(data, "flat")
+    dist, ids = index.search(queries, 5)
+    d2 = ((queries[:, None, :].astype(np.float64) - data[None, :, :]) ** 2).sum(-1)
+    brute_ids = np.argsort(d2, axis=1)[:, :5]
+    assert np.array_equal(ids, brute_ids)
+    assert np.allclose(dist, np.sqrt(np.take_along_axis(d2, brute_ids, axis=1)), rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind, params", [("hnsw", {"ef_search": 64}), ("ivf", {"nlist": 16, "nprobe": 16})])
+def test_approximate_indexes_report_recall_measured_against_brute_force(kind, params):
+    rng = np.random.default_rng(3)
+    data = rng.normal(size=(2000, 8)).astype(np.float32)
+    index = build_index(data, kind, params, recall_queries=200, recall_k=5)
+    assert index.recall is not None and 0.9 <= index.recall <= 1.0  # nprobe = nlist is exhaustive for IVF
+    queries = data[:50]
+    d2 = ((queries[:, None, :] - data[None]) ** 2).sum(-1)
+    exact = np.argsort(d2, axis=1)[:, :5]
+    _, found = index.search(queries, 5)
+    brute_recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(found, exact)])
+    assert measure_recall(index, data, queries, 5) == pytest.approx(brute_recall)
+
+
+def test_index_rejects_bad_descriptors_and_parameters():
+    data = np.random.default_rng(4).normal(size=(30, 6))
+    index = build_index(data)
+    with pytest.raises(InputError, match="width 5 cannot be searched in an index of width 6"):
+        index.search(np.zeros((2, 5)), 1)
+    with pytest.raises(InputError, match="k = 31"):
+        index.search(np.zeros((2, 6)), 31)
+    with pytest.raises(InputError, match="NaN"):
+        build_index(np.full((4, 6), np.nan))
+    with pytest.raises(InputError, match="unknown hnsw index parameters"):
+        build_index(data, "hnsw", {"efsearch": 3})
+
+
+# ---------------------------------------------------------------- estimator
+
+
+def _synthetic_estimator(n=400, d=6, seed=5) -> tuple[LTAUEstimator, list[np.ndarray], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    descriptors = rng.normal(size=(n, d)).astype(np.float32)
+    scale = np.exp(descriptors[:, 0])  # errors grow along one descriptor direction
+    runs = [rng.lognormal(-3, 0.5, (e, n)) * scale for e in (25, 25)]
+    numbers = rng.choice([1, 6, 8], size=n)
+    est = fit_estimator(runs, numbers, np.abs(rng.normal(size=n)), build_index(descriptors), atol=0.05,
+                        metadata={"model_fingerprint": "abc", "model": "synthetic"})
+    return est, runs, descriptors
+
+
+def test_estimator_predicts_neighbour_averages_and_round_trips(tmp_path):
+    est, runs, descriptors = _synthetic_estimator()
+    pred = est.predict(descriptors[:20], k=3)
+    p_train = np.mean([sample_confidence(r, 0.05) for r in runs], axis=0)
+    assert np.allclose(pred.confidence, p_train[pred.neighbours].mean(axis=1))
+    assert np.allclose(pred.uncertainty, 1 - pred.confidence)
+    self_pred = est.predict(descriptors[:20], k=1)  # a training atom's own nearest neighbour is itself
+    assert np.array_equal(self_pred.neighbours[:, 0], np.arange(20))
+    assert np.allclose(self_pred.distance, 0.0, atol=1e-3)
+    exact_mean = np.mean([r.mean(axis=0) for r in runs], axis=0)[:20]
+    assert np.all(np.abs(self_pred.expected_error / exact_mean - 1) <= est.bins.resolution - 1)
+    path = est.save(tmp_path / "est.npz")
+    loaded = LTAUEstimator.load(path)
+    again = loaded.predict(descriptors[:20], k=3)
+    for name, values in pred.per_atom().items():
+        assert np.array_equal(values, again.per_atom()[name])
+    assert loaded.metadata["model_fingerprint"] == "abc" and loaded.atol == 0.05
+    # another tolerance read from the histograms equals the exact count at a bin edge
+    edge = float(DEFAULT_EDGES[55])
+    assert np.allclose(loaded.training_confidence(edge), np.mean([sample_confidence(r, edge) for r in runs], axis=0))
+
+
+def test_estimator_file_errors_name_the_file(tmp_path):
+    est, _, _ = _synthetic_estimator(n=50)
+    path = est.save(tmp_path / "est.npz")
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(InputError, match="truncated.npz: unreadable LTAU estimator"):
+        LTAUEstimator.load(truncated)
+    with pytest.raises(InputError, match="missing.npz: LTAU estimator file not found"):
+        LTAUEstimator.load(tmp_path / "missing.npz")
+    other = tmp_path / "other.npz"
+    np.savez(other, a=np.zeros(3))
+    with pytest.raises(InputError, match="other.npz: not a complete LTAU estimator"):
+        LTAUEstimator.load(other)
+    with pytest.raises(InputError, match="fingerprint"):
+        est.check_model("ffff", "model.pt")
+    with pytest.raises(InputError, match=r"molecule 3: elements \[7\] never occur"):
+        est.check_elements(np.array([1, 7, 6]), "molecule 3")
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def test_probabilities_that_generate_the_outcomes_are_calibrated():
+    rng = np.random.default_rng(6)
+    p = rng.uniform(size=200_000)
+    hits = rng.uniform(size=p.size) < p
+    curve = reliability_curve(p, hits, n_bins=10)
+    assert curve.miscalibration_area < 0.01
+    assert np.allclose(curve.observed, curve.predicted, atol=0.02)
+    assert brier_score(p, hits) == pytest.approx(np.mean(p * (1 - p)), abs=0.005)  # E[(p - Bernoulli(p))²]
+    biased = reliability_curve(np.clip(p * 0.5, 0, 1), hits, 10)  # under-confident probabilities
+    assert biased.miscalibration_area > 0.2
+
+
+def test_fitted_scale_recovers_the_scale_that_generated_the_errors():
+    rng = np.random.default_rng(7)
+    p = rng.uniform(0.02, 0.98, size=50_000)
+    u = rng.uniform(size=p.size)
+    atol, s_true = 0.1, 3.0
+    errors = s_true * atol * (u / p)  # error <= s_true·atol exactly when u <= p
+    fit = fit_scale(p, errors, atol)
+    assert fit.scale == pytest.approx(s_true, rel=0.05)
+    assert fit.area_after < 0.01 < fit.area_before
+    with pytest.raises(InputError, match="NaN"):
+        fit_scale(p, np.full(p.size, np.nan), atol)
+
+
+def test_reweighting_follows_the_paper_formulas():
+    mu, sigma = np.array([0.1, 0.5, 0.9]), np.array([0.0, 0.2, 0.05])
+    hard = loss_weights(mu, sigma, "hard", 4.5)
+    easy = loss_weights(mu, sigma, "easy", 2.0)
+    expect_hard = np.exp(4.5 * (1 - mu + sigma))
+    expect_easy = np.exp(2.0 * (mu + sigma))
+    assert np.allclose(hard, expect_hard / expect_hard.mean())
+    assert np.allclose(easy, expect_easy / expect_easy.mean())
+    assert hard.mean() == pytest.approx(1.0)
+    with pytest.raises(InputError, match="scheme"):
+        loss_weights(mu, sigma, "medium", 1.0)
+
+
+# ---------------------------------------------------------------- end to end on a real (tiny) training run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Tiny model trained 3 epochs on EMT data, twice (two seeds): real error logs for LTAU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("ltau")
+    write(folder / "tiny_train.extxyz", emt_structures(0, n_cells=6, n_molecules=6))
+    write(folder / "tiny_val.extxyz", emt_structures(1, n_cells=3, n_molecules=3))
+    shutil.copy(ROOT / "configs" / "train_tiny.toml", folder / "tiny.toml")
+    config = TrainConfig.from_toml(folder / "tiny.toml")
+    runs = []
+    for seed in (0, 1):
+        run = dataclasses.replace(config, run_dir=folder / f"run{seed}", seed=seed, epochs=3)
+        train_model(run)
+        runs.append(run.run_dir)
+    torch.set_num_threads(threads)
+    return folder, runs
+
+
+def test_fit_from_real_logs_uses_the_logged_training_atoms(trained):
+    folder, runs = trained
+    model = load_model(runs[0] / "best.pt")
+    est = fit_from_logs([r / "error_log" for r in runs], model, [folder / "tiny_train.extxyz"], atol=0.2)
+    trajectories, log = load_runs([r / "error_log" for r in runs])
+    assert est.n_atoms == log.n_atoms and est.metadata["n_runs"] == 2
+    assert np.allclose(est.confidence, np.mean([sample_confidence(t, 0.2) for t in trajectories], axis=0))
+    # each training atom's descriptor finds itself
+    structures = read(folder / "tiny_train.extxyz", ":")
+    descriptors = compute_descriptors(model, structures)
+    pred = est.predict(descriptors, k=1)
+    assert np.allclose(pred.confidence, est.confidence)
+    with pytest.raises(InputError, match="no --train file has that content"):
+        fit_from_logs([runs[0] / "error_log"], model, [folder / "tiny_val.extxyz"])
+
+
+def test_estimator_refuses_another_model_and_unknown_elements(trained, tmp_path):
+    folder, runs = trained
+    model = load_model(runs[0] / "best.pt")
+    est = fit_from_logs([runs[0] / "error_log"], model, [folder / "tiny_train.extxyz"])
+    records = read_structures([folder / "tiny_val.extxyz"])
+    other = load_model(runs[1] / "best.pt")
+    with pytest.raises(InputError, match="fingerprint"):
+        predict_records(records, other, est)
+    lonely = molecule("SiH4")
+    write(tmp_path / "si.extxyz", lonely)
+    with pytest.raises(InputError, match=r"si.extxyz structure 0: elements \[14\] never occur"):
+        predict_records(read_structures([tmp_path / "si.extxyz"]), model, est)
+
+
+def test_truncated_or_empty_error_logs_are_refused(trained, tmp_path):
+    folder, runs = trained
+    broken = tmp_path / "error_log"
+    shutil.copytree(runs[0] / "error_log", broken)
+    data = (broken / "errors_direct.npy").read_bytes()
+    (broken / "errors_direct.npy").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="errors_direct.npy"):
+        load_runs([broken])
+    empty = tmp_path / "empty_log"
+    shutil.copytree(runs[0] / "error_log", empty)
+    meta = json.loads((empty / "error_log.json").read_text())
+    meta["n_epochs_completed"] = 0
+    (empty / "error_log.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="empty"):
+        load_runs([empty])
+
+
+def test_cli_fit_score_calibrate_weights(trained, tmp_path):
+    folder, runs = trained
+    est_path, out, cal = tmp_path / "est.npz", tmp_path / "scored.extxyz", tmp_path / "cal.npz"
+    model = str(runs[0] / "best.pt")
+    res = runner.invoke(app, ["ltau", "fit", "--logs", str(runs[0] / "error_log"), "--logs", str(runs[1] / "error_log"),
+                              "--train", str(folder / "tiny_train.extxyz"), "--model", model, "-o", str(est_path),
+                              "--index", "hnsw", "--index-param", "ef_search=32"])
+    assert res.exit_code == 0, res.output
+    assert "recall@k" in res.output and est_path.is_file()
+    res = runner.invoke(app, ["ltau", "score", str(folder / "tiny_val.extxyz"), "-e", str(est_path), "-o", str(out), "-k", "2"])
+    assert res.exit_code == 0, res.output
+    frames = read(out, ":")
+    assert len(frames) == len(read(folder / "tiny_val.extxyz", ":"))
+    for atoms in frames:
+        p = atoms.arrays["ltau_confidence"]
+        assert np.all((p >= 0) & (p <= 1)) and np.allclose(atoms.arrays["ltau_uncertainty"], 1 - p)
+        assert atoms.info["ltau_uncertainty"] == pytest.approx(np.mean(1 - p))
+        assert np.all(atoms.arrays["ltau_distance"] >= 0) and "eps_nc" in atoms.info
+    res = runner.invoke(app, ["ltau", "calibrate", str(folder / "tiny_val.extxyz"), "-e", str(est_path), "-o", str(cal),
+                              "--plot", str(tmp_path / "cal.png")])
+    assert res.exit_code == 0, res.output
+    calibrated = LTAUEstimator.load(cal)
+    assert calibrated.metadata["calibration"]["area_after"] <= calibrated.metadata["calibration"]["area_before"]
+    assert (tmp_path / "cal.png").stat().st_size > 1000
+    res = runner.invoke(app, ["ltau", "calibrate", str(folder / "tiny_val.extxyz"), "-e", str(cal), "-o", str(cal)])
+    assert res.exit_code == 1 and "already calibrated" in res.output
+    res = runner.invoke(app, ["ltau", "weights", "-e", str(est_path), "--scheme", "hard", "--lambda", "4.5",
+                              "-o", str(tmp_path / "w.npy")])
+    assert res.exit_code == 0, res.output
+    w = np.load(tmp_path / "w.npy")
+    assert len(w) == calibrated.n_atoms and w.mean() == pytest.approx(1.0, rel=1e-5)
+    res = runner.invoke(app, ["ltau", "score", str(folder / "tiny_val.extxyz"), "-e", str(tmp_path / "nope.npz"),
+                              "-o", str(out)])
+    assert res.exit_code == 1 and "nope.npz: LTAU estimator file not found" in res.output
