@@ -334,3 +334,20 @@ def test_cli_fit_score_calibrate_weights(trained, tmp_path):
     res = runner.invoke(app, ["ltau", "score", str(folder / "tiny_val.extxyz"), "-e", str(tmp_path / "nope.npz"),
                               "-o", str(out)])
     assert res.exit_code == 1 and "nope.npz: LTAU estimator file not found" in res.output
+
+
+def test_ase_calculator_gives_the_same_ltau_as_the_workflow(trained):
+    from atomuq.calculator import AtomuqCalculator
+
+    folder, runs = trained
+    model = load_model(runs[0] / "best.pt")
+    est = fit_from_logs([runs[0] / "error_log"], model, [folder / "tiny_train.extxyz"])
+    records = read_structures([folder / "tiny_val.extxyz"])
+    scored = predict_records(records[:1], model, est, k=2)
+    atoms = records[0].atoms.copy()
+    atoms.calc = AtomuqCalculator(model, ltau=est, ltau_k=2)
+    for name, values in scored.prediction.per_atom().items():
+        assert np.allclose(atoms.calc.get_property(name, atoms), values, rtol=1e-5, atol=1e-6)
+    assert atoms.calc.get_property("ltau_uncertainty_mean", atoms) == pytest.approx(scored.prediction.uncertainty.mean())
+    with pytest.raises(InputError, match="fingerprint"):
+        AtomuqCalculator(load_model(runs[1] / "best.pt"), ltau=est)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
 from atomuq.core.batch import Batch
+from atomuq.models.checkpoint import weights_fingerprint
 from atomuq.models.derivatives import evaluate, rotational_gradient_norm
 from atomuq.models.protocol import AtomisticModel
 from atomuq.models.registry import resolve_model
 from atomuq.uq.confidence import confidence
 from atomuq.uq.force_delta import force_delta
+from atomuq.uq.ltau.estimator import ATOM_KEYS as LTAU_ATOM_KEYS
+from atomuq.uq.ltau.estimator import LTAUEstimator
 
 
 class AtomuqCalculator(Calculator):
@@ -23,13 +28,16 @@ class AtomuqCalculator(Calculator):
     force_delta (U_Delta, eV/Å), force_delta_atoms (u_i, eV/Å), stress (eV/Å³, periodic only;
     direct head if forces="direct" and the model has one, else virial), stress_virial,
     stress_direct, confidence_error (per atom, eV/Å), and with rotational_gradient=True
-    rotational_gradient (3x3, eV) and rotational_gradient_norm (eV).
+    rotational_gradient (3x3, eV) and rotational_gradient_norm (eV). With an LTAU estimator
+    (ltau=LTAUEstimator or its file, fitted with this model): per-atom ltau_confidence,
+    ltau_uncertainty, ltau_expected_error (eV/Å), ltau_distance, and ltau_uncertainty_mean
+    (mean over atoms of 1 − p_j), using ltau_k neighbours.
     """
 
     implemented_properties = [
         "energy", "free_energy", "forces", "stress", "forces_direct", "forces_conservative",
         "force_delta", "force_delta_atoms", "stress_direct", "stress_virial", "confidence_error",
-        "rotational_gradient", "rotational_gradient_norm",
+        "rotational_gradient", "rotational_gradient_norm", *LTAU_ATOM_KEYS, "ltau_uncertainty_mean",
     ]
 
     def __init__(
@@ -39,6 +47,8 @@ class AtomuqCalculator(Calculator):
         device: str = "cpu",
         dtype: torch.dtype | None = None,
         rotational_gradient: bool = False,
+        ltau: LTAUEstimator | str | Path | None = None,
+        ltau_k: int = 1,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -53,6 +63,10 @@ class AtomuqCalculator(Calculator):
             raise ValueError("forces='direct' needs a model with a direct force head; this one is conservative-only")
         self.force_mode = forces
         self.want_rotational = rotational_gradient
+        self.ltau = ltau if ltau is None or isinstance(ltau, LTAUEstimator) else LTAUEstimator.load(ltau)
+        self.ltau_k = ltau_k
+        if self.ltau is not None:
+            self.ltau.check_model(weights_fingerprint(self.model), str(getattr(self.model, "source", "this model")))
 
     def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
@@ -78,6 +92,11 @@ class AtomuqCalculator(Calculator):
         if pred.confidence_logits is not None:
             conf = confidence(pred.confidence_logits, self.model.confidence_bin_edges, batch)
             r["confidence_error"] = to_np(conf.per_atom["confidence_error"])
+        if self.ltau is not None:
+            self.ltau.check_elements(self.atoms.numbers, "structure given to AtomuqCalculator")
+            ltau = self.ltau.predict(pred.node_features.cpu().float().numpy(), self.ltau_k)
+            r.update(ltau.per_atom())
+            r["ltau_uncertainty_mean"] = float(ltau.uncertainty.mean())
         if self.want_rotational:
             r["rotational_gradient"] = to_np(pred.rotational_gradient[0])
             r["rotational_gradient_norm"] = float(rotational_gradient_norm(pred)[0])
@@ -85,6 +104,8 @@ class AtomuqCalculator(Calculator):
     def get_property(self, name, atoms=None, allow_calculation=True):
         if name == "stress" and atoms is not None and not np.asarray(atoms.pbc).all():
             raise PropertyNotImplementedError("stress is defined only for fully periodic structures")
+        if name.startswith("ltau") and self.ltau is None:
+            raise PropertyNotImplementedError("create the calculator with ltau=ESTIMATOR for LTAU results")
         if name.startswith("rotational_gradient") and not self.want_rotational:
             raise PropertyNotImplementedError("create the calculator with rotational_gradient=True for this result")
         return super().get_property(name, atoms, allow_calculation)
