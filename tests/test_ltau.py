@@ -351,3 +351,34 @@ def test_ase_calculator_gives_the_same_ltau_as_the_workflow(trained):
     assert atoms.calc.get_property("ltau_uncertainty_mean", atoms) == pytest.approx(scored.prediction.uncertainty.mean())
     with pytest.raises(InputError, match="fingerprint"):
         AtomuqCalculator(load_model(runs[1] / "best.pt"), ltau=est)
+
+
+def test_weighted_force_loss_scales_each_atom():
+    from atomuq.workflows.losses import forces_loss
+
+    rng = np.random.default_rng(8)
+    forces = torch.tensor(rng.normal(size=(5, 3)), requires_grad=True)
+    target = torch.tensor(rng.normal(size=(5, 3)))
+    assert forces_loss(forces, target, 0.01, torch.ones(5)).item() == pytest.approx(forces_loss(forces, target, 0.01).item())
+    weights = torch.tensor([0.0, 1.0, 2.0, 1.0, 1.0])
+    forces_loss(forces, target, 0.01, weights).backward()
+    assert torch.all(forces.grad[0] == 0)
+    unweighted = torch.autograd.grad(forces_loss(forces, target, 0.01), forces)[0]
+    assert torch.allclose(forces.grad, unweighted * weights[:, None])
+
+
+def test_training_with_ltau_weights_and_bad_weights(trained, tmp_path):
+    folder, runs = trained
+    est = fit_from_logs([runs[0] / "error_log"], load_model(runs[0] / "best.pt"), [folder / "tiny_train.extxyz"])
+    weights = loss_weights(est.confidence, est.spread, "hard", 4.5)
+    np.save(tmp_path / "w.npy", weights)
+    config = TrainConfig.from_toml(folder / "tiny.toml")
+    weighted = dataclasses.replace(config, run_dir=tmp_path / "weighted", epochs=1,
+                                   data=dataclasses.replace(config.data, atom_weights=tmp_path / "w.npy"))
+    result = train_model(weighted)
+    assert result.epochs_completed == 1
+    np.save(tmp_path / "short.npy", weights[:-1])
+    bad = dataclasses.replace(weighted, run_dir=tmp_path / "bad",
+                              data=dataclasses.replace(config.data, atom_weights=tmp_path / "short.npy"))
+    with pytest.raises(InputError, match=rf"short.npy: \({len(weights) - 1},\) atom weights for {len(weights)} training atoms"):
+        train_model(bad)

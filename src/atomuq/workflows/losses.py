@@ -72,7 +72,7 @@ class Targets:
 
     energy: (B,) eV (meaningful where has_energy); forces: (N, 3) eV/Å; stress: (B, 6) eV/Å³
     Voigt (xx, yy, zz, yz, xz, xy), meaningful where stress_mask (periodic and labelled);
-    n_atoms: (B,).
+    n_atoms: (B,); force_weights: (N,) per-atom weights of the force terms, or None (all 1).
     """
 
     energy: torch.Tensor
@@ -81,6 +81,7 @@ class Targets:
     stress: torch.Tensor
     stress_mask: torch.Tensor
     n_atoms: torch.Tensor
+    force_weights: torch.Tensor | None = None
 
 
 def huber(prediction: torch.Tensor, target: torch.Tensor, delta: float) -> torch.Tensor:
@@ -94,9 +95,13 @@ def energy_loss(energy: torch.Tensor, target: torch.Tensor, n_atoms: torch.Tenso
     return huber(energy / n, target.to(energy.dtype) / n, delta)
 
 
-def forces_loss(forces: torch.Tensor, target: torch.Tensor, delta: float) -> torch.Tensor:
-    """Huber loss over force components (eV/Å)."""
-    return huber(forces, target.to(forces.dtype), delta)
+def forces_loss(forces: torch.Tensor, target: torch.Tensor, delta: float, weights: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """Huber loss over force components (eV/Å), each atom's three components scaled by weights (N,) if given."""
+    if weights is None:
+        return huber(forces, target.to(forces.dtype), delta)
+    per_component = F.huber_loss(forces, target.to(forces.dtype), reduction="none", delta=delta)
+    return (per_component * weights.to(forces.dtype)[:, None]).mean()
 
 
 def stress_loss(stress: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, delta: float) -> torch.Tensor:
@@ -133,10 +138,12 @@ def compute_losses(prediction: Prediction, targets: Targets, config: LossConfig,
     if config.energy > 0:
         terms["energy"] = energy_loss(prediction.energy, targets.energy, targets.n_atoms, delta)
     if config.forces > 0:
-        terms["forces"] = forces_loss(_need(prediction.forces_direct, "forces", "a direct force head"), targets.forces, delta)
+        terms["forces"] = forces_loss(_need(prediction.forces_direct, "forces", "a direct force head"), targets.forces, delta,
+                                      targets.force_weights)
     if config.conservative_forces > 0:
         terms["conservative_forces"] = forces_loss(
-            _need(prediction.forces_conservative, "conservative_forces", "evaluate(conservative=True)"), targets.forces, delta)
+            _need(prediction.forces_conservative, "conservative_forces", "evaluate(conservative=True)"), targets.forces, delta,
+            targets.force_weights)
     if config.stress > 0:
         terms["stress"] = stress_loss(_need(prediction.stress_direct, "stress", "a direct stress head (model.direct_stress = true)"),
                                       targets.stress, targets.stress_mask, delta)

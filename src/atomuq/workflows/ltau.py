@@ -186,7 +186,8 @@ def predict_records(records: Sequence[Record], model: AtomisticModel, estimator:
     for start in range(0, len(records), batch_size):
         part = [r.atoms for r in records[start : start + batch_size]]
         batch = Batch.from_atoms(part, device=model.device, dtype=model.dtype)
-        pred = evaluate(model, batch, conservative=kind == "conservative").detach()
+        with torch.set_grad_enabled(kind == "conservative"):  # direct forces need no autograd graph
+            pred = evaluate(model, batch, conservative=kind == "conservative").detach()
         if pred.node_features is None:
             raise InputError(f"{model_name(model)} exposes no per-atom node features; LTAU needs them as descriptors")
         descriptors.append(pred.node_features.cpu().float().numpy())

@@ -16,6 +16,7 @@ Paths in a config file are relative to the folder of that file.
 
 from __future__ import annotations
 
+import dataclasses
 import csv
 import difflib
 import json
@@ -93,12 +94,15 @@ class DataConfig:
     validation_fraction: hold out this fraction of the training structures for validation when no
     validation files are given, chosen by validation_seed (independent of the training seed, so
     that runs with different seeds share one training set and their error logs line up for LTAU).
+    atom_weights: .npy of one loss weight per training atom, in error-log order (after the
+    validation split), e.g. from `atomuq ltau weights`; they scale each atom's force-loss terms.
     """
 
     train: tuple[Path, ...]
     validation: tuple[Path, ...] = ()
     validation_fraction: float = 0.0
     validation_seed: int = 0
+    atom_weights: Path | None = None
     energy_key: str | None = None
     forces_key: str | None = None
     stress_key: str | None = None
@@ -392,6 +396,7 @@ class LabelledData:
     stress_mask: np.ndarray
     files: list[dict[str, Any]]
     data_hash: str
+    atom_weights: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -411,6 +416,7 @@ class LabelledData:
         targets = Targets(
             energy=t(energy), has_energy=self.energy is not None, forces=t(self.forces[atom_index]),
             stress=t(self.stress[idx]), stress_mask=t(self.stress_mask[idx], torch.bool), n_atoms=batch.n_atoms,
+            force_weights=None if self.atom_weights is None else t(self.atom_weights[atom_index]),
         )
         return batch, targets
 
@@ -487,6 +493,20 @@ def labelled_from_records(records: list[Record], data: DataConfig, elements: Seq
     )
 
 
+def load_atom_weights(path: Path, n_atoms: int) -> np.ndarray:
+    """Per-atom loss weights (dimensionless, finite, >= 0, one per training atom) from a .npy file."""
+    try:
+        weights = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(f"{path}: cannot read the atom weights ({exc})") from exc
+    if weights.shape != (n_atoms,):
+        raise InputError(f"{path}: {weights.shape} atom weights for {n_atoms} training atoms; the weights must come "
+                         "from a run on the same training files and validation split")
+    if not np.isfinite(weights).all() or (weights < 0).any() or not weights.sum() > 0:
+        raise InputError(f"{path}: atom weights must be finite, >= 0 and not all zero")
+    return weights.astype(np.float64)
+
+
 def composition_matrix(numbers: np.ndarray, offsets: np.ndarray, elements: Sequence[int]) -> np.ndarray:
     """(S, K) count of each element (in elements order) in each structure, from concatenated numbers (N,)."""
     lookup = np.full(119, -1, dtype=np.int64)
@@ -533,9 +553,7 @@ def rotate(batch: Batch, targets: Targets, rotations: torch.Tensor) -> tuple[Bat
     forces = torch.einsum("nij,nj->ni", per_atom, targets.forces)
     sigma = rot @ voigt_to_matrix(targets.stress) @ rot.transpose(1, 2)
     stress = torch.stack([sigma[:, a, b] for a, b in VOIGT], dim=1)
-    new_targets = Targets(energy=targets.energy, has_energy=targets.has_energy, forces=forces, stress=stress,
-                          stress_mask=targets.stress_mask, n_atoms=targets.n_atoms)
-    return batch.replace(positions=positions, cell=cell), new_targets
+    return batch.replace(positions=positions, cell=cell), dataclasses.replace(targets, forces=forces, stress=stress)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -744,6 +762,8 @@ def train_model(config: TrainConfig, resume: bool | None = None, callback: Train
     val_data = (labelled_from_records(val_records, config.data, elements, need_energy, "validation",
                                      config.data.validation or config.data.train)
                 if val_records else None)
+    if config.data.atom_weights is not None:
+        train_data.atom_weights = load_atom_weights(config.data.atom_weights, train_data.n_atoms)
     if (config.loss.stress > 0 or config.loss.conservative_stress > 0) and not train_data.stress_mask.any():
         raise ConfigError(f"{where}: loss.stress / loss.conservative_stress > 0 but no periodic training structure "
                           "has a stress label")
