@@ -146,6 +146,26 @@ def test_bootstrap_counts_undefined_resamples():
     assert result.estimate == 1.0
 
 
+def test_group_bootstrap_resamples_whole_structures():
+    # every structure contributes 3 identical rows (like correlated force components): resampling rows
+    # pretends there are 3x as many independent values; resampling groups recovers the structure-level width
+    sigma, error = gaussian_errors(600, 15)
+    per_structure = bootstrap_ci(zms, sigma, error, n_boot=400, seed=2)
+    tripled = (np.repeat(sigma, 3), np.repeat(error, 3))
+    naive = bootstrap_ci(zms, *tripled, n_boot=400, seed=2)
+    grouped = bootstrap_ci(
+        zms, *tripled, n_boot=400, seed=2, groups=np.repeat(np.arange(600), 3)
+    )
+    width = lambda ci: ci.high - ci.low
+    assert grouped.n == 600 and grouped.estimate == pytest.approx(
+        per_structure.estimate
+    )
+    assert width(grouped) == pytest.approx(width(per_structure), rel=0.2)
+    assert width(naive) < 0.75 * width(grouped)  # about 1/sqrt(3)
+    with pytest.raises(InputError, match="one label per row"):
+        bootstrap_ci(zms, sigma, error, groups=[0, 1])
+
+
 # ---------------------------------------------------------------- calibration
 
 

@@ -22,7 +22,7 @@ class BootstrapCI:
     """A statistic on the full sample with its percentile bootstrap interval.
 
     estimate: the statistic on the data as given; low, high: the (1−level)/2 and (1+level)/2 percentiles of
-    the statistic over n_boot resamples (rows drawn with replacement); n: rows in the data; n_undefined:
+    the statistic over n_boot resamples (rows, or groups of rows, drawn with replacement); n: rows (or groups); n_undefined:
     resamples on which the statistic was undefined (e.g. AUC with one class empty), left out of the percentiles.
     """
 
@@ -61,6 +61,7 @@ def bootstrap_ci(
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int | np.random.Generator = 0,
+    groups: ArrayLike | None = None,
     **kwargs: Any,
 ) -> BootstrapCI:
     """Percentile bootstrap CI of statistic(*arrays, **kwargs) (same units as the statistic), resampling rows.
@@ -70,6 +71,9 @@ def bootstrap_ci(
     (e.g. RocAuc.value is the AUC). Statistics with a `rows` kernel (see `batched`: every statistic in this
     package) are evaluated on a whole chunk of resamples at once; any other callable is called once per
     resample, and resamples on which it raises InputError count as undefined.
+    groups (one label per row, optional): resample whole groups instead of rows (a cluster bootstrap), e.g.
+    the 3N force components of each structure, which are not independent; n is then the number of groups
+    and every resample is evaluated on its own (rows differ in count).
     Raises InputError if the statistic is undefined on every resample.
     """
     if not arrays:
@@ -85,6 +89,10 @@ def bootstrap_ci(
     level = check_level(level)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     estimate = _as_float(statistic(*data, **kwargs))
+    if groups is not None:
+        return _group_bootstrap(
+            statistic, data, groups, estimate, int(n_boot), level, rng, kwargs
+        )
     rows = getattr(statistic, "rows", None)
     values = np.empty(int(n_boot))
     chunk = max(1, CHUNK_VALUES // n)
@@ -97,6 +105,44 @@ def bootstrap_ci(
             values[start : start + m] = [
                 _as_float_or_nan(statistic, [d[i] for d in data], kwargs) for i in index
             ]
+    return _interval(values, estimate, level, n, int(n_boot))
+
+
+def _group_bootstrap(
+    statistic: Callable[..., Any],
+    data: list[np.ndarray],
+    groups: ArrayLike,
+    estimate: float,
+    n_boot: int,
+    level: float,
+    rng: np.random.Generator,
+    kwargs: dict[str, Any],
+) -> BootstrapCI:
+    """bootstrap_ci resampling whole groups of rows (see bootstrap_ci)."""
+    labels = np.asarray(groups)
+    if labels.shape != data[0].shape:
+        raise InputError(
+            f"bootstrap_ci: groups needs one label per row ({len(data[0])}), got shape {labels.shape}"
+        )
+    order = np.argsort(labels, kind="stable")
+    _, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
+    n_groups = len(starts)
+    if n_groups < 2:
+        raise InputError("bootstrap_ci: need at least 2 groups to resample")
+    values = np.empty(n_boot)
+    for b in range(n_boot):
+        chosen = rng.integers(0, n_groups, size=n_groups)
+        lengths = counts[chosen]
+        first = np.repeat(starts[chosen] - np.cumsum(lengths) + lengths, lengths)
+        index = order[first + np.arange(lengths.sum())]
+        values[b] = _as_float_or_nan(statistic, [d[index] for d in data], kwargs)
+    return _interval(values, estimate, level, n_groups, n_boot)
+
+
+def _interval(
+    values: np.ndarray, estimate: float, level: float, n: int, n_boot: int
+) -> BootstrapCI:
+    """Percentile interval of the defined resampled values."""
     defined = values[np.isfinite(values)]
     if len(defined) == 0:
         raise InputError(
@@ -104,13 +150,7 @@ def bootstrap_ci(
         )
     low, high = np.quantile(defined, [(1 - level) / 2, (1 + level) / 2])
     return BootstrapCI(
-        estimate,
-        float(low),
-        float(high),
-        level,
-        n,
-        int(n_boot),
-        int(n_boot) - len(defined),
+        estimate, float(low), float(high), level, n, n_boot, n_boot - len(defined)
     )
 
 
