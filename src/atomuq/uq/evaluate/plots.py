@@ -116,6 +116,7 @@ def plot_score_vs_error(
     score_label: str = "score",
     error_label: str = "error",
     curve: tuple[ArrayLike, ArrayLike] | None = None,
+    curve_label: str = "map",
 ) -> Axes:
     """Scatter of error against score on log axes; `curve` (x, y) overlays a map or a bound, e.g. g(score)."""
     ax = ax or new_axes()
@@ -123,7 +124,7 @@ def plot_score_vs_error(
         s, e = as_pair(f"{label}: score", score, f"{label}: error", error, min_len=1)
         ax.scatter(s, e, s=6, alpha=0.5, label=label, rasterized=True)
     if curve is not None:
-        ax.plot(*curve, color="k", lw=1.2, label="map")
+        ax.plot(*curve, color="k", lw=1.2, label=curve_label)
     ax.set(xscale="log", yscale="log", xlabel=score_label, ylabel=error_label)
     ax.legend(fontsize=8, markerscale=2)
     return ax
