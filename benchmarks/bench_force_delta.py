@@ -115,7 +115,8 @@ def main() -> None:
             print(f"{preset:8s} {row['n_atoms']:6d} atoms  direct {row['direct_s']:.4f} s  "
                   f"force delta {row['force_delta_s']:.4f} s  ratio {row['ratio']:.2f}  "
                   f"memory {row['direct_mib']:.0f} / {row['force_delta_mib']:.0f} MiB", flush=True)
-    meta = {"allocator_cache": not args.no_allocator_cache, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+    meta = {"allocator_cache": not args.no_allocator_cache, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(),
             "python": platform.python_version()}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "force_delta.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -187,7 +187,8 @@ def main() -> None:
         print("\n".join(rows))
 
     Path(f"{out}.json").write_text(json.dumps(card, indent=2))
-    lines = ["| split | structures | atoms | force MAE direct (eV/Å) | force MAE conservative (eV/Å) | energy MAE (meV/atom) | mean U_Δ (eV/Å) | r_s(U_Δ, ε_nc) |",
+    lines = ["| split | structures | atoms | force MAE direct (eV/Å) | force MAE conservative (eV/Å) | energy MAE (meV/atom) "
+             "| mean U_Δ (eV/Å) | r_s(U_Δ, ε_nc) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for split, m in card["splits"].items():
         lines.append(f"| {split} | {m['structures']} | {m['atoms']} | {m['force_mae_direct']:.4f} | "

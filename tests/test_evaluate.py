@@ -156,7 +156,9 @@ def test_group_bootstrap_resamples_whole_structures():
     grouped = bootstrap_ci(
         zms, *tripled, n_boot=400, seed=2, groups=np.repeat(np.arange(600), 3)
     )
-    width = lambda ci: ci.high - ci.low
+    def width(ci):
+        return ci.high - ci.low
+
     assert grouped.n == 600 and grouped.estimate == pytest.approx(
         per_structure.estimate
     )
@@ -242,7 +244,9 @@ def test_over_and_under_confident_sigma_are_flagged(
 def test_isotonic_map_is_monotone_and_recovers_a_known_function():
     rng = np.random.default_rng(10)
     score = rng.uniform(0.0, 1.0, size=5000)
-    truth = lambda s: 0.05 + 0.3 * s**2
+    def truth(s):
+        return 0.05 + 0.3 * s**2
+
     error = rng.normal(0.0, truth(score))
     fitted = IsotonicMap("rms").fit(score, error)
     grid = np.linspace(0.05, 0.95, 50)

@@ -41,9 +41,9 @@ def label(
     output: Path = typer.Option(..., "-o", "--output", help="Output extended XYZ file (.gz/.xz/.bz2 compress)."),
     method: str = typer.Option("gfn2-xtb", "--method", help=f"Reference method. {_METHODS_HELP}."),
     option: Optional[List[str]] = typer.Option(None, "--option", help="Calculator option KEY=VALUE (repeatable), e.g. accuracy=0.1."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Processes, one thread each (default: all cores; 1 runs in this process)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Processes (one thread each; default all cores)."),
     strict: bool = typer.Option(False, "--strict", help="Exit with code 2 when any structure failed."),
-    min_distance: float = typer.Option(DEFAULT_MIN_DISTANCE, "--min-distance", help="Atoms closer than this (Å) are rejected as overlapping."),
+    min_distance: float = typer.Option(DEFAULT_MIN_DISTANCE, "--min-distance", help="Atoms closer (Å) are rejected as overlapping."),
 ) -> None:
     """Label structures with reference energy (eV), forces (eV/Å) and stress (eV/Å³, periodic cells); resumable."""
     options = parse_options(option)
@@ -91,7 +91,7 @@ def sample(
     option: Optional[List[str]] = typer.Option(None, "--option", help="Calculator option KEY=VALUE (repeatable)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Processes running trajectories (default: all cores)."),
     strict: bool = typer.Option(False, "--strict", help="Exit with code 2 when any trajectory failed."),
-    min_distance: float = typer.Option(DEFAULT_MIN_DISTANCE, "--min-distance", help="Atoms closer than this (Å) are rejected as overlapping."),
+    min_distance: float = typer.Option(DEFAULT_MIN_DISTANCE, "--min-distance", help="Atoms closer (Å) are rejected as overlapping."),
 ) -> None:
     """Langevin MD with a reference method at each temperature; every interval-th frame written with its labels."""
     options = parse_options(option)

@@ -12,8 +12,9 @@ Layout of an error-log folder (all written by `ErrorLogWriter`):
 
 Global atom id = structure_offsets[structure] + atom index, structures in training-set order
 (files in config order, frames in file order). Rows not yet logged are unspecified (the file is created
-sparse, zeros); readers see only the completed rows (n_epochs_completed in the metadata). The two large arrays are memory maps (np.lib.format.open_memmap), written
-in place one epoch row at a time; a resumed run continues writing the same arrays.
+sparse, zeros); readers see only the completed rows (n_epochs_completed in the metadata). The two
+large arrays are memory maps (np.lib.format.open_memmap), written in place one epoch row at a time;
+a resumed run continues writing the same arrays.
 """
 
 from __future__ import annotations

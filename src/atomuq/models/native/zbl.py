@@ -21,7 +21,10 @@ class ZBLRepulsion(torch.nn.Module):
         self.register_buffer("radii", torch.tensor(covalent_radii, dtype=torch.get_default_dtype()), persistent=False)
 
     def forward(self, r: torch.Tensor, zi: torch.Tensor, zj: torch.Tensor) -> torch.Tensor:
-        """(E,) distances in Å and atomic numbers -> (E,) pair energies in eV (each pair counted once per direction: halve when summing a full list)."""
+        """(E,) distances in Å and atomic numbers -> (E,) pair energies in eV.
+
+        Each pair is counted once per direction: halve when summing a full neighbour list.
+        """
         zi_f, zj_f = zi.to(r.dtype), zj.to(r.dtype)
         a = 0.8854 * BOHR_ANGSTROM / (zi_f**0.23 + zj_f**0.23)
         x = r / a
