@@ -15,6 +15,7 @@ from atomuq.core.validate import DEFAULT_MIN_DISTANCE, check_structure
 from atomuq.models.derivatives import evaluate, rotational_gradient_norm
 from atomuq.models.protocol import AtomisticModel
 from atomuq.uq.confidence import confidence
+from atomuq.uq.ensemble import Member, ensemble_uncertainty, evaluate_ensemble
 from atomuq.uq.force_delta import force_delta
 
 #: per-structure info keys written by score, with units
@@ -27,6 +28,9 @@ INFO_KEYS = {
     "eps_nc": "eV/Å",
     "eps_c": "eV/Å",
     "rotational_gradient": "eV",
+    "ensemble_std": "eV/Å",
+    "ensemble_energy_std": "eV",
+    "eps_ensemble": "eV/Å",
 }
 #: per-atom arrays written by score, with units
 ARRAY_KEYS = {
@@ -36,6 +40,8 @@ ARRAY_KEYS = {
     "confidence_error": "eV/Å",
     "eps_nc": "eV/Å",
     "eps_c": "eV/Å",
+    "ensemble_std": "eV/Å",
+    "forces_ensemble_mean": "eV/Å",
 }
 
 
@@ -82,8 +88,12 @@ def score_records(
     rotational: bool = False,
     forces_key: str | None = None,
     progress: Callable[[int], None] | None = None,
+    ensemble: Sequence[Member] | None = None,
+    ensemble_forces: str = "direct",
+    ensemble_names: Sequence[str] | None = None,
 ) -> tuple[list[Atoms], list[ScoreRow]]:
-    """Annotated copies of the structures (arrays and info as in ARRAY_KEYS / INFO_KEYS) and summary rows."""
+    """Annotated copies of the structures (arrays and info as in ARRAY_KEYS / INFO_KEYS) and summary rows;
+    with ensemble members also ensemble_std, forces_ensemble_mean (uq.ensemble, ddof=0)."""
     if not model.has_direct_forces:
         raise ValueError("atomuq score needs a model with a direct force head for the Force Delta")
     out_atoms: list[Atoms] = []
@@ -106,6 +116,10 @@ def score_records(
         conf = (confidence(pred.confidence_logits, model.confidence_bin_edges, batch)
                 if pred.confidence_logits is not None else None)
         rot = rotational_gradient_norm(pred) if rotational else None
+        ens = None
+        if ensemble:
+            ens_pred = evaluate_ensemble(ensemble, batch, ensemble_forces, ensemble_names)
+            ens = ensemble_uncertainty(ens_pred, batch, ref_tensor)
         split = lambda t: [x.cpu().double().numpy() for x in batch.split(t)]  # noqa: E731
         per_atom = {
             "forces_direct": split(pred.forces_direct),
@@ -117,6 +131,9 @@ def score_records(
         for name in ("eps_nc", "eps_c"):
             if name in fd.per_atom:
                 per_atom[name] = split(fd.per_atom[name])
+        if ens is not None:
+            per_atom["ensemble_std"] = split(ens.per_atom["ensemble_std"])
+            per_atom["forces_ensemble_mean"] = split(ens_pred.mean_forces)
         for k, (rec, atoms) in enumerate(zip(chunk, structures)):
             out = detach_reference(atoms)
             for name, arrays in per_atom.items():
@@ -136,6 +153,11 @@ def score_records(
                 info["eps_c"] = float(fd.per_structure["eps_c"][k])
             if rot is not None:
                 info["rotational_gradient"] = float(rot[k])
+            if ens is not None:
+                info["ensemble_std"] = float(ens.per_structure["ensemble_std"][k])
+                info["ensemble_energy_std"] = float(ens.per_structure["ensemble_energy_std"][k])
+                if has_ref[k]:
+                    info["eps_ensemble"] = float(ens.per_structure["eps_ensemble"][k])
             info["source_file"] = rec.source
             info["source_index"] = rec.index
             out_atoms.append(out)
