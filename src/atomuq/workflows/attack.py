@@ -380,8 +380,8 @@ class _Search:
         if not keep_going:
             return True
         keep = torch.tensor(keep_going, device=idx.device)
-        self.optimizer.zero_grad()
-        (-surrogate.index_select(0, keep).sum()).backward()
+        # gradient with respect to δ only (not the model's parameters)
+        (self.delta.grad,) = torch.autograd.grad(-surrogate.index_select(0, keep).sum(), [self.delta])
         self._move(idx[keep], step)
         return True
 
