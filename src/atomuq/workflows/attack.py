@@ -18,7 +18,7 @@ the objective is a sum of per-structure terms, so each structure's gradient is i
 
 A structure stops on the step budget, when its energy per atom above the start exceeds the energy
 budget (budget_kT·kT; the frame that crossed it is still recorded), when its objective has not
-risen by min_gain·|J_0| for `patience` steps, on a non-finite U_Δ / energy / gradient, or on an error in the model; the
+risen by a fraction min_gain of its best value (at least min_gain·|J_0|) for `patience` steps, on a non-finite U_Δ / energy / gradient, or on an error in the model; the
 others go on. Every evaluated frame is kept (trajectory), with the reason each structure stopped.
 """
 
@@ -80,7 +80,7 @@ class AttackSettings:
     init_scale: float = 0.01
     max_displacement: float | None = 1.0
     patience: int | None = 50
-    min_gain: float = 1e-3
+    min_gain: float = 1e-2
     budget_kT: float | None = 3.0
     record_every: int = 1
     exclude_fixed: bool = True
@@ -365,7 +365,8 @@ class _Search:
             if within and not uk <= out.best_force_delta:  # also true while best is NaN
                 out.best_force_delta, out.best_step, out.best_energy_per_atom_rel = uk, step, float(e_rel[k])
             v = float(value[k])
-            if v > float(self.best[b]) + s.min_gain * float(self.j0[b]):
+            best = float(self.best[b])
+            if v > best + s.min_gain * max(abs(best) if math.isfinite(best) else 0.0, float(self.j0[b])):
                 self.best[b], self.since_best[b] = v, 0
             else:
                 self.since_best[b] += 1
