@@ -81,6 +81,9 @@ def score(
         write_structures(output, scored)
     console.print(summary_table(rows, top))
     console.print(f"model {getattr(net, 'source', model)}; wrote {len(scored)} structures to {output}")
+    if members:
+        mean_std = sum(a.info["ensemble_std"] for a in scored) / len(scored)
+        console.print(f"ensemble of {len(members)} ({ensemble_forces} forces, ddof=0): mean ensemble_std {mean_std:.4f} eV/Å")
 
 
 @app.command()
