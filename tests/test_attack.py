@@ -258,3 +258,11 @@ def test_cli_attack_bad_options(tmp_path, args, message):
     result = runner.invoke(app, ["attack", str(src), "-o", str(tmp_path / "o.extxyz"), *args])
     assert result.exit_code == 1 and message in result.output
     assert not (tmp_path / "o.extxyz").exists()
+
+
+def test_batch_select_equals_batching_the_chosen_structures():
+    structures = [ethanol(), copper_cell(), molecule("H2O")]
+    picked = Batch.from_atoms(structures).select(torch.tensor([2, 0]))
+    direct = Batch.from_atoms([structures[2], structures[0]])
+    for name in ("positions", "numbers", "cell", "pbc", "batch", "n_atoms", "fixed"):
+        assert torch.equal(getattr(picked, name), getattr(direct, name)), name
