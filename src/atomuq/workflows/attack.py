@@ -19,7 +19,8 @@ the objective is a sum of per-structure terms, so each structure's gradient is i
 A structure stops on the step budget, when its energy per atom above the start exceeds the energy
 budget (budget_kT·kT; the frame that crossed it is still recorded), when its objective has not
 risen by a fraction min_gain of its best value (at least min_gain·|J_0|) for `patience` steps,
-on a non-finite U_Δ / energy / gradient, or on an error in the model; the others go on. Every evaluated frame is kept (trajectory), with the reason each structure stopped.
+on a non-finite U_Δ / energy / gradient, or on an error in the model; the others go on. Every
+evaluated frame is kept (trajectory), with the reason each structure stopped.
 """
 
 from __future__ import annotations
