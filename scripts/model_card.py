@@ -46,7 +46,7 @@ def split_metrics(records, scored) -> dict:
     ref_f = np.concatenate([a.arrays["REF_forces"] for a in scored])
     direct = np.concatenate([a.arrays["forces_direct"] for a in scored])
     conservative = np.concatenate([a.arrays["forces_conservative"] for a in scored])
-    e_err = [abs(a.info["energy"] - reference_energy(r.atoms)) / len(a) for r, a in zip(records, scored)]
+    e_err = [abs(a.info["model_energy"] - reference_energy(r.atoms)) / len(a) for r, a in zip(records, scored)]
     return {
         "structures": len(scored), "atoms": int(len(ref_f)),
         "force_mae_direct": float(np.abs(direct - ref_f).mean()),

@@ -54,7 +54,7 @@ def test_score_writes_every_structure_with_results(tmp_path, model_file):
     # the model energy matches the calculator's for the same structure
     calc_atoms = ethanol()
     calc_atoms.calc = AtomuqCalculator(make_native().float())
-    assert scored[0].calc.results["energy"] == pytest.approx(calc_atoms.get_potential_energy(), rel=1e-5)
+    assert scored[0].info["model_energy"] == pytest.approx(calc_atoms.get_potential_energy(), rel=1e-5)
 
 
 def test_models_lists_the_bundled_default():
@@ -121,3 +121,16 @@ def test_structure_tag_names_structures_in_the_summary():
     assert structure_tag(atoms) == "water 600 K"
     atoms.info["demo_group"] = "in-domain"
     assert structure_tag(atoms) == "water in-domain"
+
+
+def test_scored_output_read_back_keeps_the_reference_labels(tmp_path, model_file):
+    from atomuq.core.io import reference_energy, reference_forces
+
+    src, out = tmp_path / "in.extxyz", tmp_path / "out.extxyz"
+    original = labelled(ethanol(), 3)
+    write(src, [original])
+    assert runner.invoke(app, ["score", str(src), "-o", str(out), "--model", model_file]).exit_code == 0
+    back = read(out)
+    assert "model_energy" in back.info and back.info["model_energy"] != pytest.approx(-10.0)
+    assert reference_energy(back) == pytest.approx(-10.0)
+    assert np.allclose(reference_forces(back), original.calc.results["forces"])

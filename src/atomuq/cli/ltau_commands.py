@@ -29,7 +29,7 @@ ltau_app = typer.Typer(no_args_is_help=True, add_completion=False,
 _MODEL = typer.Option(None, "--model", "-m", help="Model (default: the one the estimator was fitted with).")
 _K = typer.Option(1, "-k", "--neighbours", min=1, help="Training neighbours averaged per atom.")
 _BATCH = typer.Option(16, "--batch-size", min=1, help="Structures per batch.")
-_FORCES_KEY = typer.Option(None, "--forces-key", help="Array holding reference forces (default: calculator results or REF_forces).")
+_FORCES_KEY = typer.Option(None, "--forces-key", help="Array holding reference forces (default: REF_forces or calculator results).")
 _DEVICE = typer.Option("cpu", "--device", help="cpu or cuda.")
 
 

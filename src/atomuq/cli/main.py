@@ -10,6 +10,8 @@ from ase.data import chemical_symbols
 from rich.table import Table
 
 import atomuq
+from atomuq.cli.attack_commands import attack
+from atomuq.cli.ensemble_options import load_ensemble
 from atomuq.cli.common import check_device, console, progress_bar, user_errors
 from atomuq.cli.data_commands import label, sample
 from atomuq.cli.ltau_commands import ltau_app
@@ -57,9 +59,13 @@ def score(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Structures per batch."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     rotational: bool = typer.Option(False, "--rotational", help="Also compute the rotational gradient |Δ_rot| (eV)."),
-    forces_key: Optional[str] = typer.Option(None, "--forces-key", help="Array holding reference forces (default: calculator results or REF_forces)."),
-    min_distance: float = typer.Option(DEFAULT_MIN_DISTANCE, "--min-distance", help="Atoms closer than this (Å) are rejected as overlapping."),
+    forces_key: Optional[str] = typer.Option(None, "--forces-key", help="Reference-forces array (default: REF_forces, else calculator)."),
+    min_distance: float = typer.Option(DEFAULT_MIN_DISTANCE, "--min-distance", help="Atoms closer (Å) are rejected as overlapping."),
     top: int = typer.Option(10, "--top", help="Rows in the summary table."),
+    ensemble: Optional[List[str]] = typer.Option(
+        None, "--ensemble", help="Ensemble members: bundled names, model files, ASE calculators as module:Class "
+        "(repeat the option or separate by commas); adds ensemble_std and forces_ensemble_mean."),
+    ensemble_forces: str = typer.Option("direct", "--ensemble-forces", help="direct or conservative forces of atomuq members."),
 ) -> None:
     """Score structures: direct and conservative forces, Force Delta, errors against reference forces."""
     device = check_device(device)
@@ -67,13 +73,18 @@ def score(
         net = resolve_model(model, device=device)
         records = read_structures(inputs)
         validate_records(records, net, min_distance)
+        members, names = load_ensemble(ensemble, records, ensemble_forces, device)
         with progress_bar() as bar:
             task = bar.add_task("scoring", total=len(records))
             scored, rows = score_records(records, net, batch_size, rotational, forces_key,
-                                         progress=lambda n: bar.advance(task, n))
+                                         progress=lambda n: bar.advance(task, n), ensemble=members,
+                                         ensemble_forces=ensemble_forces, ensemble_names=names)
         write_structures(output, scored)
     console.print(summary_table(rows, top))
     console.print(f"model {getattr(net, 'source', model)}; wrote {len(scored)} structures to {output}")
+    if members:
+        mean_std = sum(a.info["ensemble_std"] for a in scored) / len(scored)
+        console.print(f"ensemble of {len(members)} ({ensemble_forces} forces, ddof=0): mean ensemble_std {mean_std:.4f} eV/Å")
 
 
 @app.command()
@@ -98,6 +109,7 @@ def models() -> None:
 app.command()(train)
 app.command()(label)
 app.command()(sample)
+app.command()(attack)
 app.add_typer(ltau_app, name="ltau")
 
 

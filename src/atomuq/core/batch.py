@@ -73,6 +73,24 @@ class Batch:
             return list(torch.split(per_atom, sizes))
         return np.split(per_atom, np.cumsum(sizes)[:-1])
 
+    def select(self, structures: torch.Tensor) -> "Batch":
+        """The sub-batch of the given structure indices (B',), in that order, re-indexed from 0."""
+        structures = torch.as_tensor(structures, dtype=torch.long, device=self.device)
+        n_atoms = self.n_atoms.index_select(0, structures)
+        starts = self.ptr.index_select(0, structures)
+        owner = torch.repeat_interleave(torch.arange(len(structures), device=self.device), n_atoms)
+        atoms = starts.index_select(0, owner) + torch.arange(int(n_atoms.sum()), device=self.device) - (
+            torch.cumsum(n_atoms, 0) - n_atoms).index_select(0, owner)
+        return Batch(
+            positions=self.positions.index_select(0, atoms),
+            numbers=self.numbers.index_select(0, atoms),
+            cell=self.cell.index_select(0, structures),
+            pbc=self.pbc.index_select(0, structures),
+            batch=owner,
+            n_atoms=n_atoms,
+            fixed=self.fixed.index_select(0, atoms),
+        )
+
     @classmethod
     def from_atoms(
         cls,

@@ -57,28 +57,29 @@ def read_structures(paths: Sequence[str | Path], index: str = ":") -> list[Recor
 
 
 def reference_forces(atoms: Atoms, key: str | None = None) -> np.ndarray | None:
-    """Reference forces (N, 3) eV/Å: atoms.arrays[key] if key is given, else the attached calculator's,
-    else an array named REF_forces; None when there are none."""
+    """Reference forces (N, 3) eV/Å: atoms.arrays[key] if key is given, else an array named REF_forces
+    (atomuq's explicit label, so it wins), else the attached calculator's, else an array named forces."""
     if key is not None:
         return np.asarray(atoms.arrays[key], dtype=float) if key in atoms.arrays else None
+    if REFERENCE_PREFIX + "forces" in atoms.arrays:
+        return np.asarray(atoms.arrays[REFERENCE_PREFIX + "forces"], dtype=float)
     calc = atoms.calc
     if calc is not None and "forces" in getattr(calc, "results", {}):
         return np.asarray(calc.results["forces"], dtype=float)
-    for name in (REFERENCE_PREFIX + "forces", "forces"):
-        if name in atoms.arrays:
-            return np.asarray(atoms.arrays[name], dtype=float)
+    if "forces" in atoms.arrays:
+        return np.asarray(atoms.arrays["forces"], dtype=float)
     return None
 
 
 def reference_energy(atoms: Atoms, key: str | None = None) -> float | None:
-    """Reference energy in eV, found like reference_forces (info[key], calculator, REF_energy)."""
+    """Reference energy in eV, found like reference_forces (info[key], REF_energy, calculator)."""
     if key is not None:
         return float(atoms.info[key]) if key in atoms.info else None
+    if REFERENCE_PREFIX + "energy" in atoms.info:
+        return float(atoms.info[REFERENCE_PREFIX + "energy"])
     calc = atoms.calc
     if calc is not None and "energy" in getattr(calc, "results", {}):
         return float(calc.results["energy"])
-    if REFERENCE_PREFIX + "energy" in atoms.info:
-        return float(atoms.info[REFERENCE_PREFIX + "energy"])
     return None
 
 
@@ -87,12 +88,12 @@ def reference_stress(atoms: Atoms, key: str | None = None) -> np.ndarray | None:
     value = None
     if key is not None:
         value = atoms.info.get(key)
+    elif REFERENCE_PREFIX + "stress" in atoms.info:
+        value = atoms.info[REFERENCE_PREFIX + "stress"]
     else:
         calc = atoms.calc
         if calc is not None and "stress" in getattr(calc, "results", {}):
             value = calc.results["stress"]
-        elif "REF_stress" in atoms.info:
-            value = atoms.info["REF_stress"]
     if value is None:
         return None
     array = np.asarray(value, dtype=float)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -15,11 +16,12 @@ from atomuq.core.validate import DEFAULT_MIN_DISTANCE, check_structure
 from atomuq.models.derivatives import evaluate, rotational_gradient_norm
 from atomuq.models.protocol import AtomisticModel
 from atomuq.uq.confidence import confidence
+from atomuq.uq.ensemble import Member, ensemble_uncertainty, evaluate_ensemble
 from atomuq.uq.force_delta import force_delta
 
 #: per-structure info keys written by score, with units
 INFO_KEYS = {
-    "energy": "eV",
+    "model_energy": "eV",
     "force_delta": "eV/Å",
     "force_delta_max": "eV/Å",
     "force_delta_stress": "eV/Å³",
@@ -27,6 +29,9 @@ INFO_KEYS = {
     "eps_nc": "eV/Å",
     "eps_c": "eV/Å",
     "rotational_gradient": "eV",
+    "ensemble_std": "eV/Å",
+    "ensemble_energy_std": "eV",
+    "eps_ensemble": "eV/Å",
 }
 #: per-atom arrays written by score, with units
 ARRAY_KEYS = {
@@ -36,6 +41,8 @@ ARRAY_KEYS = {
     "confidence_error": "eV/Å",
     "eps_nc": "eV/Å",
     "eps_c": "eV/Å",
+    "ensemble_std": "eV/Å",
+    "forces_ensemble_mean": "eV/Å",
 }
 
 
@@ -69,6 +76,11 @@ class ScoreRow:
     eps_c: float | None
 
 
+def _split_numpy(batch: Batch, values: torch.Tensor) -> list[np.ndarray]:
+    """Per-structure float64 numpy arrays of per-atom values."""
+    return [x.cpu().double().numpy() for x in batch.split(values)]
+
+
 def validate_records(records: Sequence[Record], model: AtomisticModel, min_distance: float = DEFAULT_MIN_DISTANCE) -> None:
     """Check every structure before any work, so a bad one stops the run with nothing written."""
     for rec in records:
@@ -82,8 +94,12 @@ def score_records(
     rotational: bool = False,
     forces_key: str | None = None,
     progress: Callable[[int], None] | None = None,
+    ensemble: Sequence[Member] | None = None,
+    ensemble_forces: str = "direct",
+    ensemble_names: Sequence[str] | None = None,
 ) -> tuple[list[Atoms], list[ScoreRow]]:
-    """Annotated copies of the structures (arrays and info as in ARRAY_KEYS / INFO_KEYS) and summary rows."""
+    """Annotated copies of the structures (arrays and info as in ARRAY_KEYS / INFO_KEYS) and summary rows;
+    with ensemble members also ensemble_std, forces_ensemble_mean (uq.ensemble, ddof=0)."""
     if not model.has_direct_forces:
         raise ValueError("atomuq score needs a model with a direct force head for the Force Delta")
     out_atoms: list[Atoms] = []
@@ -106,7 +122,11 @@ def score_records(
         conf = (confidence(pred.confidence_logits, model.confidence_bin_edges, batch)
                 if pred.confidence_logits is not None else None)
         rot = rotational_gradient_norm(pred) if rotational else None
-        split = lambda t: [x.cpu().double().numpy() for x in batch.split(t)]  # noqa: E731
+        ens = None
+        if ensemble:
+            ens_pred = evaluate_ensemble(ensemble, batch, ensemble_forces, ensemble_names)
+            ens = ensemble_uncertainty(ens_pred, batch, ref_tensor)
+        split = functools.partial(_split_numpy, batch)
         per_atom = {
             "forces_direct": split(pred.forces_direct),
             "forces_conservative": split(pred.forces_conservative),
@@ -117,6 +137,9 @@ def score_records(
         for name in ("eps_nc", "eps_c"):
             if name in fd.per_atom:
                 per_atom[name] = split(fd.per_atom[name])
+        if ens is not None:
+            per_atom["ensemble_std"] = split(ens.per_atom["ensemble_std"])
+            per_atom["forces_ensemble_mean"] = split(ens_pred.mean_forces)
         for k, (rec, atoms) in enumerate(zip(chunk, structures)):
             out = detach_reference(atoms)
             for name, arrays in per_atom.items():
@@ -124,7 +147,7 @@ def score_records(
                     continue
                 out.arrays[name] = arrays[k]
             info = out.info
-            info["energy"] = float(pred.energy[k])
+            info["model_energy"] = float(pred.energy[k])
             info["force_delta"] = float(fd.per_structure["force_delta"][k])
             info["force_delta_max"] = float(per_atom["force_delta"][k].max())
             if "force_delta_stress" in fd.per_structure and bool(pred.periodic[k]):
@@ -136,13 +159,18 @@ def score_records(
                 info["eps_c"] = float(fd.per_structure["eps_c"][k])
             if rot is not None:
                 info["rotational_gradient"] = float(rot[k])
+            if ens is not None:
+                info["ensemble_std"] = float(ens.per_structure["ensemble_std"][k])
+                info["ensemble_energy_std"] = float(ens.per_structure["ensemble_energy_std"][k])
+                if has_ref[k]:
+                    info["eps_ensemble"] = float(ens.per_structure["eps_ensemble"][k])
             info["source_file"] = rec.source
             info["source_index"] = rec.index
             out_atoms.append(out)
             rows.append(ScoreRow(
                 source=rec.source, index=rec.index, tag=structure_tag(atoms), formula=atoms.get_chemical_formula(),
                 n_atoms=len(atoms),
-                energy_per_atom=info["energy"] / len(atoms), force_delta=info["force_delta"],
+                energy_per_atom=info["model_energy"] / len(atoms), force_delta=info["force_delta"],
                 force_delta_max=info["force_delta_max"], eps_nc=info.get("eps_nc"), eps_c=info.get("eps_c"),
             ))
         if progress is not None:
