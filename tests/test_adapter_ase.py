@@ -23,7 +23,7 @@ from atomuq.workflows.score import score_records
 class Harmonic(Calculator):
     """Energy sum_i |r_i - r0_i|^2 with r0 the first positions seen: forces only, no stress, not invariant."""
 
-    implemented_properties = ["energy", "forces"]
+    implemented_properties = ("energy", "forces")
 
     def __init__(self, anchor: np.ndarray) -> None:
         super().__init__()
@@ -38,8 +38,11 @@ class Harmonic(Calculator):
 def copper():
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
     atoms.rattle(0.05, seed=0)
-    atoms.set_cell(atoms.cell.array @ np.array([[1.0, 0.02, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.01]]),
-                   scale_atoms=True)
+    atoms.set_cell(
+        atoms.cell.array
+        @ np.array([[1.0, 0.02, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.01]]),
+        scale_atoms=True,
+    )
     return atoms
 
 
@@ -51,15 +54,23 @@ def test_emt_energy_forces_stress_come_back_unchanged():
     pred = evaluate(model, batch, conservative=True, stress=True, rotational=True)
     for k, a in enumerate(atoms):
         a.calc = EMT()
-        assert float(pred.energy[k]) == pytest.approx(a.get_potential_energy(), abs=1e-10)
-        np.testing.assert_allclose(batch.split(pred.forces_conservative)[k].numpy(), a.get_forces(), atol=1e-10)
-    np.testing.assert_allclose(pred.stress_virial[0].numpy(), atoms[0].get_stress(), atol=1e-10)
+        assert float(pred.energy[k]) == pytest.approx(
+            a.get_potential_energy(), abs=1e-10
+        )
+        np.testing.assert_allclose(
+            batch.split(pred.forces_conservative)[k].numpy(), a.get_forces(), atol=1e-10
+        )
+    np.testing.assert_allclose(
+        pred.stress_virial[0].numpy(), atoms[0].get_stress(), atol=1e-10
+    )
     assert pred.forces_direct is None and not model.has_direct_forces
 
 
 def test_rotational_gradient_of_a_molecule_is_the_net_torque():
     mol = molecule("H2O")
-    anchor = mol.positions + np.array([[0.1, 0.0, 0.0], [0.0, -0.2, 0.0], [0.0, 0.0, 0.3]])
+    anchor = mol.positions + np.array(
+        [[0.1, 0.0, 0.0], [0.0, -0.2, 0.0], [0.0, 0.0, 0.3]]
+    )
     model = CalculatorModel(Harmonic(anchor))
     batch = Batch.from_atoms([mol], dtype=torch.float64)
     pred = evaluate(model, batch, conservative=True, rotational=True)
@@ -89,9 +100,37 @@ def test_periodic_stress_needs_a_calculator_with_stress():
         evaluate(model, batch, stress=True)
 
 
-@pytest.mark.parametrize("spec, match", [("ase:ase.calculators.emt", "expected ase:MODULE:CLASS"),
-                                         ("ase:ase.calculators.emt:Nope", "cannot import Nope"),
-                                         ("ase:no_such_module:X", "cannot import X")])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("ase:ase.calculators.emt", "expected ase:MODULE:CLASS"),
+        ("ase:ase.calculators.emt:Nope", "cannot import Nope"),
+        ("ase:no_such_module:X", "cannot import X"),
+    ],
+)
 def test_bad_specs(spec, match):
     with pytest.raises(ModelFileError, match=match):
         resolve_model(spec)
+
+
+def test_md_through_the_adapter_follows_the_calculators_own_trajectory():
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    from atomuq.calculator import AtomuqCalculator
+
+    trajectories = []
+    for calc in (EMT(), AtomuqCalculator(CalculatorModel(EMT()))):
+        atoms = copper()
+        atoms.calc = calc
+        VelocityVerlet(atoms, timestep=2 * units.fs).run(10)
+        trajectories.append(atoms.positions.copy())
+    np.testing.assert_allclose(trajectories[1], trajectories[0], atol=1e-9)
+
+
+def test_a_missing_adapter_package_names_the_extra_to_install():
+    from atomuq.core.errors import AtomuqError
+    from atomuq.models.adapters import require
+
+    with pytest.raises(AtomuqError, match=r"pip install 'atomuq\[orb\]'"):
+        require("no_such_package_for_atomuq", "orb")

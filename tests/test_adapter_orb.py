@@ -9,25 +9,39 @@ from ase.build import bulk, molecule
 from ase.io import read, write
 from typer.testing import CliRunner
 
-pytest.importorskip("orb_models", reason="orb-models is not installed (pip install 'atomuq[orb]')")
+pytest.importorskip(
+    "orb_models", reason="orb-models is not installed (pip install 'atomuq[orb]')"
+)
 
-from orb_models.forcefield.calculator import ORBCalculator  # noqa: E402
+from orb_models.forcefield.calculator import ORBCalculator
 
-from atomuq.cli.main import app  # noqa: E402
-from atomuq.core.batch import Batch  # noqa: E402
-from atomuq.core.errors import InputError, ModelFileError  # noqa: E402
-from atomuq.models.adapters.orb import infer_architecture, load_orb, new_orb_model, save_orb  # noqa: E402
-from atomuq.models.derivatives import evaluate  # noqa: E402
-from atomuq.models.registry import resolve_model  # noqa: E402
-from atomuq.uq.confidence import bin_centres, confidence  # noqa: E402
-from atomuq.uq.force_delta import force_delta  # noqa: E402
+from atomuq.cli.main import app
+from atomuq.core.batch import Batch
+from atomuq.core.errors import InputError, ModelFileError
+from atomuq.models.adapters.orb import (
+    infer_architecture,
+    load_orb,
+    new_orb_model,
+    save_orb,
+)
+from atomuq.models.derivatives import evaluate
+from atomuq.models.registry import resolve_model
+from atomuq.uq.confidence import bin_centres, confidence
+from atomuq.uq.force_delta import force_delta
 
-SMALL = dict(latent_dim=32, base_mlp_hidden_dim=64, head_mlp_hidden_dim=32, num_message_passing_steps=2)
+SMALL = {
+    "latent_dim": 32,
+    "base_mlp_hidden_dim": 64,
+    "head_mlp_hidden_dim": 32,
+    "num_message_passing_steps": 2,
+}
 
 
-def small_orb(kind: str = "orb-v3-direct", seed: int = 0, dtype: torch.dtype = torch.float32):
+def small_orb(
+    kind: str = "orb-v3-direct", seed: int = 0, dtype: torch.dtype = torch.float32
+):
     torch.manual_seed(seed)
-    kwargs = SMALL if kind != "orb-v2" else dict(num_message_passing_steps=1)
+    kwargs = SMALL if kind != "orb-v2" else {"num_message_passing_steps": 1}
     return new_orb_model(kind, **kwargs).to(dtype)
 
 
@@ -59,12 +73,23 @@ def test_direct_forces_energy_confidence_equal_orbs_calculator(direct):
     for k, a in enumerate(atoms):
         ref = orb_results(direct.orb, a)
         assert float(pred.energy[k]) == pytest.approx(float(ref["energy"]), abs=1e-4)
-        np.testing.assert_allclose(batch.split(pred.forces_direct)[k].detach().numpy(), ref["forces"], atol=1e-5)
-        probs = torch.softmax(batch.split(pred.confidence_logits)[k], -1).detach().numpy()
+        np.testing.assert_allclose(
+            batch.split(pred.forces_direct)[k].detach().numpy(),
+            ref["forces"],
+            atol=1e-5,
+        )
+        probs = (
+            torch.softmax(batch.split(pred.confidence_logits)[k], -1).detach().numpy()
+        )
         np.testing.assert_allclose(probs, ref["confidence"], atol=1e-6)
-    np.testing.assert_allclose(pred.stress_direct[1].detach().numpy(), orb_results(direct.orb, atoms[1])["stress"],
-                               atol=1e-5)
-    assert torch.equal(pred.stress_direct[0], torch.zeros(6))  # molecule: orb's stress (÷ volume 0) is undefined
+    np.testing.assert_allclose(
+        pred.stress_direct[1].detach().numpy(),
+        orb_results(direct.orb, atoms[1])["stress"],
+        atol=1e-5,
+    )
+    assert torch.equal(
+        pred.stress_direct[0], torch.zeros(6)
+    )  # molecule: orb's stress (÷ volume 0) is undefined
 
 
 def test_conservative_forces_equal_finite_differences_of_energy():
@@ -79,7 +104,9 @@ def test_conservative_forces_equal_finite_differences_of_energy():
             pos = batch.positions.clone()
             pos[atom, axis] += sign * h
             energies.append(float(model(batch.replace(positions=pos)).energy))
-        assert -(energies[0] - energies[1]) / (2 * h) == pytest.approx(float(forces[atom, axis]), abs=1e-6)
+        assert -(energies[0] - energies[1]) / (2 * h) == pytest.approx(
+            float(forces[atom, axis]), abs=1e-6
+        )
 
 
 def test_force_delta_equals_manual_computation_with_orbs_api(direct):
@@ -87,7 +114,9 @@ def test_force_delta_equals_manual_computation_with_orbs_api(direct):
 
     for atoms in structures():
         graph = ase_atoms_to_atom_graphs(atoms, direct.orb.system_config)
-        vectors, _, _ = graph.compute_differentiable_edge_vectors(use_stress_displacement=False, use_rotation=False)
+        vectors, _, _ = graph.compute_differentiable_edge_vectors(
+            use_stress_displacement=False, use_rotation=False
+        )
         graph.edge_features["vectors"] = vectors
         out = direct.orb.predict(graph)
         f_c = -torch.autograd.grad(out["energy"].sum(), graph.positions)[0]
@@ -95,8 +124,12 @@ def test_force_delta_equals_manual_computation_with_orbs_api(direct):
         expected = float(torch.sqrt((u**2).sum() / (3 * len(atoms))))
         batch = Batch.from_atoms([atoms])
         result = force_delta(evaluate(direct, batch, conservative=True), batch)
-        np.testing.assert_allclose(result.per_atom["force_delta"].detach().numpy(), u.numpy(), atol=1e-5)
-        assert float(result.per_structure["force_delta"][0]) == pytest.approx(expected, rel=1e-4)
+        np.testing.assert_allclose(
+            result.per_atom["force_delta"].detach().numpy(), u.numpy(), atol=1e-5
+        )
+        assert float(result.per_structure["force_delta"][0]) == pytest.approx(
+            expected, rel=1e-4
+        )
 
 
 def test_node_features_and_confidence_error(direct):
@@ -119,9 +152,17 @@ def test_conservative_orb_matches_its_own_gradients():
     batch = Batch.from_atoms([atoms])
     pred = evaluate(model, batch, conservative=True, stress=True, rotational=True)
     ref = orb_results(model.orb, atoms)
-    np.testing.assert_allclose(pred.forces_conservative.detach().numpy(), ref["forces"], atol=1e-5)
-    np.testing.assert_allclose(pred.stress_virial[0].detach().numpy(), ref["stress"], atol=1e-6)
-    np.testing.assert_allclose(pred.rotational_gradient[0].detach().numpy(), ref["rotational_grad"][0], atol=1e-5)
+    np.testing.assert_allclose(
+        pred.forces_conservative.detach().numpy(), ref["forces"], atol=1e-5
+    )
+    np.testing.assert_allclose(
+        pred.stress_virial[0].detach().numpy(), ref["stress"], atol=1e-6
+    )
+    np.testing.assert_allclose(
+        pred.rotational_gradient[0].detach().numpy(),
+        ref["rotational_grad"][0],
+        atol=1e-5,
+    )
     with pytest.raises(ValueError, match="conservative-only"):
         force_delta(pred, batch)
 
@@ -131,7 +172,10 @@ def test_orb_v2_architecture_runs_with_256_features():
     batch = Batch.from_atoms(structures())
     pred = evaluate(model, batch, conservative=True)
     assert pred.node_features.shape == (batch.num_atoms, 256)
-    assert pred.confidence_logits is None and pred.forces_direct.shape == (batch.num_atoms, 3)
+    assert pred.confidence_logits is None and pred.forces_direct.shape == (
+        batch.num_atoms,
+        3,
+    )
 
 
 def test_save_load_round_trip(direct, tmp_path):
@@ -140,9 +184,15 @@ def test_save_load_round_trip(direct, tmp_path):
     path = save_orb(direct, tmp_path / "small-orb.pt")
     loaded = resolve_model(f"orb:{path}")
     after = evaluate(loaded, batch, conservative=True)
-    torch.testing.assert_close(after.forces_direct, before.forces_direct, rtol=0, atol=0)
-    torch.testing.assert_close(after.forces_conservative, before.forces_conservative, rtol=0, atol=0)
-    raw = tmp_path / "raw.ckpt"  # a bare orb state dict, as orb-models publishes weights
+    torch.testing.assert_close(
+        after.forces_direct, before.forces_direct, rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        after.forces_conservative, before.forces_conservative, rtol=0, atol=0
+    )
+    raw = (
+        tmp_path / "raw.ckpt"
+    )  # a bare orb state dict, as orb-models publishes weights
     torch.save(direct.orb.state_dict(), raw)
     again = load_orb(raw, "orb-v3-direct", architecture_kwargs=SMALL)
     torch.testing.assert_close(again(batch).energy, before.energy, rtol=0, atol=0)
@@ -156,9 +206,15 @@ def test_weights_file_errors(tmp_path):
     with pytest.raises(ModelFileError, match="cannot tell the orb architecture"):
         load_orb(raw)
     with pytest.raises(ModelFileError, match="do not match"):
-        load_orb(raw, "orb-v3-direct", architecture_kwargs=dict(SMALL, latent_dim=16))
-    assert infer_architecture(tmp_path / "orb-v3-direct-20-omat-20250404.ckpt") == "orb-v3-direct-20-omat"
-    assert infer_architecture(tmp_path / "orb-v3-conservative-inf-mpa-20250404.ckpt") == "orb-v3-conservative-inf-mpa"
+        load_orb(raw, "orb-v3-direct", architecture_kwargs={**SMALL, "latent_dim": 16})
+    assert (
+        infer_architecture(tmp_path / "orb-v3-direct-20-omat-20250404.ckpt")
+        == "orb-v3-direct-20-omat"
+    )
+    assert (
+        infer_architecture(tmp_path / "orb-v3-conservative-inf-mpa-20250404.ckpt")
+        == "orb-v3-conservative-inf-mpa"
+    )
 
 
 def test_partially_periodic_structure_is_refused(direct):
@@ -172,8 +228,28 @@ def test_cli_score_with_orb_spec(direct, tmp_path):
     path = save_orb(direct, tmp_path / "small-orb.pt")
     src, out = tmp_path / "in.extxyz", tmp_path / "out.extxyz"
     write(src, structures())
-    result = CliRunner().invoke(app, ["score", str(src), "-o", str(out), "--model", f"orb:{path}"])
+    result = CliRunner().invoke(
+        app, ["score", str(src), "-o", str(out), "--model", f"orb:{path}"]
+    )
     assert result.exit_code == 0, result.output
     scored = read(out, ":")
     assert len(scored) == 2 and all(a.info["force_delta"] > 0 for a in scored)
     assert all(0 < a.info["confidence_error"] < 0.3 for a in scored)
+
+
+def test_md_with_direct_forces_and_a_force_delta_monitor(direct):
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    from atomuq.calculator import AtomuqCalculator
+
+    atoms = structures()[0]
+    atoms.calc = AtomuqCalculator(direct, forces="direct")
+    monitor = []
+    dyn = VelocityVerlet(atoms, timestep=0.5 * units.fs)
+    dyn.attach(lambda: monitor.append(atoms.calc.results["force_delta"]), interval=1)
+    dyn.run(5)
+    assert len(monitor) == 6 and all(np.isfinite(monitor)) and min(monitor) > 0
+    np.testing.assert_array_equal(
+        atoms.get_forces(), atoms.calc.results["forces_direct"]
+    )

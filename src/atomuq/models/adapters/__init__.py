@@ -16,13 +16,19 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from atomuq.core.errors import AtomuqError
+
+
+class MissingPackageError(AtomuqError, ImportError):
+    """An optional package an adapter needs is not installed; the message names the atomuq extra."""
+
 
 def require(module: str, extra: str) -> ModuleType:
-    """Import an optional dependency, or raise ImportError saying which atomuq extra installs it."""
+    """Import an optional dependency, or raise MissingPackageError saying which atomuq extra installs it."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(
+        raise MissingPackageError(
             f"this model needs the optional package {module.split('.')[0]!r}, which is not installed "
             f"({exc}); install it with: pip install 'atomuq[{extra}]'"
         ) from exc

@@ -37,7 +37,9 @@ class CalculatorModel(AtomisticModel):
         self.calculator = calculator
         self.elements = None
         self.cutoff = 0.0
-        self.source = name or f"ase:{type(calculator).__module__}:{type(calculator).__name__}"
+        self.source = (
+            name or f"ase:{type(calculator).__module__}:{type(calculator).__name__}"
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -58,8 +60,12 @@ class CalculatorModel(AtomisticModel):
         energies, forces, cell_terms = [], [], np.zeros_like(cells)
         for b in range(batch.num_structures):
             r = positions[ptr[b] : ptr[b + 1]]
-            atoms = Atoms(numbers=batch.numbers[ptr[b] : ptr[b + 1]].cpu().numpy(), positions=r,
-                          cell=cells[b], pbc=pbcs[b])
+            atoms = Atoms(
+                numbers=batch.numbers[ptr[b] : ptr[b + 1]].cpu().numpy(),
+                positions=r,
+                cell=cells[b],
+                pbc=pbcs[b],
+            )
             atoms.calc = self.calculator
             energies.append(atoms.get_potential_energy())
             f = atoms.get_forces()
@@ -67,16 +73,22 @@ class CalculatorModel(AtomisticModel):
             if needs_cell_gradient and pbcs[b].all():
                 sigma = self._stress(atoms)
                 if sigma is None:
-                    raise ValueError(f"{self.source} gives no stress: the virial stress and rotational gradient of "
-                                     "periodic structures are undefined for it")
+                    raise ValueError(
+                        f"{self.source} gives no stress: the virial stress and rotational gradient of "
+                        "periodic structures are undefined for it"
+                    )
                 target = atoms.get_volume() * sigma + r.T @ f
                 cell_terms[b] = np.linalg.solve(cells[b].T, target)
-        t = lambda x: torch.as_tensor(np.asarray(x), dtype=batch.dtype, device=batch.device)  # noqa: E731
+        t = lambda x: torch.as_tensor(
+            np.asarray(x), dtype=batch.dtype, device=batch.device
+        )
         force = t(np.concatenate(forces))
         shift = -(force * (batch.positions - batch.positions.detach())).sum(-1)
         energy = t(energies) + scatter_sum(shift, batch.batch, batch.num_structures)
         if needs_cell_gradient:
-            energy = energy + (t(cell_terms) * (batch.cell - batch.cell.detach())).sum((1, 2))
+            energy = energy + (t(cell_terms) * (batch.cell - batch.cell.detach())).sum(
+                (1, 2)
+            )
         return ModelOutput(energy=energy)
 
 
@@ -84,9 +96,13 @@ def calculator_model(spec: str) -> CalculatorModel:
     """CalculatorModel from 'module:Class' (e.g. 'ase.calculators.emt:EMT'), the class built without arguments."""
     module_name, _, class_name = spec.partition(":")
     if not class_name:
-        raise ModelFileError(f"ase:{spec}: expected ase:MODULE:CLASS, e.g. ase:ase.calculators.emt:EMT")
+        raise ModelFileError(
+            f"ase:{spec}: expected ase:MODULE:CLASS, e.g. ase:ase.calculators.emt:EMT"
+        )
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as exc:
-        raise ModelFileError(f"ase:{spec}: cannot import {class_name} from {module_name} ({exc})") from exc
+        raise ModelFileError(
+            f"ase:{spec}: cannot import {class_name} from {module_name} ({exc})"
+        ) from exc
     return CalculatorModel(cls(), name=f"ase:{spec}")

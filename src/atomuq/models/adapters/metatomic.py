@@ -35,7 +35,9 @@ def _first_present(names: tuple[str, ...], available: Any) -> str | None:
 def half_list_mask(graph: Graph) -> torch.Tensor:
     """(E,) mask keeping one of each pair i->j / j->i of a full neighbour list (i < j, or i == j with a positive shift)."""
     i, j, s = graph.centers, graph.neighbors, graph.shifts
-    first_nonzero = torch.where(s[:, 0] != 0, s[:, 0], torch.where(s[:, 1] != 0, s[:, 1], s[:, 2]))
+    first_nonzero = torch.where(
+        s[:, 0] != 0, s[:, 0], torch.where(s[:, 1] != 0, s[:, 1], s[:, 2])
+    )
     return (i < j) | ((i == j) & (first_nonzero > 0))
 
 
@@ -48,7 +50,9 @@ class MetatomicModel(AtomisticModel):
         capabilities = model.capabilities()
         outputs = capabilities.outputs
         if "energy" not in outputs:
-            raise ModelFileError(f"{source}: the metatomic model has no 'energy' output (it has {sorted(outputs)})")
+            raise ModelFileError(
+                f"{source}: the metatomic model has no 'energy' output (it has {sorted(outputs)})"
+            )
         self.force_output = _first_present(FORCE_OUTPUTS, outputs)
         self.feature_output = _first_present(FEATURE_OUTPUTS, outputs)
         self.elements = sorted(int(z) for z in capabilities.atomic_types)
@@ -69,22 +73,48 @@ class MetatomicModel(AtomisticModel):
         mta = require("metatomic.torch", "metatomic")
         mts = require("metatensor.torch", "metatomic")
         ptr = batch.ptr.tolist()
-        cell = batch.cell * batch.pbc[:, :, None].to(batch.dtype)  # metatomic wants zero vectors along open axes
-        systems = [mta.System(types=batch.numbers[ptr[b] : ptr[b + 1]].to(torch.int32),
-                              positions=batch.positions[ptr[b] : ptr[b + 1]], cell=cell[b], pbc=batch.pbc[b])
-                   for b in range(batch.num_structures)]
+        cell = batch.cell * batch.pbc[:, :, None].to(
+            batch.dtype
+        )  # metatomic wants zero vectors along open axes
+        systems = [
+            mta.System(
+                types=batch.numbers[ptr[b] : ptr[b + 1]].to(torch.int32),
+                positions=batch.positions[ptr[b] : ptr[b + 1]],
+                cell=cell[b],
+                pbc=batch.pbc[b],
+            )
+            for b in range(batch.num_structures)
+        ]
         for options in self.requests:
             graph = build_graph(batch, options.engine_cutoff("angstrom"))
             vectors = edge_vectors(batch, graph)
-            keep = torch.ones_like(graph.centers, dtype=torch.bool) if options.full_list else half_list_mask(graph)
+            keep = (
+                torch.ones_like(graph.centers, dtype=torch.bool)
+                if options.full_list
+                else half_list_mask(graph)
+            )
             for b, system in enumerate(systems):
                 mask = keep & (graph.edge_batch == b)
-                pairs = torch.cat([torch.stack([graph.centers[mask], graph.neighbors[mask]], 1) - ptr[b],
-                                   graph.shifts[mask].round().to(torch.long)], 1).to(torch.int32)
+                pairs = torch.cat(
+                    [
+                        torch.stack([graph.centers[mask], graph.neighbors[mask]], 1)
+                        - ptr[b],
+                        graph.shifts[mask].round().to(torch.long),
+                    ],
+                    1,
+                ).to(torch.int32)
                 block = mts.TensorBlock(
                     values=vectors[mask][:, :, None],
-                    samples=mts.Labels(["first_atom", "second_atom", "cell_shift_a", "cell_shift_b", "cell_shift_c"],
-                                       pairs),
+                    samples=mts.Labels(
+                        [
+                            "first_atom",
+                            "second_atom",
+                            "cell_shift_a",
+                            "cell_shift_b",
+                            "cell_shift_c",
+                        ],
+                        pairs,
+                    ),
                     components=[mts.Labels.range("xyz", 3)],
                     properties=mts.Labels.range("distance", 1),
                 )
@@ -94,9 +124,13 @@ class MetatomicModel(AtomisticModel):
     def forward(self, batch: Batch) -> ModelOutput:
         """Energy (B,) eV; direct forces (N, 3) eV/Å when the model has them; per-atom features."""
         mta = require("metatomic.torch", "metatomic")
-        requested = {"energy": mta.ModelOutput(quantity="energy", unit="eV", per_atom=False)}
+        requested = {
+            "energy": mta.ModelOutput(quantity="energy", unit="eV", per_atom=False)
+        }
         if self.force_output is not None:
-            requested[self.force_output] = mta.ModelOutput(quantity="force", unit="eV/Angstrom", per_atom=True)
+            requested[self.force_output] = mta.ModelOutput(
+                quantity="force", unit="eV/Angstrom", per_atom=True
+            )
         if self.feature_output is not None:
             requested[self.feature_output] = mta.ModelOutput(per_atom=True)
         options = mta.ModelEvaluationOptions(length_unit="angstrom", outputs=requested)
@@ -104,10 +138,17 @@ class MetatomicModel(AtomisticModel):
         energy = out["energy"].block().values.reshape(-1)
         forces = features = None
         if self.force_output is not None:
-            forces = self._per_atom(out[self.force_output].block(), batch).reshape(batch.num_atoms, 3)
-            forces = forces - scatter_mean(forces, batch.batch, batch.num_structures)[batch.batch]
+            forces = self._per_atom(out[self.force_output].block(), batch).reshape(
+                batch.num_atoms, 3
+            )
+            forces = (
+                forces
+                - scatter_mean(forces, batch.batch, batch.num_structures)[batch.batch]
+            )
         if self.feature_output is not None:
-            features = self._per_atom(out[self.feature_output].block(), batch).reshape(batch.num_atoms, -1)
+            features = self._per_atom(out[self.feature_output].block(), batch).reshape(
+                batch.num_atoms, -1
+            )
         return ModelOutput(energy=energy, forces=forces, node_features=features)
 
     @staticmethod
@@ -118,15 +159,26 @@ class MetatomicModel(AtomisticModel):
         return block.values[torch.argsort(index)]
 
 
-def load_metatomic(path: str | Path, device: str | torch.device = "cpu",
-                   extensions_directory: str | Path | None = None) -> MetatomicModel:
+def load_metatomic(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    extensions_directory: str | Path | None = None,
+) -> MetatomicModel:
     """Load an exported metatomic model (.pt) from a local file."""
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError(f"{path}: metatomic model file not found (atomuq never downloads models: give a local file)")
+        raise ModelFileError(
+            f"{path}: metatomic model file not found (atomuq never downloads models: give a local file)"
+        )
     mta = require("metatomic.torch", "metatomic")
     try:
-        model = mta.load_atomistic_model(str(path), extensions_directory=extensions_directory)
-    except Exception as exc:  # metatomic raises RuntimeError / ValueError for bad or foreign files
-        raise ModelFileError(f"{path}: not a loadable metatomic model ({type(exc).__name__}: {exc})") from exc
+        model = mta.load_atomistic_model(
+            str(path), extensions_directory=extensions_directory
+        )
+    except (
+        Exception
+    ) as exc:  # metatomic raises RuntimeError / ValueError for bad or foreign files
+        raise ModelFileError(
+            f"{path}: not a loadable metatomic model ({type(exc).__name__}: {exc})"
+        ) from exc
     return MetatomicModel(model, source=f"metatomic:{path}").to(device).eval()

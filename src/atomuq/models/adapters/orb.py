@@ -24,10 +24,11 @@ from __future__ import annotations
 import functools
 import inspect
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -73,32 +74,54 @@ def orb_api() -> OrbAPI:
     pretrained = require("orb_models.forcefield.pretrained", "orb")
     try:  # orb-models >= 0.6
         from orb_models.common.atoms.batch.graph_batch import AtomGraphs
-        from orb_models.forcefield.models.conservative_regressor import ConservativeForcefieldRegressor
+        from orb_models.forcefield.models.conservative_regressor import (
+            ConservativeForcefieldRegressor,
+        )
     except ImportError:  # orb-models 0.5.x
         from orb_models.forcefield.base import AtomGraphs
-        from orb_models.forcefield.conservative_regressor import ConservativeForcefieldRegressor
+        from orb_models.forcefield.conservative_regressor import (
+            ConservativeForcefieldRegressor,
+        )
     from importlib.metadata import version
 
-    return OrbAPI(version=version("orb-models"), AtomGraphs=AtomGraphs, pretrained=pretrained,
-                  conservative_class=ConservativeForcefieldRegressor)
+    return OrbAPI(
+        version=version("orb-models"),
+        AtomGraphs=AtomGraphs,
+        pretrained=pretrained,
+        conservative_class=ConservativeForcefieldRegressor,
+    )
 
 
-def build_orb_architecture(name: str, radius: float = DEFAULT_RADIUS, max_num_neighbors: int = DEFAULT_MAX_NEIGHBORS,
-                           **kwargs: Any) -> torch.nn.Module:
+def build_orb_architecture(
+    name: str,
+    radius: float = DEFAULT_RADIUS,
+    max_num_neighbors: int = DEFAULT_MAX_NEIGHBORS,
+    **kwargs: Any,
+) -> torch.nn.Module:
     """A randomly initialised orb regressor: name in BUILDERS, kwargs of orb's builder (latent_dim, ...)."""
     api = orb_api()
     if name not in BUILDERS:
-        raise ValueError(f"unknown orb architecture {name!r}; choose one of {sorted(BUILDERS)}")
+        raise ValueError(
+            f"unknown orb architecture {name!r}; choose one of {sorted(BUILDERS)}"
+        )
     builder = getattr(api.pretrained, BUILDERS[name])
-    if "system_config" in inspect.signature(builder).parameters:  # 0.5.x keeps the graph settings on the model
+    if (
+        "system_config" in inspect.signature(builder).parameters
+    ):  # 0.5.x keeps the graph settings on the model
         from orb_models.forcefield.atomic_system import SystemConfig
 
-        kwargs["system_config"] = SystemConfig(radius=radius, max_num_neighbors=max_num_neighbors)
+        kwargs["system_config"] = SystemConfig(
+            radius=radius, max_num_neighbors=max_num_neighbors
+        )
     return builder(device="cpu", **kwargs)
 
 
-def new_orb_model(name: str, radius: float = DEFAULT_RADIUS, max_num_neighbors: int = DEFAULT_MAX_NEIGHBORS,
-                  **kwargs: Any) -> "OrbModel":
+def new_orb_model(
+    name: str,
+    radius: float = DEFAULT_RADIUS,
+    max_num_neighbors: int = DEFAULT_MAX_NEIGHBORS,
+    **kwargs: Any,
+) -> OrbModel:
     """A randomly initialised orb architecture (BUILDERS name, builder kwargs) wrapped as an atomuq model, in eval mode."""
     orb = build_orb_architecture(name, radius, max_num_neighbors, **kwargs).eval()
     return OrbModel(orb, radius, max_num_neighbors, name, kwargs).eval()
@@ -112,8 +135,16 @@ class OrbModel(AtomisticModel):
     every structure.
     """
 
-    def __init__(self, orb: torch.nn.Module, radius: float, max_num_neighbors: int, architecture: str,
-                 architecture_kwargs: dict[str, Any] | None = None, charge: float = 0.0, spin: float = 1.0) -> None:
+    def __init__(
+        self,
+        orb: torch.nn.Module,
+        radius: float,
+        max_num_neighbors: int,
+        architecture: str,
+        architecture_kwargs: dict[str, Any] | None = None,
+        charge: float = 0.0,
+        spin: float = 1.0,
+    ) -> None:
         super().__init__()
         self.orb = orb
         self.cutoff = float(radius)
@@ -124,9 +155,17 @@ class OrbModel(AtomisticModel):
         self.charge, self.spin = float(charge), float(spin)
         self.conservative_only = isinstance(orb, orb_api().conservative_class)
         conditioner = getattr(orb.model, "conditioner", None)
-        self.needs_charge_spin = conditioner is not None and type(conditioner).__name__ == "ChargeSpinConditioner"
-        if getattr(orb, "coulomb_module", None) is not None or "latent_charges" in orb.heads:
-            raise ModelFileError(f"{architecture}: orb models with a Coulomb module or latent charges are not supported")
+        self.needs_charge_spin = (
+            conditioner is not None
+            and type(conditioner).__name__ == "ChargeSpinConditioner"
+        )
+        if (
+            getattr(orb, "coulomb_module", None) is not None
+            or "latent_charges" in orb.heads
+        ):
+            raise ModelFileError(
+                f"{architecture}: orb models with a Coulomb module or latent charges are not supported"
+            )
         self.source = ""
 
     @property
@@ -140,24 +179,35 @@ class OrbModel(AtomisticModel):
     @property
     def confidence_bin_edges(self) -> torch.Tensor | None:
         """(51,) edges of orb's confidence bins in eV/Å (mean absolute force component error), or None."""
-        head = self.orb.heads["confidence"] if "confidence" in self.orb.heads else None
-        return None if head is None else head.bin_edges
+        return (
+            self.orb.heads["confidence"].bin_edges
+            if "confidence" in self.orb.heads
+            else None
+        )
 
     def atom_graphs(self, batch: Batch) -> Any:
         """orb's AtomGraphs for the batch, edge vectors differentiable in batch.positions and batch.cell."""
         numbers = batch.numbers
         if bool(((numbers < 1) | (numbers >= NUM_ELEMENT_CLASSES)).any()):
-            raise InputError(f"atomic numbers must lie in 1..{NUM_ELEMENT_CLASSES - 1} for orb models")
+            raise InputError(
+                f"atomic numbers must lie in 1..{NUM_ELEMENT_CLASSES - 1} for orb models"
+            )
         mixed = batch.pbc.any(dim=1) & ~batch.pbc.all(dim=1)
         if bool(mixed.any()):
-            raise InputError(f"structures {torch.nonzero(mixed).flatten().tolist()} are periodic along some axes "
-                             "only; orb models take fully periodic or non-periodic structures (pad with vacuum)")
+            raise InputError(
+                f"structures {torch.nonzero(mixed).flatten().tolist()} are periodic along some axes "
+                "only; orb models take fully periodic or non-periodic structures (pad with vacuum)"
+            )
         graph = build_graph(batch, self.cutoff, self.max_num_neighbors)
         b, dtype, device = batch.num_structures, batch.dtype, batch.device
         system = {"cell": batch.cell, "pbc": batch.pbc}
         if self.needs_charge_spin:
-            system["total_charge"] = torch.full((b,), self.charge, dtype=dtype, device=device)
-            system["total_spin"] = torch.full((b,), self.spin, dtype=dtype, device=device)  # orb-models 0.5
+            system["total_charge"] = torch.full(
+                (b,), self.charge, dtype=dtype, device=device
+            )
+            system["total_spin"] = torch.full(
+                (b,), self.spin, dtype=dtype, device=device
+            )  # orb-models 0.5
             system["spin_multiplicity"] = system["total_spin"]  # orb-models 0.7
         return orb_api().AtomGraphs(
             senders=graph.centers,
@@ -167,10 +217,15 @@ class OrbModel(AtomisticModel):
             node_features={
                 "positions": batch.positions,
                 "atomic_numbers": numbers,
-                "atomic_numbers_embedding": torch.nn.functional.one_hot(numbers, NUM_ELEMENT_CLASSES).to(dtype),
+                "atomic_numbers_embedding": torch.nn.functional.one_hot(
+                    numbers, NUM_ELEMENT_CLASSES
+                ).to(dtype),
                 "atom_identity": torch.arange(batch.num_atoms, device=device),
             },
-            edge_features={"vectors": edge_vectors(batch, graph), "unit_shifts": graph.shifts},
+            edge_features={
+                "vectors": edge_vectors(batch, graph),
+                "unit_shifts": graph.shifts,
+            },
             system_features=system,
             node_targets={},
             edge_targets={},
@@ -188,8 +243,12 @@ class OrbModel(AtomisticModel):
         heads = self.orb.heads
         features = self.orb.model(graph)["node_features"]
         energy = heads["energy"].predict(features, graph)
-        forces = heads["forces"].predict(features, graph) if self.has_direct_forces else None
-        stress = heads["stress"].predict(features, graph) if self.has_direct_stress else None
+        forces = (
+            heads["forces"].predict(features, graph) if self.has_direct_forces else None
+        )
+        stress = (
+            heads["stress"].predict(features, graph) if self.has_direct_stress else None
+        )
         logits = heads["confidence"](features, graph) if "confidence" in heads else None
         if self.orb.pair_repulsion:
             repulsion = self.orb.pair_repulsion_fn(graph)
@@ -198,20 +257,31 @@ class OrbModel(AtomisticModel):
                 forces = forces + repulsion["forces"]
             if stress is not None and "stress" in repulsion:
                 stress = stress + repulsion["stress"]
-        if stress is not None:  # orb divides by the cell volume: undefined for molecules
+        if (
+            stress is not None
+        ):  # orb divides by the cell volume: undefined for molecules
             periodic = batch.pbc.all(dim=1)[:, None]
             stress = torch.where(periodic, stress, torch.zeros_like(stress))
-        return ModelOutput(energy=energy, forces=forces, stress=stress, node_features=features,
-                           confidence_logits=logits)
+        return ModelOutput(
+            energy=energy,
+            forces=forces,
+            stress=stress,
+            node_features=features,
+            confidence_logits=logits,
+        )
 
 
 def _read_weights(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ModelFileError(f"{path}: orb weights file not found (atomuq never downloads weights: give a local file)")
+        raise ModelFileError(
+            f"{path}: orb weights file not found (atomuq never downloads weights: give a local file)"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt file
-        raise ModelFileError(f"{path}: not a readable weights file ({type(exc).__name__}: {exc})") from exc
+        raise ModelFileError(
+            f"{path}: not a readable weights file ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def infer_architecture(path: Path) -> str:
@@ -220,24 +290,43 @@ def infer_architecture(path: Path) -> str:
     for name in names:
         if name in path.name:
             return name
-    raise ModelFileError(f"{path}: cannot tell the orb architecture from the file name; name it, as in "
-                         f"orb:ARCHITECTURE:{path} with ARCHITECTURE one of {sorted(orb_api().pretrained_models)}")
+    raise ModelFileError(
+        f"{path}: cannot tell the orb architecture from the file name; name it, as in "
+        f"orb:ARCHITECTURE:{path} with ARCHITECTURE one of {sorted(orb_api().pretrained_models)}"
+    )
 
 
 def _load_pretrained(name: str, path: Path) -> tuple[torch.nn.Module, float, int]:
     """Run orb's own loader for a released model on a local file, without compiling; (model, radius, max neighbours)."""
     loader = orb_api().pretrained_models[name]
-    result = loader(weights_path=str(path), device="cpu", precision="float32-highest", compile=False)
-    if isinstance(result, tuple):  # orb-models 0.7: (model, atoms adapter with the graph settings)
+    result = loader(
+        weights_path=str(path), device="cpu", precision="float32-highest", compile=False
+    )
+    if isinstance(
+        result, tuple
+    ):  # orb-models 0.7: (model, atoms adapter with the graph settings)
         model, adapter = result
         return model, float(adapter.radius), int(adapter.max_num_neighbors)
-    return result, float(result.system_config.radius), int(result.system_config.max_num_neighbors)
+    return (
+        result,
+        float(result.system_config.radius),
+        int(result.system_config.max_num_neighbors),
+    )
 
 
-def load_orb(path: str | Path, architecture: str | None = None, *, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32, compile: bool = False,
-             architecture_kwargs: dict[str, Any] | None = None, radius: float = DEFAULT_RADIUS,
-             max_num_neighbors: int | None = None, charge: float = 0.0, spin: float = 1.0) -> OrbModel:
+def load_orb(
+    path: str | Path,
+    architecture: str | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    compile: bool = False,
+    architecture_kwargs: dict[str, Any] | None = None,
+    radius: float = DEFAULT_RADIUS,
+    max_num_neighbors: int | None = None,
+    charge: float = 0.0,
+    spin: float = 1.0,
+) -> OrbModel:
     """Load orb weights from a local file as an atomuq model.
 
     path: an atomuq-orb file (written by save_orb; self-describing) or a raw orb state dict
@@ -257,12 +346,16 @@ def load_orb(path: str | Path, architecture: str | None = None, *, device: str |
     architecture_kwargs = dict(architecture_kwargs or {})
     if architecture in BUILDERS:
         max_num_neighbors = max_num_neighbors or DEFAULT_MAX_NEIGHBORS
-        orb = build_orb_architecture(architecture, radius, max_num_neighbors, **architecture_kwargs)
+        orb = build_orb_architecture(
+            architecture, radius, max_num_neighbors, **architecture_kwargs
+        )
         try:
             orb.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise ModelFileError(f"{path}: weights do not match orb architecture {architecture} "
-                                 f"{architecture_kwargs}: {exc}") from exc
+            raise ModelFileError(
+                f"{path}: weights do not match orb architecture {architecture} "
+                f"{architecture_kwargs}: {exc}"
+            ) from exc
     elif architecture in orb_api().pretrained_models:
         if state is payload:
             orb, radius, default_neighbors = _load_pretrained(architecture, path)
@@ -273,14 +366,24 @@ def load_orb(path: str | Path, architecture: str | None = None, *, device: str |
                 orb, radius, default_neighbors = _load_pretrained(architecture, raw)
         max_num_neighbors = max_num_neighbors or default_neighbors
     else:
-        raise ModelFileError(f"{path}: unknown orb architecture {architecture!r}; choose a released model "
-                             f"{sorted(orb_api().pretrained_models)} or a builder {sorted(BUILDERS)}")
+        raise ModelFileError(
+            f"{path}: unknown orb architecture {architecture!r}; choose a released model "
+            f"{sorted(orb_api().pretrained_models)} or a builder {sorted(BUILDERS)}"
+        )
     orb = orb.to(dtype=dtype).eval()
     for p in orb.parameters():
         p.requires_grad_(False)
     if compile:
         orb.compile(mode="default", dynamic=True)
-    model = OrbModel(orb, radius, max_num_neighbors, architecture, architecture_kwargs, charge=charge, spin=spin)
+    model = OrbModel(
+        orb,
+        radius,
+        max_num_neighbors,
+        architecture,
+        architecture_kwargs,
+        charge=charge,
+        spin=spin,
+    )
     model.source = f"orb:{architecture}:{path}"
     return model.to(device).eval()
 
