@@ -2,6 +2,8 @@
 # 1200 K and held-out molecules, GFN2-xTB labels, with the bundled model)
 # and `make test`. Both create .venv when it is missing. torch is installed first and pinned:
 # on these machines torch==2.13.0 is a local CPU wheel, any other request pulls CUDA packages.
+# The adapter extras (orb-models, metatomic/metatrain) are installed too, with torch kept pinned,
+# so that the adapter tests run in CI (about a minute more on a fresh venv).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,orb,metatomic]" torch==2.13.0
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -76,6 +76,9 @@ def evaluate(
     and for gradients of the Force Delta). If batch.positions already requires grad (an outer
     optimisation), gradients flow through it.
     """
+    if create_graph and not getattr(model, "differentiable", True):
+        raise ValueError(f"{getattr(model, 'source', type(model).__name__)} has no second derivatives "
+                         "(not a torch model): create_graph=True is not available")
     batch = batch.to(device=model.device, dtype=model.dtype)
     deform = stress or rotational
     needs_grad = conservative or deform

@@ -1,0 +1,132 @@
+"""Cost of the Force Delta over a direct-only evaluation, for Orb-v3 through the adapter and the bundled model.
+
+Models (randomly initialised orb weights: timing only): the small Orb-v3 direct configuration of
+the tests (latent 32, 2 message-passing steps), the full-size Orb-v3 direct architecture
+(orb-v3-direct-20-*: latent 256, 5 steps, 20 neighbours, 25.6 M parameters), and the bundled
+native model molecular-small. Structures: periodic water boxes at 1 g/cm³ of about 100 and
+1,000 atoms. Direct-only: one forward pass under torch.inference_mode (no autograd graph).
+Force Delta: forward + backward for the conservative forces, then u_i and U_Delta. The neighbour
+list is part of both. Modes are timed interleaved in one process; seconds are minima over repeats.
+
+Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_adapters.py [--sizes 100 1000] [--repeats 3]
+Writes benchmarks/results/adapters.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from bench_force_delta import water_box
+
+from atomuq.core.batch import Batch
+from atomuq.models.adapters.orb import new_orb_model
+from atomuq.models.derivatives import evaluate
+from atomuq.models.protocol import AtomisticModel
+from atomuq.models.registry import resolve_model
+from atomuq.uq.force_delta import force_delta
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SMALL_ORB = {
+    "latent_dim": 32,
+    "base_mlp_hidden_dim": 64,
+    "head_mlp_hidden_dim": 32,
+    "num_message_passing_steps": 2,
+}
+
+
+def models() -> dict[str, Callable[[], AtomisticModel]]:
+    """Name -> builder of each benchmarked model (float32, eval mode)."""
+    return {
+        "orb-v3-direct small (tests' config)": lambda: new_orb_model(
+            "orb-v3-direct", **SMALL_ORB
+        ),
+        "orb-v3-direct-20 full size": lambda: new_orb_model(
+            "orb-v3-direct", max_num_neighbors=20
+        ),
+        "bundled molecular-small": lambda: resolve_model("molecular-small"),
+    }
+
+
+def time_case(model: AtomisticModel, n_atoms: int, repeats: int) -> dict:
+    """Minimum seconds of a direct-only evaluation and of a Force Delta evaluation, interleaved."""
+    atoms = water_box(n_atoms)
+    batch = Batch.from_atoms([atoms], dtype=model.dtype)
+
+    def direct() -> None:
+        with torch.inference_mode():
+            model(batch)
+
+    def with_force_delta() -> None:
+        force_delta(evaluate(model, batch, conservative=True).detach(), batch)
+
+    direct()
+    with_force_delta()  # warm-up
+    times: dict[str, list[float]] = {"direct": [], "force_delta": []}
+    for _ in range(repeats):
+        for name, fn in (("direct", direct), ("force_delta", with_force_delta)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    d, f = min(times["direct"]), min(times["force_delta"])
+    return {"n_atoms": len(atoms), "direct_s": d, "force_delta_s": f, "ratio": f / d}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for name, build in models().items():
+        model = build().eval()
+        params = sum(p.numel() for p in model.parameters())
+        for n in args.sizes:
+            row = {
+                "model": name,
+                "parameters": params,
+                **time_case(model, n, args.repeats),
+            }
+            rows.append(row)
+            print(
+                f"{name:38s} {row['n_atoms']:5d} atoms  direct {row['direct_s']:.4f} s  "
+                f"Force Delta {row['force_delta_s']:.4f} s  ratio {row['ratio']:.2f}",
+                flush=True,
+            )
+    from importlib.metadata import version
+
+    import orb_models  # noqa: F401  (its version goes into the metadata)
+
+    meta = {
+        "torch": torch.__version__,
+        "orb_models": version("orb-models"),
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "machine": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "adapters.json").write_text(
+        json.dumps({"meta": meta, "rows": rows}, indent=2)
+    )
+    lines = [
+        "| model | parameters | atoms | direct-only s | Force Delta s | ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['parameters']:,} | {r['n_atoms']} | {r['direct_s']:.4f} | "
+            f"{r['force_delta_s']:.4f} | {r['ratio']:.2f} |"
+        )
+    (RESULTS / "adapters.md").write_text("\n".join(lines) + f"\n\n{meta}\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""A small PET (metatrain) with an energy and a non-conservative force head, exported and loaded
+through the metatomic adapter, against metatomic's own ASE calculator and finite differences."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+
+pytest.importorskip(
+    "metatomic.torch",
+    reason="metatomic-torch is not installed (pip install 'atomuq[metatomic]')",
+)
+pytest.importorskip(
+    "metatrain.pet",
+    reason="metatrain is not installed (pip install 'atomuq[metatomic]')",
+)
+
+from metatomic_ase import MetatomicCalculator
+from metatrain.pet import PET
+from metatrain.utils.architectures import get_default_hypers
+from metatrain.utils.data import DatasetInfo
+from metatrain.utils.data.target_info import (
+    get_energy_target_info,
+    get_generic_target_info,
+)
+
+from atomuq.core.batch import Batch
+from atomuq.core.errors import ModelFileError
+from atomuq.models.adapters.metatomic import load_metatomic
+from atomuq.models.derivatives import evaluate
+from atomuq.models.registry import resolve_model
+from atomuq.uq.force_delta import force_delta
+
+SMALL = {
+    "d_pet": 16,
+    "d_head": 16,
+    "d_node": 32,
+    "d_feedforward": 32,
+    "num_heads": 2,
+    "num_attention_layers": 1,
+    "num_gnn_layers": 2,
+}
+
+
+def small_pet(seed: int = 0, dtype: torch.dtype = torch.float64) -> PET:
+    """A randomly initialised PET with energy and non_conservative_force heads, for H C N O."""
+    hypers = get_default_hypers("pet")["model"]
+    hypers.update(SMALL)
+    info = DatasetInfo(
+        length_unit="angstrom",
+        atomic_types=[1, 6, 7, 8],
+        targets={
+            "energy": get_energy_target_info(
+                "energy", {"quantity": "energy", "unit": "eV"}
+            ),
+            "non_conservative_force": get_generic_target_info(
+                "non_conservative_force",
+                {
+                    "quantity": "force",
+                    "unit": "eV/A",
+                    "type": {"cartesian": {"rank": 1}},
+                    "num_subtargets": 1,
+                    "sample_kind": "atom",
+                },
+            ),
+        },
+    )
+    torch.manual_seed(seed)
+    return PET(hypers, info).to(dtype)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("pet") / "pet-small.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small_pet().export().save(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model(model_file):
+    return resolve_model(f"metatomic:{model_file}")
+
+
+def structures():
+    ethanol = molecule("CH3CH2OH")
+    ethanol.rattle(0.05, seed=1)
+    box = molecule("CH3CH2OH")
+    box.rattle(0.1, seed=2)
+    box.set_cell([6.0, 6.0, 6.0])
+    box.pbc = True
+    box.center()
+    return [ethanol, box]
+
+
+def calculator_forces(model_file, atoms, non_conservative):
+    atoms = atoms.copy()
+    atoms.calc = MetatomicCalculator(model_file, non_conservative=non_conservative)
+    return atoms.get_potential_energy(), atoms.get_forces()
+
+
+def test_outputs_equal_metatomics_calculator(model, model_file):
+    assert (
+        model.has_direct_forces
+        and model.dtype == torch.float64
+        and model.elements == [1, 6, 7, 8]
+    )
+    atoms = structures()
+    batch = Batch.from_atoms(atoms, dtype=torch.float64)
+    pred = evaluate(model, batch, conservative=True).detach()
+    for k, a in enumerate(atoms):
+        energy, f_nc = calculator_forces(model_file, a, "forces")
+        _, f_c = calculator_forces(model_file, a, False)
+        assert float(pred.energy[k]) == pytest.approx(energy, abs=1e-8)
+        np.testing.assert_allclose(
+            batch.split(pred.forces_direct)[k].numpy(), f_nc, atol=1e-8
+        )
+        np.testing.assert_allclose(
+            batch.split(pred.forces_conservative)[k].numpy(), f_c, atol=1e-8
+        )
+        u = np.linalg.norm(
+            f_nc - f_c, axis=1
+        )  # the Force Delta from metatomic's two force modes
+        result = force_delta(pred, batch)
+        np.testing.assert_allclose(
+            batch.split(result.per_atom["force_delta"])[k].numpy(), u, atol=1e-8
+        )
+        assert float(result.per_structure["force_delta"][k]) == pytest.approx(
+            np.sqrt((u**2).sum() / (3 * len(a)))
+        )
+
+
+def test_conservative_forces_and_stress_equal_finite_differences(model):
+    atoms = structures()[1]
+    batch = Batch.from_atoms([atoms], dtype=torch.float64)
+    pred = evaluate(model, batch, conservative=True, stress=True)
+    h = 1e-5
+    for atom, axis in [(0, 0), (4, 1), (8, 2)]:
+        energies = []
+        for sign in (1, -1):
+            pos = batch.positions.clone()
+            pos[atom, axis] += sign * h
+            energies.append(float(model(batch.replace(positions=pos)).energy))
+        assert -(energies[0] - energies[1]) / (2 * h) == pytest.approx(
+            float(pred.forces_conservative[atom, axis]), abs=1e-7
+        )
+    strained = []
+    for sign in (1, -1):  # sigma_xx = dE/d(eps_xx) / V
+        deform = torch.eye(3, dtype=torch.float64)
+        deform[0, 0] += sign * h
+        strained.append(
+            float(
+                model(
+                    batch.replace(
+                        positions=batch.positions @ deform, cell=batch.cell @ deform
+                    )
+                ).energy
+            )
+        )
+    volume = float(torch.linalg.det(batch.cell[0]))
+    assert (strained[0] - strained[1]) / (2 * h) / volume == pytest.approx(
+        float(pred.stress_virial[0, 0]), abs=1e-8
+    )
+
+
+def test_node_features_shape_and_batching(model):
+    atoms = structures()
+    batch = Batch.from_atoms(atoms, dtype=torch.float64)
+    together = model(batch)
+    assert (
+        together.node_features.shape[0] == batch.num_atoms
+        and together.node_features.shape[1] > 0
+    )
+    for k, a in enumerate(atoms):
+        alone = model(Batch.from_atoms([a], dtype=torch.float64))
+        torch.testing.assert_close(
+            alone.node_features, batch.split(together.node_features)[k]
+        )
+        torch.testing.assert_close(alone.forces, batch.split(together.forces)[k])
+
+
+def test_save_load_round_trip_equals_in_memory_model(tmp_path):
+    pet = small_pet(seed=4)
+    path = tmp_path / "round-trip.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = pet.export()
+        exported.save(str(path))
+    from atomuq.models.adapters.metatomic import MetatomicModel
+
+    in_memory = MetatomicModel(exported)
+    loaded = load_metatomic(path)
+    batch = Batch.from_atoms(structures(), dtype=torch.float64)
+    a, b = in_memory(batch), loaded(batch)
+    torch.testing.assert_close(a.energy, b.energy, rtol=0, atol=0)
+    torch.testing.assert_close(a.forces, b.forces, rtol=0, atol=0)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ModelFileError, match="not found"):
+        resolve_model(f"metatomic:{tmp_path / 'missing.pt'}")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(ModelFileError, match="not a loadable metatomic model"):
+        load_metatomic(junk)

@@ -1,0 +1,255 @@
+"""Orb-v3 / Orb-v2 through the orb-models adapter, against orb-models' own calculator and API."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk, molecule
+from ase.io import read, write
+from typer.testing import CliRunner
+
+pytest.importorskip(
+    "orb_models", reason="orb-models is not installed (pip install 'atomuq[orb]')"
+)
+
+from orb_models.forcefield.calculator import ORBCalculator
+
+from atomuq.cli.main import app
+from atomuq.core.batch import Batch
+from atomuq.core.errors import InputError, ModelFileError
+from atomuq.models.adapters.orb import (
+    infer_architecture,
+    load_orb,
+    new_orb_model,
+    save_orb,
+)
+from atomuq.models.derivatives import evaluate
+from atomuq.models.registry import resolve_model
+from atomuq.uq.confidence import bin_centres, confidence
+from atomuq.uq.force_delta import force_delta
+
+SMALL = {
+    "latent_dim": 32,
+    "base_mlp_hidden_dim": 64,
+    "head_mlp_hidden_dim": 32,
+    "num_message_passing_steps": 2,
+}
+
+
+def small_orb(
+    kind: str = "orb-v3-direct", seed: int = 0, dtype: torch.dtype = torch.float32
+):
+    torch.manual_seed(seed)
+    kwargs = SMALL if kind != "orb-v2" else {"num_message_passing_steps": 1}
+    return new_orb_model(kind, **kwargs).to(dtype)
+
+
+def structures():
+    """A molecule (no neighbour limit reached) and a rattled Si cell (more than 20 neighbours within 6 Å)."""
+    ethanol = molecule("CH3CH2OH")
+    ethanol.rattle(0.05, seed=1)
+    silicon = bulk("Si", "diamond", a=5.43, cubic=True)
+    silicon.rattle(0.05, seed=2)
+    return [ethanol, silicon]
+
+
+@pytest.fixture(scope="module")
+def direct():
+    return small_orb()
+
+
+def orb_results(orb, atoms, **kwargs):
+    atoms = atoms.copy()
+    atoms.calc = ORBCalculator(orb, device="cpu", **kwargs)
+    atoms.get_potential_energy()
+    return atoms.calc.results
+
+
+def test_direct_forces_energy_confidence_equal_orbs_calculator(direct):
+    atoms = structures()
+    batch = Batch.from_atoms(atoms)
+    pred = evaluate(direct, batch, conservative=False).detach()
+    for k, a in enumerate(atoms):
+        ref = orb_results(direct.orb, a)
+        assert float(pred.energy[k]) == pytest.approx(float(ref["energy"]), abs=1e-4)
+        np.testing.assert_allclose(
+            batch.split(pred.forces_direct)[k].detach().numpy(),
+            ref["forces"],
+            atol=1e-5,
+        )
+        probs = (
+            torch.softmax(batch.split(pred.confidence_logits)[k], -1).detach().numpy()
+        )
+        np.testing.assert_allclose(probs, ref["confidence"], atol=1e-6)
+    np.testing.assert_allclose(
+        pred.stress_direct[1].detach().numpy(),
+        orb_results(direct.orb, atoms[1])["stress"],
+        atol=1e-5,
+    )
+    assert torch.equal(
+        pred.stress_direct[0], torch.zeros(6)
+    )  # molecule: orb's stress (÷ volume 0) is undefined
+
+
+def test_conservative_forces_equal_finite_differences_of_energy():
+    model = small_orb(dtype=torch.float64)
+    atoms = structures()[1]
+    batch = Batch.from_atoms([atoms], dtype=torch.float64)
+    forces = evaluate(model, batch, conservative=True).forces_conservative
+    h = 1e-5
+    for atom, axis in [(0, 0), (3, 1), (7, 2)]:
+        energies = []
+        for sign in (1, -1):
+            pos = batch.positions.clone()
+            pos[atom, axis] += sign * h
+            energies.append(float(model(batch.replace(positions=pos)).energy))
+        assert -(energies[0] - energies[1]) / (2 * h) == pytest.approx(
+            float(forces[atom, axis]), abs=1e-6
+        )
+
+
+def test_force_delta_equals_manual_computation_with_orbs_api(direct):
+    from orb_models.forcefield.atomic_system import ase_atoms_to_atom_graphs
+
+    for atoms in structures():
+        graph = ase_atoms_to_atom_graphs(atoms, direct.orb.system_config)
+        vectors, _, _ = graph.compute_differentiable_edge_vectors(
+            use_stress_displacement=False, use_rotation=False
+        )
+        graph.edge_features["vectors"] = vectors
+        out = direct.orb.predict(graph)
+        f_c = -torch.autograd.grad(out["energy"].sum(), graph.positions)[0]
+        u = torch.linalg.norm(out["forces"] - f_c, dim=-1).detach()
+        expected = float(torch.sqrt((u**2).sum() / (3 * len(atoms))))
+        batch = Batch.from_atoms([atoms])
+        result = force_delta(evaluate(direct, batch, conservative=True), batch)
+        np.testing.assert_allclose(
+            result.per_atom["force_delta"].detach().numpy(), u.numpy(), atol=1e-5
+        )
+        assert float(result.per_structure["force_delta"][0]) == pytest.approx(
+            expected, rel=1e-4
+        )
+
+
+def test_node_features_and_confidence_error(direct):
+    atoms = structures()
+    batch = Batch.from_atoms(atoms)
+    pred = evaluate(direct, batch, conservative=False)
+    assert pred.node_features.shape == (batch.num_atoms, SMALL["latent_dim"])
+    edges = direct.confidence_bin_edges
+    assert edges.shape == (51,) and float(edges[-1]) == pytest.approx(0.3)
+    conf = confidence(pred.confidence_logits, edges, batch)
+    expected = torch.softmax(pred.confidence_logits, -1) @ bin_centres(edges)
+    torch.testing.assert_close(conf.per_atom["confidence_error"], expected)
+    assert bool(((expected > 0) & (expected < 0.3)).all())
+
+
+def test_conservative_orb_matches_its_own_gradients():
+    model = small_orb("orb-v3-conservative", seed=3)
+    assert not model.has_direct_forces and model.has_confidence
+    atoms = structures()[1]
+    batch = Batch.from_atoms([atoms])
+    pred = evaluate(model, batch, conservative=True, stress=True, rotational=True)
+    ref = orb_results(model.orb, atoms)
+    np.testing.assert_allclose(
+        pred.forces_conservative.detach().numpy(), ref["forces"], atol=1e-5
+    )
+    np.testing.assert_allclose(
+        pred.stress_virial[0].detach().numpy(), ref["stress"], atol=1e-6
+    )
+    np.testing.assert_allclose(
+        pred.rotational_gradient[0].detach().numpy(),
+        ref["rotational_grad"][0],
+        atol=1e-5,
+    )
+    with pytest.raises(ValueError, match="conservative-only"):
+        force_delta(pred, batch)
+
+
+def test_orb_v2_architecture_runs_with_256_features():
+    model = small_orb("orb-v2")
+    batch = Batch.from_atoms(structures())
+    pred = evaluate(model, batch, conservative=True)
+    assert pred.node_features.shape == (batch.num_atoms, 256)
+    assert pred.confidence_logits is None and pred.forces_direct.shape == (
+        batch.num_atoms,
+        3,
+    )
+
+
+def test_save_load_round_trip(direct, tmp_path):
+    batch = Batch.from_atoms(structures())
+    before = evaluate(direct, batch, conservative=True)
+    path = save_orb(direct, tmp_path / "small-orb.pt")
+    loaded = resolve_model(f"orb:{path}")
+    after = evaluate(loaded, batch, conservative=True)
+    torch.testing.assert_close(
+        after.forces_direct, before.forces_direct, rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        after.forces_conservative, before.forces_conservative, rtol=0, atol=0
+    )
+    raw = (
+        tmp_path / "raw.ckpt"
+    )  # a bare orb state dict, as orb-models publishes weights
+    torch.save(direct.orb.state_dict(), raw)
+    again = load_orb(raw, "orb-v3-direct", architecture_kwargs=SMALL)
+    torch.testing.assert_close(again(batch).energy, before.energy, rtol=0, atol=0)
+
+
+def test_weights_file_errors(tmp_path):
+    with pytest.raises(ModelFileError, match="not found"):
+        resolve_model(f"orb:{tmp_path / 'missing.ckpt'}")
+    raw = tmp_path / "mystery.ckpt"
+    torch.save(small_orb().orb.state_dict(), raw)
+    with pytest.raises(ModelFileError, match="cannot tell the orb architecture"):
+        load_orb(raw)
+    with pytest.raises(ModelFileError, match="do not match"):
+        load_orb(raw, "orb-v3-direct", architecture_kwargs={**SMALL, "latent_dim": 16})
+    assert (
+        infer_architecture(tmp_path / "orb-v3-direct-20-omat-20250404.ckpt")
+        == "orb-v3-direct-20-omat"
+    )
+    assert (
+        infer_architecture(tmp_path / "orb-v3-conservative-inf-mpa-20250404.ckpt")
+        == "orb-v3-conservative-inf-mpa"
+    )
+
+
+def test_partially_periodic_structure_is_refused(direct):
+    slab = bulk("Si", "diamond", a=5.43, cubic=True)
+    slab.pbc = (True, True, False)
+    with pytest.raises(InputError, match="periodic along some axes"):
+        direct(Batch.from_atoms([slab]))
+
+
+def test_cli_score_with_orb_spec(direct, tmp_path):
+    path = save_orb(direct, tmp_path / "small-orb.pt")
+    src, out = tmp_path / "in.extxyz", tmp_path / "out.extxyz"
+    write(src, structures())
+    result = CliRunner().invoke(
+        app, ["score", str(src), "-o", str(out), "--model", f"orb:{path}"]
+    )
+    assert result.exit_code == 0, result.output
+    scored = read(out, ":")
+    assert len(scored) == 2 and all(a.info["force_delta"] > 0 for a in scored)
+    assert all(0 < a.info["confidence_error"] < 0.3 for a in scored)
+
+
+def test_md_with_direct_forces_and_a_force_delta_monitor(direct):
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    from atomuq.calculator import AtomuqCalculator
+
+    atoms = structures()[0]
+    atoms.calc = AtomuqCalculator(direct, forces="direct")
+    monitor = []
+    dyn = VelocityVerlet(atoms, timestep=0.5 * units.fs)
+    dyn.attach(lambda: monitor.append(atoms.calc.results["force_delta"]), interval=1)
+    dyn.run(5)
+    assert len(monitor) == 6 and all(np.isfinite(monitor)) and min(monitor) > 0
+    np.testing.assert_array_equal(
+        atoms.get_forces(), atoms.calc.results["forces_direct"]
+    )
