@@ -253,3 +253,32 @@ def test_md_with_direct_forces_and_a_force_delta_monitor(direct):
     np.testing.assert_array_equal(
         atoms.get_forces(), atoms.calc.results["forces_direct"]
     )
+
+
+def test_ltau_and_ensembles_work_through_the_orb_adapter():
+    """Orb node features drive LTAU (a training atom finds itself); Orb members form an ensemble."""
+    from atomuq.models.checkpoint import weights_fingerprint
+    from atomuq.uq.ensemble import ensemble_uncertainty, evaluate_ensemble
+    from atomuq.uq.ltau.estimator import fit_estimator
+    from atomuq.uq.ltau.index import build_index
+    from atomuq.workflows.ltau import compute_descriptors
+
+    orb_a, orb_b = small_orb(seed=0), small_orb(seed=1)
+    atoms = structures()
+    descriptors = compute_descriptors(orb_a, atoms)
+    n = sum(len(a) for a in atoms)
+    assert descriptors.shape == (n, SMALL["latent_dim"])
+    errors = np.random.default_rng(0).lognormal(-2, 0.5, (10, n))
+    numbers = np.concatenate([a.numbers for a in atoms])
+    est = fit_estimator([errors], numbers, np.ones(n), build_index(descriptors), atol=0.15,
+                        metadata={"model_fingerprint": weights_fingerprint(orb_a)})
+    pred = est.predict(descriptors, k=1)
+    assert np.allclose(pred.confidence, (errors <= 0.15).mean(axis=0))
+    est.check_model(weights_fingerprint(orb_a), "orb a")
+    with pytest.raises(InputError, match="fingerprint"):
+        est.check_model(weights_fingerprint(orb_b), "orb b")
+    batch = Batch.from_atoms(atoms)
+    ens = evaluate_ensemble([orb_a, orb_b], batch)
+    forces = np.stack([evaluate(m, batch, conservative=False).forces_direct.detach().numpy() for m in (orb_a, orb_b)])
+    std = ensemble_uncertainty(ens, batch).per_atom["ensemble_std"].numpy()
+    assert np.allclose(std, np.sqrt(forces.var(axis=0).sum(-1) / 3.0), atol=1e-6)
