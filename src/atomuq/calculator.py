@@ -24,7 +24,18 @@ class AtomuqCalculator(Calculator):
     direct head if forces="direct" and the model has one, else virial), stress_virial,
     stress_direct, confidence_error (per atom, eV/Å), and with rotational_gradient=True
     rotational_gradient (3x3, eV) and rotational_gradient_norm (eV).
+
+    conservative: "always" (every evaluation also runs the backward pass, so every result is
+    there at once) or "on_demand" (with forces="direct", the backward pass runs only when a
+    result that needs it is asked for, or after request_conservative(); MD uses this so a step
+    costs one forward pass and a monitored or MTS outer step one forward + backward).
     """
+
+    #: results that need the backward pass
+    CONSERVATIVE_RESULTS = frozenset({
+        "forces_conservative", "force_delta", "force_delta_atoms", "stress", "stress_virial",
+        "rotational_gradient", "rotational_gradient_norm",
+    })
 
     implemented_properties = [
         "energy", "free_energy", "forces", "stress", "forces_direct", "forces_conservative",
@@ -39,6 +50,7 @@ class AtomuqCalculator(Calculator):
         device: str = "cpu",
         dtype: torch.dtype | None = None,
         rotational_gradient: bool = False,
+        conservative: str = "always",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -51,20 +63,37 @@ class AtomuqCalculator(Calculator):
             raise ValueError(f"forces must be 'direct' or 'conservative', got {forces!r}")
         if forces == "direct" and not direct:
             raise ValueError("forces='direct' needs a model with a direct force head; this one is conservative-only")
+        if conservative not in ("always", "on_demand"):
+            raise ValueError(f"conservative must be 'always' or 'on_demand', got {conservative!r}")
         self.force_mode = forces
         self.want_rotational = rotational_gradient
+        self.conservative_policy = conservative
+        self._conservative_requested = False
+
+    def request_conservative(self) -> None:
+        """Make the next evaluation also compute conservative forces and the Force Delta (one-shot)."""
+        self._conservative_requested = True
+
+    def _needs_backward(self, properties) -> bool:
+        if self.conservative_policy == "always" or self.force_mode == "conservative" or self.want_rotational:
+            return True
+        return self._conservative_requested or bool(self.CONSERVATIVE_RESULTS.intersection(properties))
 
     def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
         batch = Batch.from_atoms([self.atoms], device=self.model.device, dtype=self.model.dtype)
-        periodic = bool(self.atoms.pbc.all())
-        pred = evaluate(self.model, batch, conservative=True, stress=periodic, rotational=self.want_rotational).detach()
+        backward = self._needs_backward(properties)
+        self._conservative_requested = False
+        periodic = bool(self.atoms.pbc.all()) and backward
+        pred = evaluate(self.model, batch, conservative=backward, stress=periodic, rotational=self.want_rotational).detach()
         to_np = lambda t: t.detach().cpu().double().numpy()  # noqa: E731
-        r = self.results
+        self.results = r = {}
         r["energy"] = r["free_energy"] = float(pred.energy[0])
-        r["forces_conservative"] = to_np(pred.forces_conservative)
+        if backward:
+            r["forces_conservative"] = to_np(pred.forces_conservative)
         if pred.forces_direct is not None:
             r["forces_direct"] = to_np(pred.forces_direct)
+        if pred.forces_direct is not None and backward:
             fd = force_delta(pred, batch)
             r["force_delta"] = float(fd.per_structure["force_delta"][0])
             r["force_delta_atoms"] = to_np(fd.per_atom["force_delta"])

@@ -12,6 +12,7 @@ from rich.table import Table
 import atomuq
 from atomuq.cli.common import check_device, console, progress_bar, user_errors
 from atomuq.cli.data_commands import label, sample
+from atomuq.cli.md_commands import drift, md
 from atomuq.cli.train_commands import train
 from atomuq.core.io import read_structures, write_structures
 from atomuq.core.memory import reuse_freed_memory
@@ -97,6 +98,8 @@ def models() -> None:
 app.command()(train)
 app.command()(label)
 app.command()(sample)
+app.command()(md)
+app.command()(drift)
 
 
 if __name__ == "__main__":  # pragma: no cover
