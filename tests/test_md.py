@@ -13,7 +13,12 @@ from atomuq.calculator import AtomuqCalculator
 from atomuq.core.errors import InputError
 from atomuq.models.registry import resolve_model
 from atomuq.workflows.md.drift import analyse, load_md_frames
-from atomuq.workflows.md.monitors import FunctionQuantity, Monitor, Threshold, parse_monitor
+from atomuq.workflows.md.monitors import (
+    FunctionQuantity,
+    Monitor,
+    Threshold,
+    parse_monitor,
+)
 from atomuq.workflows.md.mts import MultipleTimeStepping
 from atomuq.workflows.md.run import MDRun, MDSettings, init_velocities
 from atomuq.workflows.md.trajectory import scan_trajectory
@@ -33,7 +38,9 @@ def start(seed: int = 0):
 
 def run(model, tmp_path, name, monitors=None, **kw):
     settings = MDSettings(**{"steps": 60, "traj_every": 5, **kw})
-    result = MDRun(start(), model, settings, tmp_path / name, monitors or [], say=lambda m: None).run()
+    result = MDRun(
+        start(), model, settings, tmp_path / name, monitors or [], say=lambda m: None
+    ).run()
     return result, tmp_path / name
 
 
@@ -65,9 +72,19 @@ def test_mts_with_one_inner_step_is_velocity_verlet_on_conservative_forces(model
 def test_mts_conserves_the_model_energy_far_better_than_direct(model, tmp_path):
     run(model, tmp_path, "direct.extxyz", forces="direct", steps=400, traj_every=8)
     # 2 fs outer, 4 inner steps of 0.5 fs: 200 fs (4 fs outer steps resonate with C-H vibrations for this model)
-    run(model, tmp_path, "mts.extxyz", forces="mts", steps=100, mts_inner=4, traj_every=2)
+    run(
+        model,
+        tmp_path,
+        "mts.extxyz",
+        forces="mts",
+        steps=100,
+        mts_inner=4,
+        traj_every=2,
+    )
     direct, mts = analyse(tmp_path / "direct.extxyz"), analyse(tmp_path / "mts.extxyz")
-    assert mts.duration_ps == pytest.approx(0.2) and direct.duration_ps == pytest.approx(0.2)
+    assert mts.duration_ps == pytest.approx(
+        0.2
+    ) and direct.duration_ps == pytest.approx(0.2)
     assert abs(mts.drift_meV_atom_ps) * 20 < abs(direct.drift_meV_atom_ps)
 
 
@@ -76,7 +93,9 @@ def test_mts_rejects_bad_inner_and_thermostat(model):
     with pytest.raises(ValueError, match="inner"):
         MultipleTimeStepping(atoms, 1.0, inner=0)
     with pytest.raises(ValueError, match="friction"):
-        MultipleTimeStepping(atoms, 1.0, inner=2, thermostat="langevin", temperature_K=300)
+        MultipleTimeStepping(
+            atoms, 1.0, inner=2, thermostat="langevin", temperature_K=300
+        )
 
 
 def test_low_force_delta_threshold_stops_and_the_log_says_so(model, tmp_path):
@@ -88,34 +107,63 @@ def test_low_force_delta_threshold_stops_and_the_log_says_so(model, tmp_path):
     assert scan_trajectory(path).frames[-1].info["event"] == "stop"
 
 
-def test_breach_rolls_back_to_last_trusted_frame_and_continues_conservative(model, tmp_path):
+def test_breach_rolls_back_to_last_trusted_frame_and_continues_conservative(
+    model, tmp_path
+):
     def direct_after_10fs(atoms, t):
         return 1.0 if atoms.calc.force_mode == "direct" and t > 10.0 else 0.0
 
     quantity = FunctionQuantity(direct_after_10fs, "trouble")
     mon = Monitor(quantity, every=4, threshold=Threshold(0.5), action="rollback")
     result, path = run(model, tmp_path, "rb.extxyz", [mon], steps=60)
-    assert result.status == "completed" and result.rollbacks == 1 and result.mode == "conservative"
+    assert (
+        result.status == "completed"
+        and result.rollbacks == 1
+        and result.mode == "conservative"
+    )
     assert result.time_fs == pytest.approx(30.0)
     log = (tmp_path / "rb.extxyz.log").read_text()
-    assert "ROLLBACK to step 20 (t = 10 fs" in log and "continuing with conservative forces" in log
+    assert (
+        "ROLLBACK to step 20 (t = 10 fs" in log
+        and "continuing with conservative forces" in log
+    )
     frames, restarts = load_md_frames(path)
     assert restarts == 1
     times = [f.info["time_fs"] for f in frames]
     assert times == sorted(times) and times[-1] == pytest.approx(30.0)
-    assert {f.info["force_mode"] for f in frames if f.info["time_fs"] > 10.0} == {"conservative"}
+    assert {f.info["force_mode"] for f in frames if f.info["time_fs"] > 10.0} == {
+        "conservative"
+    }
 
 
 class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("ensemble,forces", [("nve", "direct"), ("langevin", "direct"), ("nvt", "conservative"), ("langevin", "mts")])
-def test_killed_and_resumed_run_gives_the_same_frames(model, tmp_path, ensemble, forces):
-    kw = dict(ensemble=ensemble, forces=forces, temperature_K=300.0, steps=12 if forces == "mts" else 60)
+@pytest.mark.parametrize(
+    "ensemble,forces",
+    [
+        ("nve", "direct"),
+        ("langevin", "direct"),
+        ("nvt", "conservative"),
+        ("langevin", "mts"),
+    ],
+)
+def test_killed_and_resumed_run_gives_the_same_frames(
+    model, tmp_path, ensemble, forces
+):
+    kw = {
+        "ensemble": ensemble,
+        "forces": forces,
+        "temperature_K": 300.0,
+        "steps": 12 if forces == "mts" else 60,
+    }
     every = 1 if forces == "mts" else 5
     kw["traj_every"] = 1 if forces == "mts" else 5
-    mons = lambda: [parse_monitor(f"force_delta,every={every}"), parse_monitor(f"energy_drift,every={every}")]  # noqa: E731
+    mons = lambda: [
+        parse_monitor(f"force_delta,every={every}"),
+        parse_monitor(f"energy_drift,every={every}"),
+    ]
     run(model, tmp_path, "full.extxyz", mons(), **kw)
 
     def kill(atoms, t):
@@ -124,33 +172,54 @@ def test_killed_and_resumed_run_gives_the_same_frames(model, tmp_path, ensemble,
         return 0.0
 
     with pytest.raises(Killed):
-        run(model, tmp_path, "cut.extxyz", [*mons(), Monitor(FunctionQuantity(kill, "kill"), every=1)], **kw)
-    with open(tmp_path / "cut.extxyz", "a") as fh:  # a frame half-written when the process died
+        run(
+            model,
+            tmp_path,
+            "cut.extxyz",
+            [*mons(), Monitor(FunctionQuantity(kill, "kill"), every=1)],
+            **kw,
+        )
+    with open(
+        tmp_path / "cut.extxyz", "a"
+    ) as fh:  # a frame half-written when the process died
         fh.write("9\nProperties=species:S:1:pos:R:3 step=99\nC 0.1 0.2")
     messages = []
     settings = MDSettings(**kw)
-    MDRun(start(seed=5), model, settings, tmp_path / "cut.extxyz", mons(), resume=True, say=messages.append).run()
+    MDRun(
+        start(seed=5),
+        model,
+        settings,
+        tmp_path / "cut.extxyz",
+        mons(),
+        resume=True,
+        say=messages.append,
+    ).run()
     assert any("dropped a half-written last frame" in m for m in messages)
     assert "dropped a half-written" in (tmp_path / "cut.extxyz.log").read_text()
-    full, cut = scan_trajectory(tmp_path / "full.extxyz").frames, scan_trajectory(tmp_path / "cut.extxyz").frames
+    full, cut = (
+        scan_trajectory(tmp_path / "full.extxyz").frames,
+        scan_trajectory(tmp_path / "cut.extxyz").frames,
+    )
     assert [f.info["step"] for f in cut] == [f.info["step"] for f in full]
     for a, b in zip(full, cut):
         assert np.allclose(a.positions, b.positions, rtol=0, atol=1e-8)
         assert np.allclose(a.get_momenta(), b.get_momenta(), rtol=0, atol=1e-8)
-        assert a.info.get("force_delta") == pytest.approx(b.info.get("force_delta"), abs=1e-8)
+        assert a.info.get("force_delta") == pytest.approx(
+            b.info.get("force_delta"), abs=1e-8
+        )
 
 
 @pytest.mark.parametrize(
     "kw,match",
     [
-        (dict(ensemble="nvt"), "needs --temperature"),
-        (dict(ensemble="npt"), "--ensemble must be one of"),
-        (dict(forces="magic"), "--forces must be one of"),
-        (dict(timestep_fs=-1.0), "--timestep must be a positive"),
-        (dict(timestep_fs=50.0), "far too long"),
-        (dict(forces="mts", ensemble="nvt", temperature_K=300.0), "not with nvt"),
-        (dict(fallback="direct"), "--fallback must be one of"),
-        (dict(mts_inner=0, forces="mts"), "--mts-inner must be a positive"),
+        ({"ensemble": "nvt"}, "needs --temperature"),
+        ({"ensemble": "npt"}, "--ensemble must be one of"),
+        ({"forces": "magic"}, "--forces must be one of"),
+        ({"timestep_fs": -1.0}, "--timestep must be a positive"),
+        ({"timestep_fs": 50.0}, "far too long"),
+        ({"forces": "mts", "ensemble": "nvt", "temperature_K": 300.0}, "not with nvt"),
+        ({"fallback": "direct"}, "--fallback must be one of"),
+        ({"mts_inner": 0, "forces": "mts"}, "--mts-inner must be a positive"),
     ],
 )
 def test_bad_settings_give_clear_errors(kw, match):

@@ -57,7 +57,9 @@ class DriftReport:
 
 def series(frames: list[Atoms], key: str) -> tuple[np.ndarray, np.ndarray]:
     """(time fs, values) of an info key over the frames that have it."""
-    pairs = [(float(f.info["time_fs"]), float(f.info[key])) for f in frames if key in f.info]
+    pairs = [
+        (float(f.info["time_fs"]), float(f.info[key])) for f in frames if key in f.info
+    ]
     if not pairs:
         return np.zeros(0), np.zeros(0)
     t, v = np.array(pairs).T
@@ -69,7 +71,9 @@ def load_md_frames(path: str | Path) -> tuple[list[Atoms], int]:
     scan = scan_trajectory(path)
     frames = [f for f in scan.frames if "time_fs" in f.info and "etot" in f.info]
     if len(frames) < 2:
-        raise InputError(f"{path}: needs at least 2 frames written by `atomuq md` (found {len(frames)})")
+        raise InputError(
+            f"{path}: needs at least 2 frames written by `atomuq md` (found {len(frames)})"
+        )
     return final_branch(frames)
 
 
@@ -100,7 +104,12 @@ def analyse(path: str | Path) -> DriftReport:
     )
 
 
-def plot_drift(paths: list[str | Path], output: str | Path, labels: list[str] | None = None) -> Path:
+def plot_drift(
+    paths: list[str | Path],
+    output: str | Path,
+    labels: list[str] | None = None,
+    tmax_ps: float | None = None,
+) -> Path:
     """PNG of total energy per atom (meV, relative to the start), U_Δ and temperature against time (ps)."""
     import matplotlib
 
@@ -112,7 +121,9 @@ def plot_drift(paths: list[str | Path], output: str | Path, labels: list[str] | 
         frames, _ = load_md_frames(path)
         label = labels[k] if labels else Path(path).name
         t, etot = series(frames, "etot")
-        axes[0].plot(t / 1000, (etot - etot[0]) / len(frames[0]) * 1000, label=label, lw=1)
+        axes[0].plot(
+            t / 1000, (etot - etot[0]) / len(frames[0]) * 1000, label=label, lw=1
+        )
         tf, fd = series(frames, "force_delta")
         if fd.size:
             axes[1].plot(tf / 1000, fd, label=label, lw=1)
@@ -122,6 +133,8 @@ def plot_drift(paths: list[str | Path], output: str | Path, labels: list[str] | 
     axes[1].set_ylabel("U_Δ (eV/Å)")
     axes[2].set_ylabel("T (K)")
     axes[2].set_xlabel("time (ps)")
+    if tmax_ps is not None:
+        axes[2].set_xlim(0, tmax_ps)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     output = Path(output)

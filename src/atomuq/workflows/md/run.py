@@ -173,9 +173,13 @@ def make_calculator(model: AtomisticModel, mode: str) -> AtomuqCalculator:
 
 def init_velocities(atoms: Atoms, temperature_K: float, seed: int) -> None:
     """Maxwell-Boltzmann momenta at temperature_K (K), no centre-of-mass motion or rotation (molecules)."""
-    with warnings.catch_warnings():  # ASE 3.29 renames it thermalize_momenta; older ASE lacks that name
+    with (
+        warnings.catch_warnings()
+    ):  # ASE 3.29 renames it thermalize_momenta; older ASE lacks that name
         warnings.simplefilter("ignore", DeprecationWarning)
-        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=np.random.default_rng(seed))
+        MaxwellBoltzmannDistribution(
+            atoms, temperature_K=temperature_K, rng=np.random.default_rng(seed)
+        )
     Stationary(atoms)
     if not atoms.pbc.any():
         ZeroRotation(atoms)
@@ -410,7 +414,9 @@ class MDRun:
                 if worst is None or order[reading.action] > order[worst]:
                     worst = reading.action
             else:
-                self.log.write(reading.line(), {"event": "reading", **reading.__dict__}, sync=False)
+                self.log.write(
+                    reading.line(), {"event": "reading", **reading.__dict__}, sync=False
+                )
         if worst is None and ran_thresholded:
             self.trusted = Trusted(
                 self.atoms.get_positions(),
@@ -671,16 +677,31 @@ def run_paper_protocol(
         write_structures(relaxed_path, [relaxed])
     relaxed.calc = None
     eq_forces = "conservative" if settings.forces == "mts" else settings.forces
-    equil = MDSettings(ensemble="nvt", forces=eq_forces, timestep_fs=preset.timestep_fs,
-                       steps=preset.equilibration_steps, temperature_K=preset.temperature_K,
-                       tdamp_fs=preset.tdamp_fs, seed=settings.seed, traj_every=settings.traj_every)
+    equil = MDSettings(
+        ensemble="nvt",
+        forces=eq_forces,
+        timestep_fs=preset.timestep_fs,
+        steps=preset.equilibration_steps,
+        temperature_K=preset.temperature_K,
+        tdamp_fs=preset.tdamp_fs,
+        seed=settings.seed,
+        traj_every=settings.traj_every,
+    )
     relaxed.set_momenta(np.zeros((len(relaxed), 3)))
-    step_progress = (lambda t: progress("NVT equilibration", t, equil.steps * equil.timestep_fs)) if progress else None
+    step_progress = (
+        (lambda t: progress("NVT equilibration", t, equil.steps * equil.timestep_fs))
+        if progress
+        else None
+    )
     MDRun(relaxed, model, equil, equil_path, resume=resume, say=say).run(step_progress)
     frames, _ = load_md_frames(equil_path)
     start = frames[-1]
     start.calc = None
-    nve = MDSettings(**{**settings.__dict__, "ensemble": "nve", "timestep_fs": preset.timestep_fs})
+    nve = MDSettings(
+        **{**settings.__dict__, "ensemble": "nve", "timestep_fs": preset.timestep_fs}
+    )
     total = nve.steps * nve.step_fs(nve.forces)
     step_progress = (lambda t: progress("NVE", t, total)) if progress else None
-    return MDRun(start, model, nve, path, monitors, resume=resume, say=say).run(step_progress)
+    return MDRun(start, model, nve, path, monitors, resume=resume, say=say).run(
+        step_progress
+    )
