@@ -164,49 +164,35 @@ def test_energy_drift_quantity_fits_the_window():
     )
 
 
-def test_md_and_drift_commands(tmp_path):
-    start = tmp_path / "ethanol.extxyz"
-    write(start, molecule("CH3CH2OH"))
-    out = tmp_path / "run.extxyz"
-    args = [
+def md_args(start, out, steps: int, *extra: str) -> list[str]:
+    monitors = ["--monitor", "force_delta,every=5", "--monitor", "temperature,every=5"]
+    return [
         "md",
         str(start),
         "-o",
         str(out),
         "--steps",
-        "20",
+        str(steps),
         "--temperature",
         "300",
         "--traj-every",
         "5",
-        "--monitor",
-        "force_delta,every=5",
-        "--monitor",
-        "temperature,every=5",
+        *monitors,
+        *extra,
     ]
-    res = runner.invoke(app, args)
+
+
+def test_md_and_drift_commands(tmp_path):
+    start = tmp_path / "ethanol.extxyz"
+    write(start, molecule("CH3CH2OH"))
+    out = tmp_path / "run.extxyz"
+    res = runner.invoke(app, md_args(start, out, 20))
     assert res.exit_code == 0, res.output
     assert "completed: step 20" in res.output
     assert len(scan_trajectory(out).frames) == 5
-    res = runner.invoke(app, args)
+    res = runner.invoke(app, md_args(start, out, 20))
     assert res.exit_code == 1 and "exists: add --resume" in res.output
-    res = runner.invoke(
-        app,
-        [
-            *args[:4],
-            "--steps",
-            "30",
-            "--resume",
-            "--temperature",
-            "300",
-            "--traj-every",
-            "5",
-            "--monitor",
-            "force_delta,every=5",
-            "--monitor",
-            "temperature,every=5",
-        ],
-    )
+    res = runner.invoke(app, md_args(start, out, 30, "--resume"))
     assert res.exit_code == 0, res.output
     assert "resuming" in res.output and "step 30" in res.output
     png, js = tmp_path / "d.png", tmp_path / "d.json"
