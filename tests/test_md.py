@@ -247,3 +247,28 @@ def test_bad_monitor_specs_give_clear_errors(spec, match):
 def test_missing_momenta_without_temperature_is_an_error(model, tmp_path):
     with pytest.raises(InputError, match="no momenta"):
         MDRun(molecule("CH3CH2OH"), model, MDSettings(), tmp_path / "x.extxyz")
+
+
+def test_mts_langevin_noise_has_the_canonical_variance_and_its_stream_is_restorable():
+    atoms = start()
+    dyn = MultipleTimeStepping(
+        atoms,
+        1.0 * units.fs,
+        inner=2,
+        thermostat="langevin",
+        temperature_K=300.0,
+        friction=0.02 / units.fs,
+        rng=3,
+    )
+    zeros = np.zeros((len(atoms), 3))
+    samples = np.array(
+        [dyn._ou(zeros, 1e4 * units.fs) for _ in range(3000)]
+    )  # c1 = 0: a fresh draw
+    kT = units.kB * 300.0
+    assert np.allclose(
+        (samples**2).mean(axis=(0, 2)) / atoms.get_masses(), kT, rtol=0.06
+    )
+    state = dyn.get_state()
+    first = dyn._ou(zeros, 1.0)
+    dyn.set_state(state)
+    assert np.array_equal(dyn._ou(zeros, 1.0), first)

@@ -288,3 +288,26 @@ def test_resume_refuses_a_trajectory_of_other_atoms(tmp_path):
             tmp_path / "r.extxyz",
             resume=True,
         )
+
+
+def test_any_calculator_result_can_be_monitored_with_a_reduction(tmp_path):
+    from atomuq.models.registry import resolve_model
+    from atomuq.workflows.md.monitors import parse_monitor
+    from atomuq.workflows.md.run import MDRun, MDSettings
+
+    mon = parse_monitor("key:confidence_error,every=2,reduce=mean")
+    assert mon.name == "confidence_error_mean"
+    run = MDRun(
+        molecule("H2O"),
+        resolve_model(None),
+        MDSettings(steps=4, temperature_K=100, traj_every=2),
+        tmp_path / "c.extxyz",
+        [mon],
+        say=lambda m: None,
+    )
+    run.run()
+    frames = scan_trajectory(tmp_path / "c.extxyz").frames
+    per_atom = run.atoms.calc.results["confidence_error"]
+    assert frames[-1].info["confidence_error_mean"] == pytest.approx(per_atom.mean())
+    with pytest.raises(InputError, match="reduce must be one of"):
+        parse_monitor("key:confidence_error,reduce=median")

@@ -20,7 +20,8 @@ from atomuq.workflows.md.run import MDRun, MDSettings, PaperPreset, run_paper_pr
 DEFAULT_MONITORS = ("force_delta,every=10", "energy_drift,every=10", "temperature,every=10")
 MONITOR_HELP = (
     "NAME[,every=N][,max=X|Xxstart|Xxmedian][,window=W][,action=log|snapshot|stop|rollback]; NAME is force_delta, "
-    "temperature, energy_drift or key:RESULT (any per-structure calculator result). Repeatable. "
+    "temperature, energy_drift or key:RESULT[,reduce=max|mean|rms] (any calculator result, e.g. "
+    "key:confidence_error, the confidence head's per-atom error). Repeatable. "
     f"Default: {'; '.join(DEFAULT_MONITORS)} (log only). 'none' turns monitoring off."
 )
 
@@ -56,8 +57,8 @@ def md(
         fail(f"{output} exists: add --resume to continue it or --overwrite to replace it")
     if resume and overwrite:
         fail("--resume and --overwrite exclude each other")
-    if forces != "mts" and (mts_outer is not None or mts_inner is not None):
-        fail("--mts-outer/--mts-inner only apply with --forces mts")
+    if "mts" not in (forces, fallback) and (mts_outer is not None or mts_inner is not None):
+        fail("--mts-outer/--mts-inner only apply with --forces mts or --fallback mts")
     if preset not in (None, "paper"):
         fail(f"--preset must be 'paper', got {preset!r}")
     if preset == "paper" and (ensemble not in (None, "nve") or timestep not in (None, 0.5)):

@@ -21,6 +21,7 @@ from ase import Atoms
 from atomuq.core.errors import InputError
 
 ACTIONS = ("log", "snapshot", "stop", "rollback")
+REDUCTIONS = {"max": np.max, "mean": np.mean, "rms": lambda x: np.sqrt(np.mean(x**2))}
 THRESHOLD_MODES = ("absolute", "start", "median")
 
 
@@ -36,24 +37,35 @@ class Quantity(Protocol):
 
 @dataclass
 class ResultKey:
-    """A per-structure scalar from the attached calculator's results (default: the Force Delta U_Δ, eV/Å)."""
+    """A calculator result as a per-structure scalar (default: the Force Delta U_Δ, eV/Å).
+
+    Per-atom results (e.g. the confidence head's confidence_error, or an LTAU calculator's
+    per-atom score) are reduced with `reduce`: "max", "mean" or "rms".
+    """
 
     key: str = "force_delta"
     unit: str = "eV/Å"
     needs_conservative: bool = True
+    reduce: str = "max"
+
+    def __post_init__(self) -> None:
+        if self.reduce not in REDUCTIONS:
+            raise InputError(
+                f"reduce must be one of {', '.join(REDUCTIONS)}, got {self.reduce!r}"
+            )
 
     @property
     def name(self) -> str:
-        return self.key
+        return self.key if self.key == "force_delta" else f"{self.key}_{self.reduce}"
 
     def __call__(self, atoms: Atoms, time_fs: float) -> float:
         """The value of `key` at the current positions (computed if the cached evaluation lacks it)."""
         value = atoms.calc.results.get(self.key)
         if value is None:
             value = atoms.calc.get_property(self.key, atoms)
-        return (
-            float(np.asarray(value).reshape(-1)[0]) if np.ndim(value) else float(value)
-        )
+        if np.ndim(value) == 0:
+            return float(value)
+        return float(REDUCTIONS[self.reduce](np.asarray(value, dtype=float)))
 
 
 @dataclass
@@ -257,8 +269,8 @@ class Monitor:
 def parse_monitor(spec: str) -> Monitor:
     """Monitor from 'NAME[,every=N][,max=X|Xxstart|Xxmedian][,action=log|snapshot|stop|rollback]'.
 
-    NAME: force_delta, temperature, energy_drift, or key:RESULT for any per-structure scalar
-    the calculator returns.
+    NAME: force_delta, temperature, energy_drift, or key:RESULT[,reduce=max|mean|rms] for any
+    result of the calculator (per-structure, or per-atom reduced; e.g. key:confidence_error).
     """
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if not parts:
@@ -271,10 +283,10 @@ def parse_monitor(spec: str) -> Monitor:
             raise InputError(f"--monitor {spec!r}: expected key=value, got {part!r}")
         key, value = part.split("=", 1)
         options[key.strip()] = value.strip()
-    unknown = set(options) - {"every", "max", "action", "window"}
+    unknown = set(options) - {"every", "max", "action", "window", "reduce"}
     if unknown:
         raise InputError(
-            f"--monitor {spec!r}: unknown option(s) {', '.join(sorted(unknown))}; use every, max, action, window"
+            f"--monitor {spec!r}: unknown option(s) {', '.join(sorted(unknown))}; use every, max, action, window, reduce"
         )
     if name == "force_delta":
         quantity: Quantity = ResultKey("force_delta", "eV/Å")
@@ -283,7 +295,12 @@ def parse_monitor(spec: str) -> Monitor:
     elif name == "energy_drift":
         quantity = EnergyDrift()
     elif name.startswith("key:") and len(name) > 4:
-        quantity = ResultKey(name[4:], unit="", needs_conservative=False)
+        quantity = ResultKey(
+            name[4:],
+            unit="",
+            needs_conservative=False,
+            reduce=options.get("reduce", "max"),
+        )
     else:
         raise InputError(
             f"--monitor {spec!r}: unknown quantity {name!r}; use force_delta, temperature, energy_drift or key:RESULT"
