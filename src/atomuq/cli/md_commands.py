@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.table import Table
@@ -29,26 +28,26 @@ MONITOR_HELP = (
 def md(
     input: Path = typer.Argument(..., help="Starting structure (any ASE-readable file; the first frame, or --index)."),
     output: Path = typer.Option(..., "-o", "--output", help="Trajectory to write (extended XYZ, appended frame by frame)."),
-    ensemble: Optional[str] = typer.Option(None, "--ensemble", help="nve, nvt (Nosé–Hoover chain) or langevin. Default nve."),
+    ensemble: str | None = typer.Option(None, "--ensemble", help="nve, nvt (Nosé–Hoover chain) or langevin. Default nve."),
     forces: str = typer.Option("direct", "--forces", help="direct, conservative or mts (multiple time stepping)."),
-    timestep: Optional[float] = typer.Option(None, "--timestep", help="Time step in fs (default 0.5; with mts: the inner step unless --mts-outer is given)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Integrator steps (MTS: outer steps). Default 1000 (paper preset: 20000)."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="K: thermostat target and initial velocities if INPUT has no momenta."),
-    mts_outer: Optional[float] = typer.Option(None, "--mts-outer", help="MTS outer step in fs (default timestep x inner)."),
-    mts_inner: Optional[int] = typer.Option(None, "--mts-inner", help="MTS inner steps per outer step M (default 8)."),
+    timestep: float | None = typer.Option(None, "--timestep", help="Time step in fs (default 0.5; with mts: the inner step unless --mts-outer is given)."),
+    steps: int | None = typer.Option(None, "--steps", help="Integrator steps (MTS: outer steps). Default 1000 (paper preset: 20000)."),
+    temperature: float | None = typer.Option(None, "--temperature", help="K: thermostat target and initial velocities if INPUT has no momenta."),
+    mts_outer: float | None = typer.Option(None, "--mts-outer", help="MTS outer step in fs (default timestep x inner)."),
+    mts_inner: int | None = typer.Option(None, "--mts-inner", help="MTS inner steps per outer step M (default 8)."),
     tdamp: float = typer.Option(10.0, "--tdamp", help="Nosé–Hoover time constant in fs."),
     friction: float = typer.Option(0.01, "--friction", help="Langevin friction in 1/fs."),
-    monitor: Optional[List[str]] = typer.Option(None, "--monitor", help=MONITOR_HELP),
+    monitor: list[str] | None = typer.Option(None, "--monitor", help=MONITOR_HELP),
     fallback: str = typer.Option("conservative", "--fallback", help="Forces after a rollback: conservative or mts."),
     max_rollbacks: int = typer.Option(1, "--max-rollbacks", help="Rollbacks allowed before a further breach stops the run."),
     traj_every: int = typer.Option(10, "--traj-every", help="Write a frame every this many steps."),
     seed: int = typer.Option(0, "--seed", help="Seed of initial velocities and thermostat noise."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="paper: relax to fmax 0.05 eV/Å, NVT 300 K (Nosé–Hoover, 10 fs) for 1 ps, then NVE velocity Verlet at 0.5 fs."),
+    preset: str | None = typer.Option(None, "--preset", help="paper: relax to fmax 0.05 eV/Å, NVT 300 K (Nosé–Hoover, 10 fs) for 1 ps, then NVE velocity Verlet at 0.5 fs."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last complete frame of OUTPUT (same velocities, step, thermostat state)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT instead of refusing."),
     equilibration_steps: int = typer.Option(2000, "--equilibration-steps", help="NVT steps of 0.5 fs in --preset paper."),
     index: int = typer.Option(0, "--index", help="Which frame of INPUT to start from."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Bundled model name or model file (default {DEFAULT_MODEL})."),
+    model: str | None = typer.Option(None, "--model", "-m", help=f"Bundled model name or model file (default {DEFAULT_MODEL})."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
     """Molecular dynamics that watches itself: Force Delta and drift monitors, rollback, MTS, crash-safe resume."""
@@ -108,9 +107,9 @@ def md(
 
 
 def drift(
-    trajectories: List[Path] = typer.Argument(..., help="Trajectories written by `atomuq md`."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of total energy, U_Δ and temperature against time."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the statistics as JSON."),
+    trajectories: list[Path] = typer.Argument(..., help="Trajectories written by `atomuq md`."),
+    plot: Path | None = typer.Option(None, "--plot", help="PNG of total energy, U_Δ and temperature against time."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the statistics as JSON."),
 ) -> None:
     """Energy drift (meV/atom/ps), temperature statistics and U_Δ of MD trajectories."""
     with user_errors():
