@@ -272,3 +272,20 @@ def test_mts_langevin_noise_has_the_canonical_variance_and_its_stream_is_restora
     first = dyn._ou(zeros, 1.0)
     dyn.set_state(state)
     assert np.array_equal(dyn._ou(zeros, 1.0), first)
+
+
+def test_mts_works_with_ase_trajectories_and_observers(model, tmp_path):
+    from ase.io import Trajectory, read
+
+    atoms = start()
+    atoms.calc = AtomuqCalculator(model, conservative="on_demand")
+    dyn = MultipleTimeStepping(atoms, 2.0 * units.fs, inner=4)
+    with Trajectory(tmp_path / "mts.traj", "w", atoms) as traj:
+        dyn.attach(traj.write, interval=1)
+        seen = []
+        dyn.attach(lambda: seen.append(dyn.get_time() / units.fs), interval=2)
+        dyn.run(4)
+    frames = read(tmp_path / "mts.traj", ":")
+    assert len(frames) == 5 and seen == pytest.approx([0.0, 4.0, 8.0])
+    assert np.allclose(frames[-1].positions, atoms.positions)
+    assert dyn.todict()["inner"] == 4
