@@ -129,8 +129,9 @@ def equilibrated(model, atoms, tag: str, seed: int):
 
 
 def md(model, atoms, path: Path, **kw) -> dict:
-    settings = MDSettings(**{"timestep_fs": 0.5, "traj_every": 20, **kw})
-    every = 20 if settings.forces != "mts" else 5
+    mts = kw.get("forces") == "mts"
+    settings = MDSettings(**{"timestep_fs": 0.5, "traj_every": 5 if mts else 20, **kw})
+    every = 5 if mts else 20  # MTS: every 5 outer steps (10 or 20 fs)
     if path.exists() and scan_trajectory(path).frames[-1].info.get("event") == "stop":
         status = "stopped"  # finished earlier: a stopped run is not resumed
     else:
@@ -276,13 +277,14 @@ def figures(results: dict) -> dict:
     }
     paths = [OUT / f"{first}.nve_{m}.extxyz" for m in modes]
     figs["nve"] = plot_drift(
-        paths, DOCS / "md_stability_nve.png", [labels[m] for m in modes]
+        paths, DOCS / "md_stability_nve.png", [labels[m] for m in modes], symlog=True
     )
     figs["nve_zoom"] = plot_drift(
         paths,
         DOCS / "md_stability_nve_first_ps.png",
         [labels[m] for m in modes],
         tmax_ps=1.0,
+        symlog=True,
     )
     fig, axes = plt.subplots(
         len(NVT_TDAMP), 1, figsize=(7, 3 * len(NVT_TDAMP)), sharex=True

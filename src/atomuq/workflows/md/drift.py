@@ -109,8 +109,12 @@ def plot_drift(
     output: str | Path,
     labels: list[str] | None = None,
     tmax_ps: float | None = None,
+    symlog: bool = False,
 ) -> Path:
-    """PNG of total energy per atom (meV, relative to the start), U_Δ and temperature against time (ps)."""
+    """PNG of total energy per atom (meV, relative to the start), U_Δ and temperature against time (ps).
+
+    symlog: symmetric-log energy axis (linear within ±1 meV/atom) for runs differing by orders of magnitude.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,6 +134,9 @@ def plot_drift(
         tt, temp = series(frames, "temperature")
         axes[2].plot(tt / 1000, temp, label=label, lw=0.8)
     axes[0].set_ylabel("E_tot - E_tot(0) (meV/atom)")
+    if symlog:
+        axes[0].set_yscale("symlog", linthresh=1.0)
+        axes[0].grid(alpha=0.3)
     axes[1].set_ylabel("U_Δ (eV/Å)")
     axes[2].set_ylabel("T (K)")
     axes[2].set_xlabel("time (ps)")
