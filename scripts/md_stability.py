@@ -479,16 +479,17 @@ def reading(results: dict, rows: list[dict]) -> list[str]:
             f"{n200c['temperature_std_K']:.0f} K for {n200c['duration_ps']:.0f} ps."
         )
     drift = np.abs([r["drift_meV_atom_ps"] for r in rows])
-    rs = {
-        k: spearmanr([r[k] for r in rows], drift).statistic
+    sp = {
+        k: spearmanr([r[k] for r in rows], drift)
         for k in ("force_delta_mean", "eps_nc_mean", "eps_c_mean")
     }
+    u, e, c = (sp[k] for k in ("force_delta_mean", "eps_nc_mean", "eps_c_mean"))
     out.append(
-        f"- **Drift predictors:** mean U_Δ ranks the drift a little better than mean ε_nc (r_s {rs['force_delta_mean']:.2f} "
-        f"against {rs['eps_nc_mean']:.2f}; ε_c {rs['eps_c_mean']:.2f}; n = {len(rows)}), the same order as the paper "
-        "(0.91 against 0.24) but with a much smaller gap, and neither is significant at the paper's strength. Because "
-        "every run blew up, 'drift' here measures how fast a run explodes, and U_Δ and ε_nc are both large and "
-        "correlated, as the paper found for its fragile model. U_Δ needed no reference calculation; ε_nc needed "
+        f"- **Drift predictors:** mean U_Δ ranks the drift a little better than mean ε_nc (r_s {u.statistic:.2f}, "
+        f"p = {u.pvalue:.3f}, against {e.statistic:.2f}, p = {e.pvalue:.3f}; ε_c {c.statistic:.2f}; n = {len(rows)}): "
+        "the paper's order (0.91 against 0.24) with a much smaller gap. Because every run blew up, 'drift' here "
+        "measures how fast a run explodes; U_Δ and ε_nc are then both large and correlated, as the paper found for "
+        "its fragile model. U_Δ needed no reference calculation; ε_nc needed "
         f"{LABEL_FRAMES} GFN2-xTB calculations per run."
     )
     return out
