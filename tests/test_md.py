@@ -289,3 +289,40 @@ def test_mts_works_with_ase_trajectories_and_observers(model, tmp_path):
     assert len(frames) == 5 and seen == pytest.approx([0.0, 4.0, 8.0])
     assert np.allclose(frames[-1].positions, atoms.positions)
     assert dyn.todict()["inner"] == 4
+
+
+def test_calculator_runs_the_backward_pass_only_on_demand(model):
+    atoms = start()
+    always = AtomuqCalculator(model)
+    lazy = AtomuqCalculator(model, conservative="on_demand")
+    atoms.calc = lazy
+    forces = atoms.get_forces()
+    assert (
+        "forces_conservative" not in lazy.results and "force_delta" not in lazy.results
+    )
+    ref = always.get_property("force_delta", atoms)
+    assert lazy.get_property("force_delta", atoms) == pytest.approx(
+        ref, rel=1e-12
+    )  # computed when asked
+    assert np.allclose(lazy.results["forces_direct"], forces, atol=1e-12)
+    atoms.positions[0, 0] += 0.01
+    lazy.request_conservative()
+    atoms.get_forces()
+    assert "forces_conservative" in lazy.results  # the one-shot request was honoured
+    atoms.positions[0, 0] += 0.01
+    atoms.get_forces()
+    assert "forces_conservative" not in lazy.results  # and used up
+    with pytest.raises(ValueError, match="on_demand"):
+        AtomuqCalculator(model, conservative="sometimes")
+
+
+def test_snapshot_action_writes_the_frame_and_logs_it(model, tmp_path):
+    quantity = FunctionQuantity(lambda atoms, t: t, "clock", "fs")
+    mon = Monitor(quantity, every=4, threshold=Threshold(6.0), action="snapshot")
+    result, path = run(model, tmp_path, "snap.extxyz", [mon], steps=20)
+    assert result.status == "completed"
+    snaps = scan_trajectory(tmp_path / "snap.extxyz.snapshots.extxyz").frames
+    assert [f.info["time_fs"] for f in snaps] == [
+        8.0
+    ]  # t = 8 fs is the only check above 6 fs (steps 16; 20 ends)
+    assert "snapshot written" in (tmp_path / "snap.extxyz.log").read_text()
