@@ -321,8 +321,9 @@ def test_snapshot_action_writes_the_frame_and_logs_it(model, tmp_path):
     mon = Monitor(quantity, every=4, threshold=Threshold(6.0), action="snapshot")
     result, path = run(model, tmp_path, "snap.extxyz", [mon], steps=20)
     assert result.status == "completed"
-    snaps = scan_trajectory(tmp_path / "snap.extxyz.snapshots.extxyz").frames
+    snaps = scan_trajectory(path.with_name("snap.extxyz.snapshots.extxyz")).frames
     assert [f.info["time_fs"] for f in snaps] == [
-        8.0
-    ]  # t = 8 fs is the only check above 6 fs (steps 16; 20 ends)
+        8.0,
+        10.0,
+    ]  # checked every 2 fs; 8 and 10 fs exceed 6 fs
     assert "snapshot written" in (tmp_path / "snap.extxyz.log").read_text()
