@@ -167,7 +167,9 @@ def test_killed_and_resumed_run_gives_the_same_frames(
     run(model, tmp_path, "full.extxyz", mons(), **kw)
 
     def kill(atoms, t):
-        if t > kw["steps"] * 0.6 * (4.0 if forces == "mts" else 0.5):
+        if t > kw["steps"] * 0.6 * MDSettings(**kw).step_fs(
+            forces
+        ):  # 60 % through the run
             raise Killed
         return 0.0
 

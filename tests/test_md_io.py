@@ -311,3 +311,42 @@ def test_any_calculator_result_can_be_monitored_with_a_reduction(tmp_path):
     assert frames[-1].info["confidence_error_mean"] == pytest.approx(per_atom.mean())
     with pytest.raises(InputError, match="reduce must be one of"):
         parse_monitor("key:confidence_error,reduce=median")
+
+
+def test_preset_paper_can_equilibrate_on_conservative_forces(tmp_path):
+    start = tmp_path / "water.extxyz"
+    write(start, molecule("H2O"))
+    out = tmp_path / "nve.extxyz"
+    args = [
+        "md",
+        str(start),
+        "-o",
+        str(out),
+        "--preset",
+        "paper",
+        "--steps",
+        "4",
+        "--equilibration-steps",
+        "4",
+        "--equilibration-forces",
+        "conservative",
+    ]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert {
+        f.info["force_mode"]
+        for f in scan_trajectory(tmp_path / "nve.extxyz.equil.extxyz").frames
+    } == {"conservative"}
+    assert {f.info["force_mode"] for f in scan_trajectory(out).frames} == {"direct"}
+    res = runner.invoke(
+        app,
+        [
+            "md",
+            str(start),
+            "-o",
+            str(tmp_path / "x.extxyz"),
+            "--equilibration-forces",
+            "direct",
+        ],
+    )
+    assert res.exit_code == 1 and "only with --preset paper" in res.output

@@ -34,7 +34,7 @@ def md(
     steps: int | None = typer.Option(None, "--steps", help="Integrator steps (MTS: outer steps). Default 1000 (paper preset: 20000)."),
     temperature: float | None = typer.Option(None, "--temperature", help="K: thermostat target and initial velocities if INPUT has no momenta."),
     mts_outer: float | None = typer.Option(None, "--mts-outer", help="MTS outer step in fs (default timestep x inner)."),
-    mts_inner: int | None = typer.Option(None, "--mts-inner", help="MTS inner steps per outer step M (default 8)."),
+    mts_inner: int | None = typer.Option(None, "--mts-inner", help="MTS inner steps per outer step M (default 4, i.e. 2 fs outer at 0.5 fs; the paper's 4 fs / M = 8 is unstable for molecules with hydrogen with the bundled model)."),
     tdamp: float = typer.Option(10.0, "--tdamp", help="Nosé–Hoover time constant in fs."),
     friction: float = typer.Option(0.01, "--friction", help="Langevin friction in 1/fs."),
     monitor: list[str] | None = typer.Option(None, "--monitor", help=MONITOR_HELP),
@@ -46,6 +46,10 @@ def md(
     resume: bool = typer.Option(False, "--resume", help="Continue from the last complete frame of OUTPUT (same velocities, step, thermostat state)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT instead of refusing."),
     equilibration_steps: int = typer.Option(2000, "--equilibration-steps", help="NVT steps of 0.5 fs in --preset paper."),
+    equilibration_forces: str | None = typer.Option(
+        None, "--equilibration-forces",
+        help="direct or conservative forces for the NVT stage of --preset paper (default: as --forces; conservative for mts).",
+    ),
     index: int = typer.Option(0, "--index", help="Which frame of INPUT to start from."),
     model: str | None = typer.Option(None, "--model", "-m", help=f"Bundled model name or model file (default {DEFAULT_MODEL})."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
@@ -58,6 +62,8 @@ def md(
         fail("--resume and --overwrite exclude each other")
     if "mts" not in (forces, fallback) and (mts_outer is not None or mts_inner is not None):
         fail("--mts-outer/--mts-inner only apply with --forces mts or --fallback mts")
+    if equilibration_forces is not None and preset != "paper":
+        fail("--equilibration-forces applies only with --preset paper")
     if preset not in (None, "paper"):
         fail(f"--preset must be 'paper', got {preset!r}")
     if preset == "paper" and (ensemble not in (None, "nve") or timestep not in (None, 0.5)):
@@ -71,7 +77,7 @@ def md(
         settings = MDSettings(
             ensemble=ensemble or "nve", forces=forces, timestep_fs=timestep or 0.5,
             steps=steps if steps is not None else (PaperPreset().steps if preset else 1000),
-            temperature_K=temperature, mts_outer_fs=mts_outer, mts_inner=mts_inner or 8,
+            temperature_K=temperature, mts_outer_fs=mts_outer, mts_inner=mts_inner or 4,
             tdamp_fs=tdamp, friction_per_fs=friction, seed=seed, traj_every=traj_every,
             fallback=fallback, max_rollbacks=max_rollbacks,
         )
@@ -91,7 +97,8 @@ def md(
                 bar.update(tasks[stage], completed=round(t_fs))
 
             if preset == "paper":
-                preset_cfg = PaperPreset(temperature_K=temperature or 300.0, equilibration_steps=equilibration_steps)
+                preset_cfg = PaperPreset(temperature_K=temperature or 300.0, equilibration_steps=equilibration_steps,
+                    equilibration_forces=equilibration_forces)
                 settings.temperature_K = preset_cfg.temperature_K
                 result = run_paper_protocol(atoms, net, settings, output, monitors, preset_cfg, resume, say, progress)
             else:

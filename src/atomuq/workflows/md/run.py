@@ -68,7 +68,7 @@ class MDSettings:
     steps: int = 1000
     temperature_K: float | None = None
     mts_outer_fs: float | None = None
-    mts_inner: int = 8
+    mts_inner: int = 4  # 2 fs outer at 0.5 fs: the paper's 4 fs / M = 8 is unstable with H for our model
     tdamp_fs: float = 10.0
     friction_per_fs: float = 0.01
     seed: int = 0
@@ -645,6 +645,9 @@ class PaperPreset:
     equilibration_steps: int = 2000  # of 0.5 fs
     timestep_fs: float = 0.5
     steps: int = 20000  # 10 ps NVE
+    equilibration_forces: str | None = (
+        None  # None: the run's forces (conservative for MTS)
+    )
 
 
 def run_paper_protocol(
@@ -662,7 +665,8 @@ def run_paper_protocol(
 
     Writes TRAJ.relaxed.extxyz, TRAJ.equil.extxyz (+ .log) and TRAJ (+ .log); the NVE stage
     uses settings.forces (direct, conservative or MTS) and the monitors; equilibration uses
-    the same forces (conservative for MTS, which Nosé–Hoover cannot wrap here).
+    preset.equilibration_forces, by default the same forces (conservative for MTS, which
+    Nosé–Hoover cannot wrap here).
     """
     preset = preset or PaperPreset()
     path = Path(trajectory)
@@ -676,7 +680,13 @@ def run_paper_protocol(
         relaxed = relax(atoms, model, preset.fmax, forces=settings.forces)
         write_structures(relaxed_path, [relaxed])
     relaxed.calc = None
-    eq_forces = "conservative" if settings.forces == "mts" else settings.forces
+    eq_forces = preset.equilibration_forces or (
+        "conservative" if settings.forces == "mts" else settings.forces
+    )
+    if eq_forces not in ("direct", "conservative"):
+        raise InputError(
+            f"equilibration forces must be direct or conservative, got {eq_forces!r}"
+        )
     equil = MDSettings(
         ensemble="nvt",
         forces=eq_forces,
