@@ -1,12 +1,13 @@
 """The Force Delta paper's MD stability study (sections 4.1, 4.3, A.1.4, A.2.1) on our molecules.
 
-For each system x starting point: relax (fmax 0.05 eV/Å, BFGS, direct forces), NVT 300 K
-(Nosé–Hoover chain, tdamp 10 fs, 1 ps), then 10 ps NVE velocity Verlet at 0.5 fs with direct
-forces, U_Δ recorded every 20 steps; a subsample of frames is labelled with GFN2-xTB for ε_nc and
-ε_c. On the first system it also runs NVE with conservative and MTS forces from the same
-equilibrated frame (paper Fig. 1/5) and NVT (Nosé–Hoover, τ = 200 fs) with direct and
-conservative forces (temperature spread, A.2.1). Every run is resumable; results are cached in
-out/md_stability/results.json and the report is docs/md_stability.md with PNG figures.
+For each system x starting point: relax (fmax 0.05 eV/Å, BFGS, direct forces; conservative where
+that does not converge), NVT 300 K (Nosé–Hoover chain, tdamp 10 fs, 1 ps, conservative forces),
+then up to 10 ps NVE velocity Verlet at 0.5 fs with direct forces, U_Δ recorded every 20 steps,
+stopped above 2000 K; a subsample of frames is labelled with GFN2-xTB for ε_nc and ε_c. On
+aspirin (start 0) and caffeine (start 25) it also runs NVE with conservative and MTS forces from
+the same equilibrated frame (paper Fig. 1/5), and on aspirin NVT (Nosé–Hoover, τ = 200 and 10 fs)
+with direct and conservative forces (temperature spread, A.2.1). Every run is resumable; results
+are cached in out/md_stability/results.json and the report is docs/md_stability.md with PNGs.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/md_stability.py            # run (resumes)
     OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/md_stability.py --report   # report from cache
@@ -57,6 +58,22 @@ SYSTEMS = [
 ]
 STARTS = [0, 25]  # frame index within the molecule's 300 K test trajectory
 NVE_PS, EQ_PS, NVT_PS = 10.0, 1.0, 5.0
+MODES = {
+    "direct": {},
+    "conservative": {},
+    "mts_2fs_M4": {"mts_inner": 4},
+    "mts_4fs_M8": {"mts_inner": 8},
+}
+MODE_RUNS = [
+    ("fig1", "aspirin", 0),
+    ("fig5", "caffeine", 25),
+]  # (key prefix, system, start)
+LABELS = {
+    "direct": "F_nc (direct)",
+    "conservative": "F_c (conservative)",
+    "mts_2fs_M4": "MTS 2 fs, M=4",
+    "mts_4fs_M8": "MTS 4 fs, M=8",
+}
 NVT_TDAMP = (
     200.0,
     10.0,
@@ -176,39 +193,31 @@ def label_errors(model, path: Path, n: int) -> dict:
 
 def run_study(results: dict, model) -> None:
     by_mol = starting_frames()
-    first = f"{SYSTEMS[0]}_s{STARTS[0]}"
-    # paper Fig. 1/5 and A.2.1 on the first system
-    start = equilibrated(model, by_mol[SYSTEMS[0]][STARTS[0]], first, seed=0)
     nve_steps = int(NVE_PS * 2000)
-    for mode, kw in {
-        "direct": {},
-        "conservative": {},
-        "mts_2fs_M4": {"mts_inner": 4},
-        "mts_4fs_M8": {"mts_inner": 8},
-    }.items():
-        key = f"fig1/{mode}"
-        if key in results:
-            continue
-        forces = "mts" if mode.startswith("mts") else mode
-        steps = (
-            nve_steps
-            if forces != "mts"
-            else int(NVE_PS * 1000 / (0.5 * kw["mts_inner"]))
-        )
-        t0 = time.perf_counter()
-        say(f"{key}: NVE {NVE_PS} ps")
-        results[key] = {
-            **md(
-                model,
-                start,
-                OUT / f"{first}.nve_{mode}.extxyz",
-                forces=forces,
-                steps=steps,
-                **kw,
-            ),
-            "wall_s": time.perf_counter() - t0,
-        }
-        save(results)
+    # paper Fig. 1/5: NVE with each force mode from the same equilibrated frame
+    for prefix, system, idx in MODE_RUNS:
+        tag = f"{system}_s{idx}"
+        start = equilibrated(model, by_mol[system][idx], tag, seed=STARTS.index(idx))
+        for mode, kw in MODES.items():
+            key = f"{prefix}/{mode}"
+            if key in results:
+                continue
+            forces = "mts" if mode.startswith("mts") else mode
+            steps = (
+                nve_steps
+                if forces != "mts"
+                else int(NVE_PS * 1000 / (0.5 * kw["mts_inner"]))
+            )
+            t0 = time.perf_counter()
+            say(f"{key}: NVE {NVE_PS} ps")
+            path = OUT / f"{tag}.nve_{mode}.extxyz"
+            results[key] = {
+                **md(model, start, path, forces=forces, steps=steps, **kw),
+                "wall_s": time.perf_counter() - t0,
+            }
+            save(results)
+    first = f"{SYSTEMS[0]}_s{STARTS[0]}"
+    start = equilibrated(model, by_mol[SYSTEMS[0]][STARTS[0]], first, seed=0)
     for tdamp in NVT_TDAMP:
         for mode in ("direct", "conservative"):
             key = nvt_key(tdamp, mode)
@@ -236,8 +245,6 @@ def run_study(results: dict, model) -> None:
             t0 = time.perf_counter()
             start = equilibrated(model, by_mol[system][idx], tag, seed=k)
             path = OUT / f"{tag}.nve_direct.extxyz"
-            if tag == first:  # the Fig. 1 direct run is the same run
-                path = OUT / f"{first}.nve_direct.extxyz"
             say(f"{key}: NVE direct {NVE_PS} ps")
             rep = md(model, start, path, forces="direct", steps=nve_steps)
             rep.update(
@@ -264,28 +271,20 @@ def save(results: dict) -> None:
 def figures(results: dict) -> dict:
     first = f"{SYSTEMS[0]}_s{STARTS[0]}"
     figs = {}
-    modes = [
-        m
-        for m in ("direct", "conservative", "mts_2fs_M4", "mts_4fs_M8")
-        if f"fig1/{m}" in results
-    ]
-    labels = {
-        "direct": "F_nc (direct)",
-        "conservative": "F_c (conservative)",
-        "mts_2fs_M4": "MTS 2 fs, M=4",
-        "mts_4fs_M8": "MTS 4 fs, M=8",
-    }
-    paths = [OUT / f"{first}.nve_{m}.extxyz" for m in modes]
-    figs["nve"] = plot_drift(
-        paths, DOCS / "md_stability_nve.png", [labels[m] for m in modes], symlog=True
-    )
-    figs["nve_zoom"] = plot_drift(
-        paths,
-        DOCS / "md_stability_nve_first_ps.png",
-        [labels[m] for m in modes],
-        tmax_ps=1.0,
-        symlog=True,
-    )
+    for prefix, system, idx in MODE_RUNS:
+        modes = [m for m in MODES if f"{prefix}/{m}" in results]
+        paths = [OUT / f"{system}_s{idx}.nve_{m}.extxyz" for m in modes]
+        names = [LABELS[m] for m in modes]
+        figs[prefix] = plot_drift(
+            paths, DOCS / f"md_stability_nve_{system}.png", names, symlog=True
+        )
+        figs[f"{prefix}_zoom"] = plot_drift(
+            paths,
+            DOCS / f"md_stability_nve_{system}_first_ps.png",
+            names,
+            tmax_ps=1.0,
+            symlog=True,
+        )
     fig, axes = plt.subplots(
         len(NVT_TDAMP), 1, figsize=(7, 3 * len(NVT_TDAMP)), sharex=True
     )
@@ -301,7 +300,7 @@ def figures(results: dict) -> dict:
                 t / 1000,
                 temp,
                 lw=0.7,
-                label=f"{labels[m]}: std {std:.1f} K ({results[key]['status']})",
+                label=f"{LABELS[m]}: std {std:.1f} K ({results[key]['status']})",
             )
         ax.set_ylabel("T (K)")
         ax.set_title(f"Nosé–Hoover chain, τ = {tdamp:g} fs", fontsize=9)
@@ -354,30 +353,30 @@ def report(results: dict) -> None:
         "fit of total energy per atom against time over the frames written (every 10 fs).",
         "",
     ]
-    first = f"{SYSTEMS[0]}_s{STARTS[0]}"
-    lines += [
-        f"## NVE energy for direct, conservative and MTS forces ({first}, paper Fig. 1 and 5)",
-        "",
-        "| forces | status | ps | drift meV/atom/ps | ΔE meV/atom | max abs ΔE meV/atom | T mean K | U_Δ mean eV/Å | wall s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for m in ("direct", "conservative", "mts_2fs_M4", "mts_4fs_M8"):
-        r = results.get(f"fig1/{m}")
-        if r:
-            lines.append(
-                f"| {m} | {r['status']} | {r['duration_ps']:.2f} | {r['drift_meV_atom_ps']:.4f} | "
-                f"{r['total_change_meV_atom']:.3f} | {r['max_deviation_meV_atom']:.3f} | {r['temperature_mean_K']:.0f} | "
-                f"{(r['force_delta_mean'] or float('nan')):.4f} | {r.get('wall_s', float('nan')):.0f} |"
-            )
-    lines += [
-        "",
-        f"![NVE energy]({figs['nve'].name})",
-        "",
-        "The first picosecond:",
-        "",
-        f"![NVE energy, first ps]({figs['nve_zoom'].name})",
-        "",
-    ]
+    for prefix, system, idx in MODE_RUNS:
+        lines += [
+            f"## NVE energy for direct, conservative and MTS forces ({system}, start {idx}; paper Fig. 1 and 5)",
+            "",
+            "| forces | status | ps | drift meV/atom/ps | ΔE meV/atom | max abs ΔE meV/atom | T mean K | U_Δ mean eV/Å |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for m in MODES:
+            r = results.get(f"{prefix}/{m}")
+            if r:
+                lines.append(
+                    f"| {m} | {r['status']} | {r['duration_ps']:.2f} | {r['drift_meV_atom_ps']:.4f} | "
+                    f"{r['total_change_meV_atom']:.3f} | {r['max_deviation_meV_atom']:.3f} | "
+                    f"{r['temperature_mean_K']:.0f} | {r['force_delta_mean']:.4f} |"
+                )
+        lines += [
+            "",
+            f"![NVE energy, {system}]({figs[prefix].name})",
+            "",
+            "The first picosecond:",
+            "",
+            f"![NVE energy, {system}, first ps]({figs[prefix + '_zoom'].name})",
+            "",
+        ]
     lines += [
         "## NVT temperature spread, direct against conservative forces (paper A.2.1)",
         "",
@@ -458,6 +457,17 @@ def reading(results: dict, rows: list[dict]) -> list[str]:
             "make the model right: the molecule walks into configurations where the model's energy is much too low, the "
             "temperature climbs at constant total energy and the run is stopped at 2000 K; U_Δ rises from about 0.4 to "
             "1.5-2 eV/Å on the way and flags it (the asymmetric failure of the paper's section 4.2.1)."
+        )
+    c5, d5, m5 = (
+        results.get(f"fig5/{m}") for m in ("conservative", "direct", "mts_2fs_M4")
+    )
+    if c5 and d5 and m5:
+        out.append(
+            f"- **Caffeine** (start 25) is the paper's Fig. 1 picture: conservative forces run the full "
+            f"{c5['duration_ps']:.0f} ps ({c5['status']}) with the energy within {c5['max_deviation_meV_atom']:.1f} "
+            f"meV/atom (drift {c5['drift_meV_atom_ps']:.3f} meV/atom/ps; the one step, at about 6 ps, comes with a jump "
+            f"of U_Δ), direct forces heat past 2000 K after {d5['duration_ps']:.2f} ps, MTS (2 fs, M = 4) after "
+            f"{m5['duration_ps']:.2f} ps."
         )
     m2, m4 = results.get("fig1/mts_2fs_M4"), results.get("fig1/mts_4fs_M8")
     if m2 and m4:
