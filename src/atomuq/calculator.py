@@ -32,7 +32,18 @@ class AtomuqCalculator(Calculator):
     (ltau=LTAUEstimator or its file, fitted with this model): per-atom ltau_confidence,
     ltau_uncertainty, ltau_expected_error (eV/Å), ltau_distance, and ltau_uncertainty_mean
     (mean over atoms of 1 − p_j), using ltau_k neighbours.
+
+    conservative: "always" (every evaluation also runs the backward pass, so every result is
+    there at once) or "on_demand" (with forces="direct", the backward pass runs only when a
+    result that needs it is asked for, or after request_conservative(); MD uses this so a step
+    costs one forward pass and a monitored or MTS outer step one forward + backward).
     """
+
+    #: results that need the backward pass
+    CONSERVATIVE_RESULTS = frozenset({
+        "forces_conservative", "force_delta", "force_delta_atoms", "stress", "stress_virial",
+        "rotational_gradient", "rotational_gradient_norm",
+    })
 
     implemented_properties = [
         "energy", "free_energy", "forces", "stress", "forces_direct", "forces_conservative",
@@ -49,6 +60,7 @@ class AtomuqCalculator(Calculator):
         rotational_gradient: bool = False,
         ltau: LTAUEstimator | str | Path | None = None,
         ltau_k: int = 1,
+        conservative: str = "always",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -61,24 +73,41 @@ class AtomuqCalculator(Calculator):
             raise ValueError(f"forces must be 'direct' or 'conservative', got {forces!r}")
         if forces == "direct" and not direct:
             raise ValueError("forces='direct' needs a model with a direct force head; this one is conservative-only")
+        if conservative not in ("always", "on_demand"):
+            raise ValueError(f"conservative must be 'always' or 'on_demand', got {conservative!r}")
         self.force_mode = forces
         self.want_rotational = rotational_gradient
         self.ltau = ltau if ltau is None or isinstance(ltau, LTAUEstimator) else LTAUEstimator.load(ltau)
         self.ltau_k = ltau_k
         if self.ltau is not None:
             self.ltau.check_model(weights_fingerprint(self.model), str(getattr(self.model, "source", "this model")))
+        self.conservative_policy = conservative
+        self._conservative_requested = False
+
+    def request_conservative(self) -> None:
+        """Make the next evaluation also compute conservative forces and the Force Delta (one-shot)."""
+        self._conservative_requested = True
+
+    def _needs_backward(self, properties) -> bool:
+        if self.conservative_policy == "always" or self.force_mode == "conservative" or self.want_rotational:
+            return True
+        return self._conservative_requested or bool(self.CONSERVATIVE_RESULTS.intersection(properties))
 
     def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
         batch = Batch.from_atoms([self.atoms], device=self.model.device, dtype=self.model.dtype)
-        periodic = bool(self.atoms.pbc.all())
-        pred = evaluate(self.model, batch, conservative=True, stress=periodic, rotational=self.want_rotational).detach()
+        backward = self._needs_backward(properties)
+        self._conservative_requested = False
+        periodic = bool(self.atoms.pbc.all()) and backward
+        pred = evaluate(self.model, batch, conservative=backward, stress=periodic, rotational=self.want_rotational).detach()
         to_np = lambda t: t.detach().cpu().double().numpy()  # noqa: E731
-        r = self.results
+        self.results = r = {}
         r["energy"] = r["free_energy"] = float(pred.energy[0])
-        r["forces_conservative"] = to_np(pred.forces_conservative)
+        if backward:
+            r["forces_conservative"] = to_np(pred.forces_conservative)
         if pred.forces_direct is not None:
             r["forces_direct"] = to_np(pred.forces_direct)
+        if pred.forces_direct is not None and backward:
             fd = force_delta(pred, batch)
             r["force_delta"] = float(fd.per_structure["force_delta"][0])
             r["force_delta_atoms"] = to_np(fd.per_atom["force_delta"])

@@ -15,6 +15,7 @@ from atomuq.cli.ensemble_options import load_ensemble
 from atomuq.cli.common import check_device, console, progress_bar, user_errors
 from atomuq.cli.data_commands import label, sample
 from atomuq.cli.ltau_commands import ltau_app
+from atomuq.cli.md_commands import drift, md
 from atomuq.cli.train_commands import train
 from atomuq.core.io import read_structures, write_structures
 from atomuq.core.memory import reuse_freed_memory
@@ -111,6 +112,8 @@ app.command()(label)
 app.command()(sample)
 app.command()(attack)
 app.add_typer(ltau_app, name="ltau")
+app.command()(md)
+app.command()(drift)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,323 @@
+"""Monitors for MD: a quantity checked every n steps against a threshold, with an action on a breach.
+
+A quantity is anything with `name`, `unit`, `needs_conservative` and `__call__(atoms, time_fs)`
+returning a float (or None while it has no value yet): a calculator result key (the Force
+Delta, or any per-structure UQ scalar another estimator's calculator offers, e.g. an LTAU or
+ensemble score), the temperature, or the fitted energy drift. FunctionQuantity wraps any
+callable. Thresholds are absolute, or relative to the first value ("start") or to the running
+median of the last values ("median"). Actions: log, snapshot, stop, rollback (run.py acts).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+from ase import Atoms
+
+from atomuq.core.errors import InputError
+
+ACTIONS = ("log", "snapshot", "stop", "rollback")
+REDUCTIONS = {"max": np.max, "mean": np.mean, "rms": lambda x: np.sqrt(np.mean(x**2))}
+THRESHOLD_MODES = ("absolute", "start", "median")
+
+
+class Quantity(Protocol):
+    """A per-structure scalar an MD monitor watches (higher means worse)."""
+
+    name: str
+    unit: str
+    needs_conservative: bool
+
+    def __call__(self, atoms: Atoms, time_fs: float) -> float | None: ...
+
+
+@dataclass
+class ResultKey:
+    """A calculator result as a per-structure scalar (default: the Force Delta U_Δ, eV/Å).
+
+    Per-atom results (e.g. the confidence head's confidence_error, or an LTAU calculator's
+    per-atom score) are reduced with `reduce`: "max", "mean" or "rms".
+    """
+
+    key: str = "force_delta"
+    unit: str = "eV/Å"
+    needs_conservative: bool = True
+    reduce: str = "max"
+
+    def __post_init__(self) -> None:
+        if self.reduce not in REDUCTIONS:
+            raise InputError(
+                f"reduce must be one of {', '.join(REDUCTIONS)}, got {self.reduce!r}"
+            )
+
+    @property
+    def name(self) -> str:
+        return self.key if self.key == "force_delta" else f"{self.key}_{self.reduce}"
+
+    def __call__(self, atoms: Atoms, time_fs: float) -> float:
+        """The value of `key` at the current positions (computed if the cached evaluation lacks it)."""
+        value = atoms.calc.results.get(self.key)
+        if value is None:
+            value = atoms.calc.get_property(self.key, atoms)
+        if np.ndim(value) == 0:
+            return float(value)
+        return float(REDUCTIONS[self.reduce](np.asarray(value, dtype=float)))
+
+
+@dataclass
+class FunctionQuantity:
+    """Any callable fn(atoms, time_fs) -> float as a monitored quantity."""
+
+    fn: Callable[[Atoms, float], float | None]
+    name: str
+    unit: str = ""
+    needs_conservative: bool = False
+
+    def __call__(self, atoms: Atoms, time_fs: float) -> float | None:
+        return self.fn(atoms, time_fs)
+
+
+@dataclass
+class Temperature:
+    """Instantaneous kinetic temperature (K)."""
+
+    name: str = "temperature"
+    unit: str = "K"
+    needs_conservative: bool = False
+
+    def __call__(self, atoms: Atoms, time_fs: float) -> float:
+        return float(atoms.get_temperature())
+
+
+@dataclass
+class EnergyDrift:
+    """|slope| of a linear fit of total energy per atom against time over the last `window` samples (meV/atom/ps)."""
+
+    window: int = 100
+    name: str = "energy_drift"
+    unit: str = "meV/atom/ps"
+    needs_conservative: bool = False
+    times: deque = field(default_factory=deque)
+    energies: deque = field(default_factory=deque)
+
+    def __call__(self, atoms: Atoms, time_fs: float) -> float | None:
+        etot = (atoms.get_potential_energy() + atoms.get_kinetic_energy()) / len(atoms)
+        self.times.append(time_fs)
+        self.energies.append(etot)
+        while len(self.times) > self.window:
+            self.times.popleft()
+            self.energies.popleft()
+        if len(self.times) < 3:
+            return None
+        return abs(drift_slope(np.array(self.times), np.array(self.energies)))
+
+    def get_state(self) -> dict:
+        return {"times": list(self.times), "energies": list(self.energies)}
+
+    def set_state(self, state: dict) -> None:
+        self.times = deque(state["times"])
+        self.energies = deque(state["energies"])
+
+
+def drift_slope(time_fs: np.ndarray, energy_per_atom: np.ndarray) -> float:
+    """Slope of the least-squares line through (time fs, energy eV/atom), in meV/atom/ps."""
+    slope_ev_per_fs = np.polyfit(
+        np.asarray(time_fs, float), np.asarray(energy_per_atom, float), 1
+    )[0]
+    return float(slope_ev_per_fs * 1e6)
+
+
+@dataclass
+class Threshold:
+    """A limit: `value` itself (absolute), or value × the first reading (start) or × the running median."""
+
+    value: float
+    mode: str = "absolute"
+    window: int = 25
+
+    def __post_init__(self) -> None:
+        if self.mode not in THRESHOLD_MODES:
+            raise InputError(
+                f"threshold mode must be one of {', '.join(THRESHOLD_MODES)}, got {self.mode!r}"
+            )
+        if not np.isfinite(self.value) or (self.mode != "absolute" and self.value <= 0):
+            raise InputError(
+                f"threshold {self.value!r} must be finite (and positive when relative)"
+            )
+
+    def describe(self) -> str:
+        return {
+            "absolute": f"{self.value:g}",
+            "start": f"{self.value:g} x start",
+            "median": f"{self.value:g} x running median of {self.window}",
+        }[self.mode]
+
+
+@dataclass
+class Reading:
+    """One monitor evaluation."""
+
+    monitor: str
+    step: int
+    time_fs: float
+    value: float | None
+    unit: str
+    limit: float | None
+    breached: bool
+    action: str
+
+    def line(self) -> str:
+        """The human-readable log line."""
+        value = (
+            "n/a (not enough samples)"
+            if self.value is None
+            else f"{self.value:.6g} {self.unit}"
+        )
+        limit = "" if self.limit is None else f" (limit {self.limit:.6g})"
+        status = f"BREACH -> {self.action}" if self.breached else "ok"
+        return f"step {self.step:>8d}  t={self.time_fs:10.2f} fs  {self.monitor} = {value}{limit}  {status}"
+
+
+@dataclass
+class Monitor:
+    """Checks `quantity` every `every` steps against `threshold`; on a breach the driver does `action`."""
+
+    quantity: Quantity
+    every: int = 10
+    threshold: Threshold | None = None
+    action: str = "log"
+    reference: float | None = None
+    history: deque = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        if int(self.every) != self.every or self.every < 1:
+            raise InputError(
+                f"monitor {self.name}: every must be a positive integer, got {self.every!r}"
+            )
+        if self.action not in ACTIONS:
+            raise InputError(
+                f"monitor {self.name}: action must be one of {', '.join(ACTIONS)}, got {self.action!r}"
+            )
+        if self.action != "log" and self.threshold is None:
+            raise InputError(
+                f"monitor {self.name}: action {self.action!r} needs a threshold (max=...)"
+            )
+
+    @property
+    def name(self) -> str:
+        return self.quantity.name
+
+    def due(self, step: int) -> bool:
+        """True if the monitor runs at this step."""
+        return step % self.every == 0
+
+    def limit(self) -> float | None:
+        """The current limit (None until a relative threshold has its reference)."""
+        t = self.threshold
+        if t is None:
+            return None
+        if t.mode == "absolute":
+            return t.value
+        if t.mode == "start":
+            return None if self.reference is None else t.value * self.reference
+        return float(np.median(self.history)) * t.value if self.history else None
+
+    def check(self, atoms: Atoms, step: int, time_fs: float) -> Reading:
+        """Evaluate the quantity and compare it with the limit (the limit uses only earlier readings)."""
+        value = self.quantity(atoms, time_fs)
+        if value is not None and not np.isfinite(value):
+            value = float("inf")  # a non-finite UQ value is the worst possible reading
+        limit = self.limit()
+        breached = value is not None and limit is not None and value > limit
+        if value is not None and not breached:
+            if self.reference is None:
+                self.reference = value
+            self.history.append(value)
+            window = self.threshold.window if self.threshold else 25
+            while len(self.history) > window:
+                self.history.popleft()
+        return Reading(
+            self.name,
+            step,
+            time_fs,
+            value,
+            self.quantity.unit,
+            limit,
+            breached,
+            self.action,
+        )
+
+    def get_state(self) -> dict:
+        """Everything needed to resume this monitor exactly (JSON-able)."""
+        state = {"reference": self.reference, "history": list(self.history)}
+        if hasattr(self.quantity, "get_state"):
+            state["quantity"] = self.quantity.get_state()
+        return state
+
+    def set_state(self, state: dict) -> None:
+        """Restore what get_state() returned."""
+        self.reference = state["reference"]
+        self.history = deque(state["history"])
+        if "quantity" in state and hasattr(self.quantity, "set_state"):
+            self.quantity.set_state(state["quantity"])
+
+
+def parse_monitor(spec: str) -> Monitor:
+    """Monitor from 'NAME[,every=N][,max=X|Xxstart|Xxmedian][,action=log|snapshot|stop|rollback]'.
+
+    NAME: force_delta, temperature, energy_drift, or key:RESULT[,reduce=max|mean|rms] for any
+    result of the calculator (per-structure, or per-atom reduced; e.g. key:confidence_error).
+    """
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts:
+        raise InputError(
+            "--monitor: empty specification; example: force_delta,every=10,max=0.5,action=rollback"
+        )
+    name, options = parts[0], {}
+    for part in parts[1:]:
+        if "=" not in part:
+            raise InputError(f"--monitor {spec!r}: expected key=value, got {part!r}")
+        key, value = part.split("=", 1)
+        options[key.strip()] = value.strip()
+    unknown = set(options) - {"every", "max", "action", "window", "reduce"}
+    if unknown:
+        raise InputError(
+            f"--monitor {spec!r}: unknown option(s) {', '.join(sorted(unknown))}; use every, max, action, window, reduce"
+        )
+    if name == "force_delta":
+        quantity: Quantity = ResultKey("force_delta", "eV/Å")
+    elif name == "temperature":
+        quantity = Temperature()
+    elif name == "energy_drift":
+        quantity = EnergyDrift()
+    elif name.startswith("key:") and len(name) > 4:
+        quantity = ResultKey(
+            name[4:],
+            unit="",
+            needs_conservative=False,
+            reduce=options.get("reduce", "max"),
+        )
+    else:
+        raise InputError(
+            f"--monitor {spec!r}: unknown quantity {name!r}; use force_delta, temperature, energy_drift or key:RESULT"
+        )
+    try:
+        every = int(options.get("every", 10))
+        window = int(options.get("window", 25))
+        threshold = None
+        if "max" in options:
+            text = options["max"].lower()
+            mode = "absolute"
+            for suffix in ("start", "median"):
+                if text.endswith("x" + suffix):
+                    mode, text = suffix, text[: -len(suffix) - 1]
+            threshold = Threshold(float(text), mode, window)
+    except ValueError as exc:
+        raise InputError(f"--monitor {spec!r}: {exc}") from exc
+    return Monitor(
+        quantity, every=every, threshold=threshold, action=options.get("action", "log")
+    )
