@@ -413,7 +413,8 @@ def report(results: dict) -> None:
         ]
         for r in rows:
             lines.append(
-                f"| {r['system']} s{r['start']} | {r.get('relax_forces', 'direct')} | {r['status']} | {r['duration_ps']:.2f} | {r['drift_meV_atom_ps']:.4f} | "
+                f"| {r['system']} s{r['start']} | {r.get('relax_forces', 'direct')} | {r['status']} | {r['duration_ps']:.2f} | "
+                f"{r['drift_meV_atom_ps']:.4f} | "
                 f"{r['force_delta_mean']:.4f} | {r['eps_nc_mean']:.4f} | {r['eps_c_mean']:.4f} |"
             )
         lines += [

@@ -160,10 +160,10 @@ def test_killed_and_resumed_run_gives_the_same_frames(
     }
     every = 1 if forces == "mts" else 5
     kw["traj_every"] = 1 if forces == "mts" else 5
-    mons = lambda: [
-        parse_monitor(f"force_delta,every={every}"),
-        parse_monitor(f"energy_drift,every={every}"),
-    ]
+
+    def mons():
+        return [parse_monitor(f"force_delta,every={every}"), parse_monitor(f"energy_drift,every={every}")]
+
     run(model, tmp_path, "full.extxyz", mons(), **kw)
 
     def kill(atoms, t):

@@ -30,11 +30,18 @@ def md(
     output: Path = typer.Option(..., "-o", "--output", help="Trajectory to write (extended XYZ, appended frame by frame)."),
     ensemble: str | None = typer.Option(None, "--ensemble", help="nve, nvt (Nosé–Hoover chain) or langevin. Default nve."),
     forces: str = typer.Option("direct", "--forces", help="direct, conservative or mts (multiple time stepping)."),
-    timestep: float | None = typer.Option(None, "--timestep", help="Time step in fs (default 0.5; with mts: the inner step unless --mts-outer is given)."),
+    timestep: float | None = typer.Option(None, "--timestep", help=(
+        "Time step in fs (default 0.5; with mts: the inner step unless --mts-outer is given)."
+    )),
     steps: int | None = typer.Option(None, "--steps", help="Integrator steps (MTS: outer steps). Default 1000 (paper preset: 20000)."),
-    temperature: float | None = typer.Option(None, "--temperature", help="K: thermostat target and initial velocities if INPUT has no momenta."),
+    temperature: float | None = typer.Option(None, "--temperature", help=(
+        "K: thermostat target and initial velocities if INPUT has no momenta."
+    )),
     mts_outer: float | None = typer.Option(None, "--mts-outer", help="MTS outer step in fs (default timestep x inner)."),
-    mts_inner: int | None = typer.Option(None, "--mts-inner", help="MTS inner steps per outer step M (default 4, i.e. 2 fs outer at 0.5 fs; the paper's 4 fs / M = 8 is unstable for molecules with hydrogen with the bundled model)."),
+    mts_inner: int | None = typer.Option(None, "--mts-inner", help=(
+        "MTS inner steps per outer step M (default 4, i.e. 2 fs outer at 0.5 fs; the paper's 4 fs / "
+        "M = 8 is unstable for molecules with hydrogen with the bundled model)."
+    )),
     tdamp: float = typer.Option(10.0, "--tdamp", help="Nosé–Hoover time constant in fs."),
     friction: float = typer.Option(0.01, "--friction", help="Langevin friction in 1/fs."),
     monitor: list[str] | None = typer.Option(None, "--monitor", help=MONITOR_HELP),
@@ -42,8 +49,13 @@ def md(
     max_rollbacks: int = typer.Option(1, "--max-rollbacks", help="Rollbacks allowed before a further breach stops the run."),
     traj_every: int = typer.Option(10, "--traj-every", help="Write a frame every this many steps."),
     seed: int = typer.Option(0, "--seed", help="Seed of initial velocities and thermostat noise."),
-    preset: str | None = typer.Option(None, "--preset", help="paper: relax to fmax 0.05 eV/Å, NVT 300 K (Nosé–Hoover, 10 fs) for 1 ps, then NVE velocity Verlet at 0.5 fs."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last complete frame of OUTPUT (same velocities, step, thermostat state)."),
+    preset: str | None = typer.Option(None, "--preset", help=(
+        "paper: relax to fmax 0.05 eV/Å, NVT 300 K (Nosé–Hoover, 10 fs) for 1 ps, then NVE velocity "
+        "Verlet at 0.5 fs."
+    )),
+    resume: bool = typer.Option(False, "--resume", help=(
+        "Continue from the last complete frame of OUTPUT (same velocities, step, thermostat state)."
+    )),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT instead of refusing."),
     equilibration_steps: int = typer.Option(2000, "--equilibration-steps", help="NVT steps of 0.5 fs in --preset paper."),
     equilibration_forces: str | None = typer.Option(
@@ -87,7 +99,9 @@ def md(
             raise InputError(f"{input}: --index {index} out of range (the file has {len(records)} structures)")
         atoms = records[index].atoms
         net = resolve_model(model, device=device)
-        say = lambda msg: console.print(msg, highlight=False)
+        def say(msg: str) -> None:
+            console.print(msg, highlight=False)
+
         with progress_bar() as bar:
             tasks: dict[str, int] = {}
 
@@ -128,7 +142,9 @@ def drift(
             "T mean K", "T std K", "U_Δ mean eV/Å", "U_Δ max eV/Å", "restarts")
     for c in cols:
         table.add_column(c, justify="left" if c in ("trajectory", "forces") else "right")
-    fmt = lambda x, d=3: "-" if x is None else f"{x:.{d}f}"
+    def fmt(x: float | None, d: int = 3) -> str:
+        return "-" if x is None else f"{x:.{d}f}"
+
     for r in reports:
         table.add_row(Path(r.path).name, r.modes, str(r.frames), fmt(r.duration_ps), fmt(r.drift_meV_atom_ps),
                       fmt(r.total_change_meV_atom), fmt(r.max_deviation_meV_atom), fmt(r.temperature_mean_K, 1),

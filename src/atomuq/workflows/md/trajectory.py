@@ -133,7 +133,7 @@ def scan_trajectory(path: str | Path) -> TrajectoryScan:
                 break
             raise InputError(
                 f"{path}: line {i + 1} should start a frame with an atom count, got {head[:40]!r}"
-            )
+            ) from None
         block = lines[i : i + n + 2]
         if len(block) < n + 2 or not block[-1].endswith(b"\n"):
             break
