@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from bench_force_delta import water_box
+from timing import interleaved_minimum
 
 from atomuq.core.batch import Batch
 from atomuq.models.adapters.orb import new_orb_model
@@ -67,13 +67,8 @@ def time_case(model: AtomisticModel, n_atoms: int, repeats: int) -> dict:
 
     direct()
     with_force_delta()  # warm-up
-    times: dict[str, list[float]] = {"direct": [], "force_delta": []}
-    for _ in range(repeats):
-        for name, fn in (("direct", direct), ("force_delta", with_force_delta)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    d, f = min(times["direct"]), min(times["force_delta"])
+    best = interleaved_minimum({"direct": direct, "force_delta": with_force_delta}, repeats)
+    d, f = best["direct"], best["force_delta"]
     return {"n_atoms": len(atoms), "direct_s": d, "force_delta_s": f, "ratio": f / d}
 
 

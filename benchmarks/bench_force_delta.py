@@ -19,12 +19,12 @@ import platform
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from ase import Atoms
+from timing import interleaved_minimum
 
 from atomuq.core.batch import Batch
 from atomuq.core.memory import reuse_freed_memory
@@ -81,13 +81,8 @@ def run_case(preset: str, n_atoms: int, repeats: int, allocator_cache: bool = Tr
     direct_peak = rss()
     with_force_delta()
     delta_peak = rss()
-    times: dict[str, list[float]] = {"direct": [], "force_delta": []}
-    for _ in range(repeats):
-        for name, fn in (("direct", direct), ("force_delta", with_force_delta)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {"n_atoms": len(atoms), "direct_s": min(times["direct"]), "force_delta_s": min(times["force_delta"]),
+    best = interleaved_minimum({"direct": direct, "force_delta": with_force_delta}, repeats)
+    return {"n_atoms": len(atoms), "direct_s": best["direct"], "force_delta_s": best["force_delta"],
             "direct_mib": direct_peak - base, "force_delta_mib": delta_peak - base}
 
 

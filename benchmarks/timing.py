@@ -1,0 +1,17 @@
+"""Timing helper shared by the benchmark scripts (run as `python benchmarks/NAME.py`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def interleaved_minimum(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Minimum wall time (s) of each function over repeats, the functions interleaved within each repeat."""
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in times.items()}
