@@ -88,12 +88,13 @@ def test_report_numbers_are_the_evaluation_functions(tmp_path):
 def test_calibration_and_coverage_match_direct_fits():
     cal = synthetic(seed=1)
     calibration = fit_calibration(cal, "cal.xyz", seed=5)
-    assert calibration.n_map + calibration.n_conformal == len(cal)
+    assert calibration.n_map + calibration.n_conformal + len(calibration.held_back[0]) == len(cal)
     order = np.random.default_rng(5).permutation(len(cal))
-    half = len(cal) // 2
+    third = len(cal) // 3
     u, e = cal.values["force_delta"], cal.values["eps_nc"]
-    g = IsotonicMap("rms").fit(u[order[:half]], e[order[:half]])
-    direct = ConformalCalibrator(g).fit(u[order[half:]], e[order[half:]])
+    g = IsotonicMap("rms").fit(u[order[:third]], e[order[:third]])
+    direct = ConformalCalibrator(g).fit(u[order[third : 2 * third]], e[order[third : 2 * third]])
+    held = order[2 * third :]
     data = synthetic(seed=2)
     report = evaluate_bench(data, BenchSettings(n_boot=20, levels=(0.8, 0.9)), calibration)
     odd = data.files == "odd.xyz"
@@ -102,6 +103,9 @@ def test_calibration_and_coverage_match_direct_fits():
     for level, c in zip((0.8, 0.9), got["coverage"]["g(U_Δ)"]):
         want = direct.coverage(data.values["force_delta"][odd], data.values["eps_nc"][odd], level)
         assert c == pytest.approx(want.to_dict())
+    held_report = report["calibration"]["coverage"]["cal.xyz [held-back third]"]
+    want = direct.coverage(u[held], e[held], 0.9).to_dict()
+    assert held_report["n"] == len(held) and held_report["coverage"]["g(U_Δ)"][1] == pytest.approx(want)
     sigma = g.predict(data.values["force_delta"])
     pooled = report["all"]["calibration"]["g(U_Δ) (isotonic)"]
     assert pooled["zms"]["estimate"] == pytest.approx(zms(sigma, data.values["eps_nc"]))

@@ -38,7 +38,7 @@ def bench(
     ),
     group_key: str = typer.Option("molecule", "--group-key", help="Info key naming each structure's system (else: its file)."),
     calibrate_on: Optional[Path] = typer.Option(
-        None, "--calibrate-on", help="Labelled file to fit the U_Δ → error map (one half) and conformal bounds (other half) on."
+        None, "--calibrate-on", help="Labelled file: thirds fit the U_Δ → error map, the conformal bounds, and test their coverage."
     ),
     levels: List[float] = typer.Option([0.8, 0.9, 0.95], "--levels", help="Coverage levels of the conformal bounds."),
     n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the confidence intervals."),

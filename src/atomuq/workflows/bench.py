@@ -12,8 +12,9 @@ error ε_ens (all eV/Å, RMS over the 3N components). Structures are grouped by 
 - calibration of every error-unit σ in SIGMAS (raw U_Δ, the isotonic map g(U_Δ) when calibrated, the
   confidence head, ensemble_std against ε_ens): RMSE against RMV in equal-count bins, ENCE, ZMS, and the
   miscalibration area on the signed force components (bootstrap resampling whole structures);
-- with a calibration set: the isotonic map U_Δ → RMS ε_nc fitted on one half of it, split-conformal bounds
-  ε_nc ≤ q̂·g(U_Δ) (and ≤ q̂·U_Δ) calibrated on the other half, and their empirical coverage per input file;
+- with a calibration set: the isotonic map U_Δ → RMS ε_nc fitted on a third of it, split-conformal bounds
+  ε_nc ≤ q̂·g(U_Δ) (and ≤ q̂·U_Δ) calibrated on another third, and their empirical coverage on the last third
+  (exchangeable with the calibration data) and on every input file;
 - model-averaged correlations over systems: the mean of the per-system r_s, and r_s of the per-system means.
 """
 
@@ -160,32 +161,36 @@ def collect(
 
 @dataclass
 class Calibration:
-    """The isotonic map g: U_Δ → RMS ε_nc and conformal calibrators (per normaliser) fitted on one labelled file."""
+    """The isotonic map g: U_Δ → RMS ε_nc and conformal calibrators (per normaliser) fitted on one labelled file,
+    with (U_Δ, ε_nc) of the third of that file that fitted neither (an exchangeable test set)."""
 
     source: str
     map: IsotonicMap
     conformal: dict[str, ConformalCalibrator]
     n_map: int
     n_conformal: int
+    held_back: tuple[np.ndarray, np.ndarray]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (the map's knots; the calibrators' residuals are saved separately)."""
-        return {"source": self.source, "n_map": self.n_map, "n_conformal": self.n_conformal}
+        return {"source": self.source, "n_map": self.n_map, "n_conformal": self.n_conformal, "n_held_back": len(self.held_back[0])}
 
 
 def fit_calibration(data: BenchData, source: str, seed: int = 0) -> Calibration:
-    """Split data at random in halves: one fits g (isotonic, RMS ε_nc), the other calibrates the conformal bounds."""
-    if len(data) < 4:
-        raise InputError(f"{source}: the calibration set needs at least 4 structures, got {len(data)}")
+    """Split data at random in thirds: one fits g (isotonic, RMS ε_nc), one calibrates the conformal bounds, one is held
+    back to test their coverage on structures exchangeable with the calibration ones."""
+    if len(data) < 6:
+        raise InputError(f"{source}: the calibration set needs at least 6 structures, got {len(data)}")
     order = np.random.default_rng(seed).permutation(len(data))
-    fit_map, fit_conformal = order[: len(data) // 2], order[len(data) // 2 :]
+    third = len(data) // 3
+    fit_map, fit_conformal, held_back = order[:third], order[third : 2 * third], order[2 * third :]
     u, eps = data.values["force_delta"], data.values["eps_nc"]
     g = IsotonicMap("rms").fit(u[fit_map], eps[fit_map])
     conformal = {
         name: ConformalCalibrator(g if name == NORMALISERS[0] else "score").fit(u[fit_conformal], eps[fit_conformal])
         for name in NORMALISERS
     }
-    return Calibration(source, g, conformal, len(fit_map), len(fit_conformal))
+    return Calibration(source, g, conformal, len(fit_map), len(fit_conformal), (u[held_back], eps[held_back]))
 
 
 def _ci(statistic: Callable[..., Any], *arrays: np.ndarray, **kwargs: Any) -> dict[str, Any]:
@@ -277,21 +282,26 @@ def model_averaged(systems: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _coverage(u: np.ndarray, eps: np.ndarray, in_sample: bool, calibration: Calibration, levels: Sequence[float]) -> dict[str, Any]:
+    """Coverage of every normaliser's bounds at every level on (U_Δ, ε_nc) of one set."""
+    return {
+        "n": len(u),
+        "in_sample": in_sample,
+        "mean_eps_nc": float(eps.mean()),
+        "coverage": {norm: [c.coverage(u, eps, level).to_dict() for level in levels] for norm, c in calibration.conformal.items()},
+    }
+
+
 def coverage_by_file(data: BenchData, calibration: Calibration, levels: Sequence[float]) -> dict[str, Any]:
-    """Empirical coverage of the conformal bounds per input file and normaliser; files equal to the calibration
-    source are marked in_sample (their structures calibrated the bounds)."""
-    out: dict[str, Any] = {}
+    """Empirical coverage of the conformal bounds per input file and normaliser, first on the held-back third of the
+    calibration file; input files equal to the calibration file are marked in_sample (they calibrated the bounds)."""
+    held = f"{calibration.source} [held-back third]"
+    out: dict[str, Any] = {held: _coverage(*calibration.held_back, False, calibration, levels)}
     u, eps = data.values["force_delta"], data.values["eps_nc"]
     for name in sorted(set(data.files.tolist())):
         mask = data.files == name
-        out[name] = {
-            "n": int(mask.sum()),
-            "in_sample": Path(name).resolve() == Path(calibration.source).resolve(),
-            "mean_eps_nc": float(eps[mask].mean()),
-            "coverage": {
-                norm: [c.coverage(u[mask], eps[mask], level).to_dict() for level in levels] for norm, c in calibration.conformal.items()
-            },
-        }
+        in_sample = Path(name).resolve() == Path(calibration.source).resolve()
+        out[name] = _coverage(u[mask], eps[mask], in_sample, calibration, levels)
     return out
 
 

@@ -217,7 +217,8 @@ def markdown(report: dict[str, Any], figures: list[Path]) -> str:
             f"## Conformal error bars from U_Δ (fitted on {cal['source']})",
             "",
             f"Isotonic map g: U_Δ → RMS ε_nc fitted on {cal['n_map']} structures, split-conformal multiplier q̂ on "
-            f"{cal['n_conformal']} others (random halves, seed {s['seed']}); bound ε_nc ≤ q̂·g(U_Δ) or q̂·U_Δ. "
+            f"{cal['n_conformal']} others, coverage first on the {cal['n_held_back']} held back (random thirds, seed "
+            f"{s['seed']}); bound ε_nc ≤ q̂·g(U_Δ) or q̂·U_Δ. "
             "Coverage: fraction of structures with ε_nc ≤ bound ± binomial standard error; in brackets the mean bound.",
             "",
             *coverage_table(report),
