@@ -20,6 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from atomuq.models.members import resolve_member
@@ -161,6 +162,26 @@ def coverage_rows(runs: dict[str, dict]) -> tuple[list[str], dict[str, list[Cove
     return lines, series["g(U_Δ)"], series["U_Δ"]
 
 
+def coverage_figure(series: dict[str, dict[str, list[Coverage]]], path: Path) -> None:
+    """Empirical coverage (±2 binomial standard errors) of every set at every requested level, one panel per normaliser."""
+    fig = Figure(figsize=(12, 4.6))
+    axes = fig.subplots(1, len(series), sharey=True)
+    for ax, (norm, sets) in zip(axes, series.items()):
+        names = list(sets)
+        levels = [c.level for c in next(iter(sets.values()))]
+        for j, level in enumerate(levels):
+            x = np.arange(len(names)) + (j - 1) * 0.22
+            cov = [sets[n][j] for n in names]
+            line = ax.errorbar(
+                x, [c.coverage for c in cov], yerr=[2 * c.stderr for c in cov], fmt="o", ms=4, capsize=2, label=f"requested {level:g}"
+            )
+            ax.hlines(level, -0.5, len(names) - 0.5, colors=line[0].get_color(), linestyles="--", lw=0.8)
+        ax.set_xticks(np.arange(len(names)), names, rotation=40, ha="right", fontsize=7)
+        ax.set(ylim=(-0.03, 1.03), ylabel="empirical coverage", title=f"ε_nc ≤ q̂·{norm}, calibrated on test_300K")
+        ax.legend(fontsize=7, loc="lower left")
+    plots.save_figure(axes[0], path)
+
+
 def kept_notes(path: Path) -> str:
     """The hand-written part of an existing report (from NOTES_MARKER on); "" if none."""
     text = path.read_text() if path.exists() else ""
@@ -195,13 +216,7 @@ def main() -> None:
         runs[run] = json.loads(path.read_text())
 
     cov_lines, cov_map, cov_score = coverage_rows(runs)
-    fig = Figure(figsize=(12, 5.4))
-    axes = fig.subplots(1, 2)
-    for ax, (norm, series) in zip(axes, (("g(U_Δ)", cov_map), ("U_Δ", cov_score))):
-        plots.plot_coverage(series, ax=ax)
-        ax.set_title(f"conformal ε_nc ≤ q̂·{norm}, fitted on test_300K")
-        ax.legend(fontsize=6, loc="lower right")
-    plots.save_figure(axes[0], out / "coverage_all.png")
+    coverage_figure({"g(U_Δ)": cov_map, "U_Δ": cov_score}, out / "coverage_all.png")
 
     cost_path = Path("benchmarks/results/ensemble_cost.json")
     cost = json.loads(cost_path.read_text()) if cost_path.exists() else None
@@ -254,7 +269,7 @@ def main() -> None:
         "## Calibrated error bars from the Force Delta",
         "",
         f"An isotonic map g: U_Δ → RMS ε_nc fitted on {cal['n_map']} random test_300K structures, split-conformal "
-        f'multipliers q̂ calibrated on {cal["n_conformal"]} others, and the remaining {cal["n_held_back"]} held back as an '
+        f"multipliers q̂ calibrated on {cal['n_conformal']} others, and the remaining {cal['n_held_back']} held back as an "
         'exchangeable test set ("[held-back third]"); bound ε_nc ≤ q̂·g(U_Δ) ("g(U_Δ)"), or with U_Δ '
         'itself as the normaliser (ε_nc ≤ q̂·U_Δ, "U_Δ"). Coverage is the fraction of structures under the bound; '
         "test_300K as a whole is in-sample (two thirds of it calibrated the bounds); its held-back third and every "

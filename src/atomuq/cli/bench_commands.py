@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from atomuq.cli.common import check_device, console, progress_bar, user_errors
@@ -25,7 +26,7 @@ def summary(report: dict) -> Table:
     for name in ("system", "n", *(f"r_s({pair_label(k)})" for k in keys)):
         table.add_column(name, justify="left" if name == "system" else "right")
     for name, g in {**report["systems"], "all (pooled)": report["all"]}.items():
-        table.add_row(name, str(g["n"]), *(ci_text(g["spearman"].get(k)) for k in keys))
+        table.add_row(escape(name), str(g["n"]), *(ci_text(g["spearman"].get(k)) for k in keys))
     return table
 
 
@@ -81,12 +82,11 @@ def bench(
     console.print(summary(report))
     if "calibration" in report:
         level = settings.levels[-1]
+        console.print(f"coverage of the {level:g} conformal bounds ε_nc ≤ q̂·g(U_Δ) | ≤ q̂·U_Δ (fitted on {calibrate_on}):")
         for name, f in report["calibration"]["coverage"].items():
-            c = f["coverage"]["g(U_Δ)"][-1]
+            cov = " | ".join(f"{c[-1]['coverage']:.3f}" for c in f["coverage"].values())
             tag = " (in-sample)" if f["in_sample"] else ""
             console.print(
-                f"coverage of the {level:g} conformal bound ε_nc ≤ q̂·g(U_Δ) on {Path(name).name}{tag}: "
-                f"{c['coverage']:.3f} ± {c['stderr']:.3f} (n={f['n']})",
-                highlight=False,
+                escape(f"  {Path(name).name}{tag}: {cov} (n={f['n']}, ± {f['coverage']['U_Δ'][-1]['stderr']:.3f})"), highlight=False
             )
     console.print(f"wrote {len(paths)} files to {output}/ (bench.md, bench.json, figures)")
