@@ -7,12 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from atomuq.core.io import atomic_path
 from atomuq.uq.evaluate import BinnedCalibration, Coverage, calibration_curve, plots
 from atomuq.workflows.bench import PAIRS, SIGMAS, SYMBOLS, BenchData, Calibration
 
+#: one colour per system: matplotlib's ten, then ten more distinct ones
+COLOURS = [*colormaps["tab10"].colors, "black", "gold", "navy", "lime", "maroon", "teal", "magenta", "olive", "coral", "slategray"]
 FIGURES = {
     "scatter": "force_delta_vs_errors.png",
     "ensemble": "ensemble_std_vs_error.png",
@@ -113,6 +116,7 @@ def _scatter(data: BenchData, ax, score: str, error: str) -> None:
         name: (data.values[score][data.systems == name], data.values[error][data.systems == name])
         for name in dict.fromkeys(data.systems.tolist())
     }
+    ax.set_prop_cycle(color=COLOURS)
     plots.plot_score_vs_error(series, ax=ax, score_label=f"{SYMBOLS[score]} (eV/Å)", error_label=f"{SYMBOLS[error]} (eV/Å)")
     lo = min(float(data.values[score].min()), float(data.values[error].min()))
     hi = max(float(data.values[score].max()), float(data.values[error].max()))
