@@ -1,6 +1,6 @@
 """Build the benchmark data of `atomuq bench` (issue 8, part 4) once; the result is committed under data/bench/.
 
-Run (about 10 minutes on one CPU core):
+Run (about 4 minutes on one CPU core):
     OMP_NUM_THREADS=1 .venv/bin/python scripts/build_bench_data.py
 
 1. Molecules (GFN2-xTB, the reference of data/molecular): for each of the 10 molecules, N_START frames
