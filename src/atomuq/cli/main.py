@@ -11,6 +11,7 @@ from rich.table import Table
 
 import atomuq
 from atomuq.cli.attack_commands import attack
+from atomuq.cli.bench_commands import bench
 from atomuq.cli.ensemble_options import load_ensemble
 from atomuq.cli.common import check_device, console, progress_bar, user_errors
 from atomuq.cli.data_commands import label, sample
@@ -111,6 +112,7 @@ app.command()(train)
 app.command()(label)
 app.command()(sample)
 app.command()(attack)
+app.command()(bench)
 app.add_typer(ltau_app, name="ltau")
 app.command()(md)
 app.command()(drift)

@@ -1,0 +1,92 @@
+"""`atomuq bench`: rank correlation, flagging, calibration and conformal coverage of UQ scores on labelled structures."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from atomuq.cli.common import check_device, console, progress_bar, user_errors
+from atomuq.cli.ensemble_options import split_specs
+from atomuq.models.members import resolve_member
+from atomuq.models.registry import DEFAULT_MODEL, resolve_model
+from atomuq.workflows.bench import BenchSettings, bench_files
+from atomuq.workflows.bench_report import ci_text, pair_label, write_report
+
+
+def summary(report: dict) -> Table:
+    """Per system: n and the r_s of every pair, with bootstrap intervals."""
+    keys = list(report["all"]["spearman"])
+    table = Table(title=f"Spearman r_s per system, 95 % bootstrap interval ({report['n_structures']} structures)")
+    for name in ("system", "n", *(f"r_s({pair_label(k)})" for k in keys)):
+        table.add_column(name, justify="left" if name == "system" else "right")
+    for name, g in {**report["systems"], "all (pooled)": report["all"]}.items():
+        table.add_row(escape(name), str(g["n"]), *(ci_text(g["spearman"].get(k)) for k in keys))
+    return table
+
+
+def bench(
+    inputs: List[Path] = typer.Argument(..., help="Labelled structure files (reference forces required)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Report directory: bench.json, bench.md, PNG figures."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Bundled model name or model file (default {DEFAULT_MODEL})."),
+    ensemble: Optional[List[str]] = typer.Option(
+        None, "--ensemble", help="Ensemble members (bundled names, model files, module:Class; repeat or comma-separate)."
+    ),
+    group_key: str = typer.Option("molecule", "--group-key", help="Info key naming each structure's system (else: its file)."),
+    calibrate_on: Optional[Path] = typer.Option(
+        None, "--calibrate-on", help="Labelled file: thirds fit the U_Δ → error map, the conformal bounds, and test their coverage."
+    ),
+    levels: List[float] = typer.Option([0.8, 0.9, 0.95], "--levels", help="Coverage levels of the conformal bounds."),
+    n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the confidence intervals."),
+    flag_quantile: float = typer.Option(0.9, "--flag-quantile", help="ROC-AUC positives: error above this quantile of each system."),
+    flag_threshold: Optional[float] = typer.Option(None, "--flag-threshold", help="ROC-AUC positives: error above this (eV/Å)."),
+    n_bins: int = typer.Option(10, "--bins", help="Equal-count bins for RMSE vs RMV and ENCE (fewer for small systems)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap and of the calibration split."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Structures per batch."),
+    forces_key: Optional[str] = typer.Option(None, "--forces-key", help="Reference-forces array (default: REF_forces, else calculator)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+) -> None:
+    """Benchmark UQ scores against true force errors: r_s, ROC-AUC, calibration, conformal coverage per system."""
+    device = check_device(device)
+    settings = BenchSettings(
+        n_boot=n_boot, levels=tuple(levels), flag_quantile=flag_quantile, flag_threshold=flag_threshold, n_bins=n_bins, seed=seed
+    )
+    with user_errors():
+        settings.check()
+        net = resolve_model(model, device=device)
+        names = split_specs(ensemble) or None
+        members = [resolve_member(spec, device=device) for spec in names] if names else None
+        meta = {"command": shlex.join(["atomuq", *sys.argv[1:]]), "model": model or DEFAULT_MODEL, "ensemble": names}
+        with progress_bar() as bar:
+            task = bar.add_task("scoring", total=None)
+            data, report, calibration = bench_files(
+                inputs,
+                net,
+                settings=settings,
+                ensemble=members,
+                ensemble_names=names,
+                group_key=group_key,
+                calibrate_on=calibrate_on,
+                batch_size=batch_size,
+                forces_key=forces_key,
+                progress=lambda n: bar.advance(task, n),
+                on_total=lambda n: bar.update(task, total=n),
+                meta=meta,
+            )
+        paths = write_report(data, report, calibration, output)
+    console.print(summary(report))
+    if "calibration" in report:
+        level = settings.levels[-1]
+        console.print(f"coverage of the {level:g} conformal bounds ε_nc ≤ q̂·g(U_Δ) | ≤ q̂·U_Δ (fitted on {calibrate_on}):")
+        for name, f in report["calibration"]["coverage"].items():
+            cov = " | ".join(f"{c[-1]['coverage']:.3f}" for c in f["coverage"].values())
+            tag = " (in-sample)" if f["in_sample"] else ""
+            console.print(
+                escape(f"  {Path(name).name}{tag}: {cov} (n={f['n']}, ± {f['coverage']['U_Δ'][-1]['stderr']:.3f})"), highlight=False
+            )
+    console.print(f"wrote {len(paths)} files to {output}/ (bench.md, bench.json, figures)")
