@@ -282,3 +282,19 @@ def test_ltau_and_ensembles_work_through_the_orb_adapter():
     forces = np.stack([evaluate(m, batch, conservative=False).forces_direct.detach().numpy() for m in (orb_a, orb_b)])
     std = ensemble_uncertainty(ens, batch).per_atom["ensemble_std"].numpy()
     assert np.allclose(std, np.sqrt(forces.var(axis=0).sum(-1) / 3.0), atol=1e-6)
+
+
+def test_monitored_md_runs_on_an_orb_model(tmp_path):
+    from atomuq.workflows.md.monitors import parse_monitor
+    from atomuq.workflows.md.run import MDRun, MDSettings, init_velocities
+
+    atoms = molecule("CH3CH2OH")
+    init_velocities(atoms, 300.0, 0)
+    monitors = [parse_monitor("force_delta,every=2"), parse_monitor("key:confidence_error,reduce=max,every=2")]
+    result = MDRun(atoms, small_orb(), MDSettings(steps=8, traj_every=2), tmp_path / "orb.extxyz", monitors,
+                   say=lambda m: None).run()
+    assert result.status == "completed" and result.frames_written >= 4
+    frames = read(tmp_path / "orb.extxyz", ":")
+    assert len(frames) == result.frames_written
+    log = (tmp_path / "orb.extxyz.log").read_text()
+    assert "force_delta" in log and "confidence_error" in log

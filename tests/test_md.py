@@ -329,3 +329,23 @@ def test_snapshot_action_writes_the_frame_and_logs_it(model, tmp_path):
         10.0,
     ]  # checked every 2 fs; 8 and 10 fs exceed 6 fs
     assert "snapshot written" in (tmp_path / "snap.extxyz.log").read_text()
+
+
+def test_ltau_monitor_stops_a_run_whose_atoms_the_estimator_distrusts(model, tmp_path):
+    from atomuq.models.checkpoint import weights_fingerprint
+    from atomuq.uq.ltau.estimator import fit_estimator
+    from atomuq.uq.ltau.index import build_index
+    from atomuq.workflows.ltau import compute_descriptors
+
+    train = [start(seed) for seed in range(3)]
+    descriptors = compute_descriptors(model, train)
+    n = len(descriptors)
+    errors = np.full((5, n), 10.0)  # every training atom always far above atol: p_i = 0
+    est = fit_estimator([errors], np.concatenate([a.numbers for a in train]), np.ones(n), build_index(descriptors),
+                        atol=0.1, metadata={"model_fingerprint": weights_fingerprint(model)})
+    mon = parse_monitor("key:ltau_uncertainty,reduce=mean,every=5,max=0.5,action=stop")
+    result = MDRun(start(), model, MDSettings(steps=50, traj_every=5), tmp_path / "l.extxyz", [mon],
+                   say=lambda m: None, ltau=est, ltau_k=2).run()
+    assert result.status == "stopped" and result.step == 0  # the start is checked too
+    log = (tmp_path / "l.extxyz.log").read_text()
+    assert "ltau_uncertainty" in log and "BREACH -> stop" in log

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from atomuq.uq.ltau.estimator import LTAUEstimator
 from atomuq.cli.common import check_device, console, fail, progress_bar, user_errors
 from atomuq.core.errors import InputError
 from atomuq.core.io import read_structures
@@ -20,7 +21,7 @@ DEFAULT_MONITORS = ("force_delta,every=10", "energy_drift,every=10", "temperatur
 MONITOR_HELP = (
     "NAME[,every=N][,max=X|Xxstart|Xxmedian][,window=W][,action=log|snapshot|stop|rollback]; NAME is force_delta, "
     "temperature, energy_drift or key:RESULT[,reduce=max|mean|rms] (any calculator result, e.g. "
-    "key:confidence_error, the confidence head's per-atom error). Repeatable. "
+    "key:confidence_error, the confidence head's per-atom error, or key:ltau_uncertainty with --ltau). Repeatable. "
     f"Default: {'; '.join(DEFAULT_MONITORS)} (log only). 'none' turns monitoring off."
 )
 
@@ -45,6 +46,8 @@ def md(
     tdamp: float = typer.Option(10.0, "--tdamp", help="Nosé–Hoover time constant in fs."),
     friction: float = typer.Option(0.01, "--friction", help="Langevin friction in 1/fs."),
     monitor: list[str] | None = typer.Option(None, "--monitor", help=MONITOR_HELP),
+    ltau: Path | None = typer.Option(None, "--ltau", help="LTAU estimator (atomuq ltau fit) for key:ltau_uncertainty monitors."),
+    ltau_k: int = typer.Option(1, "--ltau-k", min=1, help="Neighbours averaged by the LTAU estimator."),
     fallback: str = typer.Option("conservative", "--fallback", help="Forces after a rollback: conservative or mts."),
     max_rollbacks: int = typer.Option(1, "--max-rollbacks", help="Rollbacks allowed before a further breach stops the run."),
     traj_every: int = typer.Option(10, "--traj-every", help="Write a frame every this many steps."),
@@ -99,6 +102,8 @@ def md(
             raise InputError(f"{input}: --index {index} out of range (the file has {len(records)} structures)")
         atoms = records[index].atoms
         net = resolve_model(model, device=device)
+        estimator = LTAUEstimator.load(ltau) if ltau is not None else None
+
         def say(msg: str) -> None:
             console.print(msg, highlight=False)
 
@@ -114,10 +119,11 @@ def md(
                 preset_cfg = PaperPreset(temperature_K=temperature or 300.0, equilibration_steps=equilibration_steps,
                     equilibration_forces=equilibration_forces)
                 settings.temperature_K = preset_cfg.temperature_K
-                result = run_paper_protocol(atoms, net, settings, output, monitors, preset_cfg, resume, say, progress)
+                result = run_paper_protocol(atoms, net, settings, output, monitors, preset_cfg, resume, say, progress,
+                                            ltau=estimator, ltau_k=ltau_k)
             else:
                 total = settings.steps * settings.step_fs(settings.forces)
-                run = MDRun(atoms, net, settings, output, monitors, resume=resume, say=say)
+                run = MDRun(atoms, net, settings, output, monitors, resume=resume, say=say, ltau=estimator, ltau_k=ltau_k)
                 result = run.run(lambda t: progress(f"{settings.ensemble} {forces}", t, total))
     console.print(
         f"{result.status}: step {result.step}, t = {result.time_fs:g} fs, {result.frames_written} frames in {output}, "

@@ -37,6 +37,7 @@ from ase.md.velocitydistribution import (
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS
 
+from atomuq.uq.ltau.estimator import LTAUEstimator
 from atomuq.calculator import AtomuqCalculator
 from atomuq.core.errors import InputError
 from atomuq.core.io import write_structures
@@ -157,8 +158,12 @@ class RunResult:
     messages: list[str] = field(default_factory=list)
 
 
-def make_calculator(model: AtomisticModel, mode: str) -> AtomuqCalculator:
-    """Calculator for a force mode; the backward pass runs only where needed (direct and MTS)."""
+def make_calculator(model: AtomisticModel, mode: str, ltau: LTAUEstimator | None = None, ltau_k: int = 1
+                    ) -> AtomuqCalculator:
+    """Calculator for a force mode; the backward pass runs only where needed (direct and MTS).
+
+    With an LTAU estimator the calculator also gives ltau_* results (for `key:ltau_uncertainty` monitors).
+    """
     forces = (
         "conservative"
         if mode == "conservative" or not model.has_direct_forces
@@ -168,7 +173,7 @@ def make_calculator(model: AtomisticModel, mode: str) -> AtomuqCalculator:
         raise InputError(
             f"--forces {mode} needs a model with a direct force head; this one is conservative-only"
         )
-    return AtomuqCalculator(model, forces=forces, conservative="on_demand")
+    return AtomuqCalculator(model, forces=forces, conservative="on_demand", ltau=ltau, ltau_k=ltau_k)
 
 
 def init_velocities(atoms: Atoms, temperature_K: float, seed: int) -> None:
@@ -257,8 +262,11 @@ class MDRun:
         monitors: list[Monitor] | None = None,
         resume: bool = False,
         say: Callable[[str], None] = print,
+        ltau: LTAUEstimator | None = None,
+        ltau_k: int = 1,
     ) -> None:
         settings.validate()
+        self.ltau, self.ltau_k = ltau, ltau_k
         self.settings = settings
         self.model = model
         self.monitors = [m for m in (monitors or [])]
@@ -294,7 +302,7 @@ class MDRun:
             self.path.with_name(self.path.name + ".log"), append=self._resumed
         )
         self.writer = FrameWriter(self.path, append=self._resumed)
-        self.atoms.calc = make_calculator(model, self.mode)
+        self.atoms.calc = make_calculator(model, self.mode, self.ltau, self.ltau_k)
         self.dyn = make_dynamics(self.atoms, settings, self.mode)
         if self._resume_state is not None:
             restore_dynamics_state(self.dyn, self._resume_state.get("dynamics", {}))
@@ -449,7 +457,7 @@ class MDRun:
         self.step, self.time_fs = t.step, t.time_fs
         for m, ms in zip(self.monitors, t.state["monitors"]):
             m.set_state(ms)
-        self.atoms.calc = make_calculator(self.model, self.mode)
+        self.atoms.calc = make_calculator(self.model, self.mode, self.ltau, self.ltau_k)
         self.dyn = make_dynamics(self.atoms, self.settings, self.mode)
         if old_mode == self.mode:
             restore_dynamics_state(self.dyn, t.state.get("dynamics", {}))
@@ -660,6 +668,8 @@ def run_paper_protocol(
     resume: bool = False,
     say: Callable[[str], None] = print,
     progress: Callable[[str, float, float], None] | None = None,
+    ltau: LTAUEstimator | None = None,
+    ltau_k: int = 1,
 ) -> RunResult:
     """Relax to fmax, equilibrate NVT (Nosé–Hoover chain) and run NVE; each stage is resumable.
 
@@ -712,6 +722,6 @@ def run_paper_protocol(
     )
     total = nve.steps * nve.step_fs(nve.forces)
     step_progress = (lambda t: progress("NVE", t, total)) if progress else None
-    return MDRun(start, model, nve, path, monitors, resume=resume, say=say).run(
+    return MDRun(start, model, nve, path, monitors, resume=resume, say=say, ltau=ltau, ltau_k=ltau_k).run(
         step_progress
     )
