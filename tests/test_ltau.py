@@ -186,6 +186,8 @@ def test_estimator_file_errors_name_the_file(tmp_path):
         LTAUEstimator.load(other)
     with pytest.raises(InputError, match="fingerprint"):
         est.check_model("ffff", "model.pt")
+    with pytest.raises(InputError, match=r"est.npz: fitted on descriptors of width 6, got width 5"):
+        LTAUEstimator.load(path).predict(np.zeros((3, 5)), k=1)
     with pytest.raises(InputError, match=r"molecule 3: elements \[7\] never occur"):
         est.check_elements(np.array([1, 7, 6]), "molecule 3")
 

@@ -139,6 +139,10 @@ class LTAUEstimator:
 
     def predict(self, descriptors: np.ndarray, k: int = 1, atol: float | None = None) -> LTAUPrediction:
         """Per-atom LTAU outputs for query descriptors (Q, d); atol (eV/Å) overrides the fitted one."""
+        width = np.shape(descriptors)[-1]
+        if width != self.index.dimension:
+            raise InputError(f"{self.metadata.get('path', 'LTAU estimator')}: fitted on descriptors of width "
+                             f"{self.index.dimension}, got width {width}; they come from another model or layer")
         distance, ids = self.index.search(descriptors, k)
         p_train = self.training_confidence(atol)
         _, means = self._distributions()
