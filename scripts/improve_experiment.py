@@ -302,7 +302,7 @@ def report() -> None:
         "| stage | " + " | ".join(found[0][2]["test"]) + " | fresh search U_Δ | flagged worse than the previous stage (> 5 %) |",
         "| --- |" + " ---: |" * (len(found[0][2]["test"]) + 1) + " --- |",
     ]
-    for i, (label, _, ev) in enumerate(found):
+    for label, _, ev in found:
         cells = [
             f"{t['forces_mae']:.4f} / {t['conservative_forces_mae']:.4f} (E {t['energy_mae_per_atom'] * 1000:.2f})"
             for t in ev["test"].values()
