@@ -28,10 +28,12 @@ import numpy as np
 from ase.io import read
 
 from atomuq.core.io import write_structures
+from atomuq.core.labelling import label_structures
 from atomuq.workflows.improve import (
     EVALUATION_FILE,
     FINETUNE_DIR,
     LABELLED_FILE,
+    SELECTED_FILE,
     MD_STARTS_FILE,
     STATE_FILE,
     ImproveCallback,
@@ -43,7 +45,7 @@ from atomuq.workflows.improve import (
     run_improve,
 )
 from atomuq.workflows.improve_config import ImproveConfig
-from atomuq.workflows.improve_eval import read_atoms
+from atomuq.workflows.improve_eval import draw, read_atoms
 from atomuq.workflows.md.drift import load_md_frames, series
 
 matplotlib.use("Agg")
@@ -54,13 +56,15 @@ CONFIG = ROOT / "configs" / "improve_molecular.toml"
 INPUTS = ROOT / "out" / "improve_molecular" / "inputs"
 DOCS = ROOT / "docs"
 MOLECULES = ("aspirin", "caffeine")
-MD_FRAMES = (0, 20, 40)  # frames of each molecule's 300 K test trajectory used as fixed NVE starts
-DIRECT_DIR = "gen_001_direct"
+MD_FRAMES = (0, 8, 16, 24, 32, 40)  # frames of each molecule's 300 K test trajectory used as fixed NVE starts
+DIRECT_DIR, CONTROL_DIR = "gen_001_direct", "gen_001_random"
 STAGES = [
     ("trained", "gen_000"),
+    ("gen 1 random displacements, conservative (control)", CONTROL_DIR),
     ("gen 1, direct head", DIRECT_DIR),
     ("gen 1, conservative", "gen_001"),
     ("gen 2, conservative", "gen_002"),
+    ("gen 3, conservative", "gen_003"),
 ]
 
 
@@ -116,13 +120,41 @@ def direct_branch(config: ImproveConfig, baseline: dict) -> None:
     evaluate_generation(direct, model, 1, folder, starts, baseline, callback)
 
 
+def control_branch(config: ImproveConfig, baseline: dict) -> None:
+    """Control: generation 1's search starts displaced at random by the same RMS displacement as each selected
+    adversarial frame (same count), labelled, fine-tuned conservatively and evaluated like the loop."""
+    folder = config.run_dir / CONTROL_DIR
+    if (folder / EVALUATION_FILE).is_file():
+        return
+    callback = LogCallback()
+    starts = draw(read_atoms(config.search.starts), config.search.n_starts, config.search.seed + 1)
+    selected = read_atoms([generation_dir(config.run_dir, 1) / SELECTED_FILE])
+    rng = np.random.default_rng(2024)
+    rattled = []
+    for frame in selected:
+        start = starts[int(frame.info["source_index"])]
+        rms = float(np.sqrt(((frame.positions - start.positions) ** 2).sum(axis=1).mean()))
+        atoms = start.copy()
+        atoms.positions += rng.normal(scale=rms / np.sqrt(3.0), size=atoms.positions.shape)
+        atoms.info = {"control_rms_displacement": rms}
+        rattled.append(atoms)
+    folder.mkdir(parents=True, exist_ok=True)
+    label_structures(rattled, config.label.method, folder / LABELLED_FILE)
+    finetune(config, folder, [folder / LABELLED_FILE], model_path(config, 0), 1, callback)
+    model = load(folder / FINETUNE_DIR / "best.pt", config.device)
+    evaluate_generation(config, model, 1, folder, read_atoms([config.run_dir / MD_STARTS_FILE]), baseline, callback)
+
+
 def run() -> None:
-    """Generation 1 (conservative), the direct-head comparison, then generation 2."""
+    """Generation 1 (conservative), the direct-head comparison and the random-displacement control, then
+    generations 2 and 3."""
     config = ImproveConfig.from_toml(CONFIG)
     evaluations = run_improve(dataclasses.replace(config, generations=1), LogCallback())
     say("generation 1 done; direct-head comparison")
     direct_branch(config, evaluations[0])
-    say("generation 2")
+    say("control: random displacements")
+    control_branch(config, evaluations[0])
+    say("generations 2 and 3")
     run_improve(config, LogCallback())
 
 
@@ -194,7 +226,8 @@ def figures(found: list, labels: list[str]) -> None:
     plt.close(fig)
 
     n = len(found[0][2]["md_runs"])
-    fig, axes = plt.subplots(2, (n + 1) // 2, figsize=(4 * ((n + 1) // 2), 6.5), sharex=True)
+    rows = -(-n // 4)
+    fig, axes = plt.subplots(rows, 4, figsize=(16, 3.2 * rows), sharex=True)
     for k, ax in enumerate(np.ravel(axes)[:n]):
         for i, (label, folder, _) in enumerate(found):
             t, e = md_curves(folder, n)[k]
@@ -203,6 +236,8 @@ def figures(found: list, labels: list[str]) -> None:
         ax.set_yscale("symlog", linthresh=1.0)
         ax.set_xlabel("t ps")
         ax.set_ylabel("E_tot/N − start, meV")
+    for ax in np.ravel(axes)[n:]:
+        ax.axis("off")
     np.ravel(axes)[0].legend(fontsize=7)
     fig.suptitle("Direct-force NVE from the same starts after each stage (runs end when T > 2000 K)")
     fig.tight_layout()
@@ -326,22 +361,37 @@ def report() -> None:
     say(f"wrote {DOCS / 'improve_experiment.md'}")
 
 
+#: the stage each stage is compared with in the reading (the paper's order for the main line)
+COMPARED_WITH = {
+    "gen 1 random displacements, conservative (control)": "trained",
+    "gen 1, direct head": "trained",
+    "gen 1, conservative": "gen 1, direct head",
+    "gen 2, conservative": "gen 1, conservative",
+    "gen 3, conservative": "gen 2, conservative",
+}
+
+
 def reading(found: list) -> list[str]:
-    """Plain statements computed from the numbers: did each stage improve on the one before?"""
-    out = []
-    prev = None
+    """Plain statements computed from the numbers: did each stage improve on the one it is compared with?"""
+    numbers = {}
     for label, _, ev in found:
-        med = float(np.median([abs(r["drift_meV_atom_ps"]) for r in ev["md_runs"]]))
-        lasted = ev["md"]["survived_ps_mean"]
-        mae = np.mean([t["forces_mae"] for t in ev["test"].values()])
-        if prev is not None:
-            out.append(
-                f"- {label} vs {prev[0]}: median |drift| {prev[1]:.3g} -> {med:.3g} meV/atom/ps "
-                f"({'lower' if med < prev[1] else 'higher'}), mean time lasted {prev[2]:.2f} -> {lasted:.2f} ps "
-                f"({'longer' if lasted > prev[2] else 'shorter or equal'}), mean direct-force test MAE "
-                f"{prev[3]:.4f} -> {mae:.4f} eV/Å."
-            )
-        prev = (label, med, lasted, mae)
+        numbers[label] = (
+            float(np.median([abs(r["drift_meV_atom_ps"]) for r in ev["md_runs"]])),
+            ev["md"]["survived_ps_mean"],
+            float(np.mean([t["forces_mae"] for t in ev["test"].values()])),
+            float(np.mean([t["conservative_forces_mae"] for t in ev["test"].values()])),
+        )
+    out = []
+    for label, _, _ in found:
+        ref = COMPARED_WITH.get(label)
+        if ref not in numbers:
+            continue
+        (d0, t0, f0, c0), (d1, t1, f1, c1) = numbers[ref], numbers[label]
+        out.append(
+            f"- {label} vs {ref}: median |drift| {d0:.3g} -> {d1:.3g} meV/atom/ps ({'lower' if d1 < d0 else 'higher'}), "
+            f"mean time lasted {t0:.2f} -> {t1:.2f} ps ({'longer' if t1 > t0 else 'shorter or equal'}), mean test "
+            f"force MAE direct {f0:.4f} -> {f1:.4f}, conservative {c0:.4f} -> {c1:.4f} eV/Å."
+        )
     return out + NOTES
 
 

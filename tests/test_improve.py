@@ -162,7 +162,7 @@ def test_one_generation_end_to_end_and_resume(folder):
     ev = evaluations[1]
     assert set(ev["test"]) == {"cu_test.extxyz"} and ev["md"]["runs"] == 1
     assert ev["fresh"]["n_structures"] == 2 and np.isfinite(ev["fresh"]["force_delta_best_mean"])
-    assert {r["metric"] for r in ev["comparison"]} >= {"test/cu_test.extxyz/forces_mae", "md/drift_abs_mean"}
+    assert {r["metric"] for r in ev["comparison"]} >= {"test/cu_test.extxyz/forces_mae", "md/drift_abs_median"}
     assert all(r["previous"] is not None for r in ev["comparison"])
     # a finished loop reruns as a no-op; more generations may be added, other changes are refused
     assert len(run_improve(config)) == 2
@@ -184,12 +184,12 @@ def test_cli_runs_and_prints_the_summary(folder, tmp_path):
 
 
 def test_compare_flags_metrics_that_got_worse():
-    before = {"test": {"a": {"forces_mae": 0.10, "conservative_forces_mae": 0.20}}, "md": {"drift_abs_mean": 10.0, "survived_ps_mean": 1.0}}
-    after = {"test": {"a": {"forces_mae": 0.104, "conservative_forces_mae": 0.30}}, "md": {"drift_abs_mean": 5.0, "survived_ps_mean": 0.5}}
+    before = {"test": {"a": {"forces_mae": 0.10, "conservative_forces_mae": 0.20}}, "md": {"drift_abs_median": 10.0, "survived_ps_mean": 1.0}}
+    after = {"test": {"a": {"forces_mae": 0.104, "conservative_forces_mae": 0.30}}, "md": {"drift_abs_median": 5.0, "survived_ps_mean": 0.5}}
     rows = {r["metric"]: r for r in compare(before, after, tolerance=0.05)}
     assert not rows["test/a/forces_mae"]["worse"]  # +4 % is within 5 %
     assert rows["test/a/conservative_forces_mae"]["worse"] and rows["test/a/conservative_forces_mae"]["change"] == pytest.approx(0.1)
-    assert not rows["md/drift_abs_mean"]["worse"]  # lower drift is better
+    assert not rows["md/drift_abs_median"]["worse"]  # lower drift is better
     assert rows["md/survived_ps_mean"]["worse"]  # a shorter life is worse
     assert all(r["previous"] is None and not r["worse"] for r in compare(None, after, 0.05))
 

@@ -87,7 +87,7 @@ def summary_table(evaluations: list[dict[str, Any]], state: dict[str, Any]) -> T
         "forces MAE direct",
         "forces MAE conservative",
         "fresh U_Δ eV/Å",
-        "NVE |drift| meV/atom/ps",
+        "NVE median |drift| meV/atom/ps",
         "NVE lasted ps",
         "worse than before",
     ):

@@ -379,6 +379,6 @@ def _headline(evaluation: dict[str, Any]) -> dict[str, Any]:
     if "fresh" in evaluation:
         out["fresh_force_delta"] = evaluation["fresh"]["force_delta_best_mean"]
     if "md" in evaluation:
-        out.update(drift=evaluation["md"]["drift_abs_mean"], survived_ps=evaluation["md"]["survived_ps_mean"])
+        out.update(drift=evaluation["md"]["drift_abs_median"], survived_ps=evaluation["md"]["survived_ps_mean"])
     out["worse"] = [r["metric"] for r in evaluation.get("comparison", []) if r["worse"]]
     return out
