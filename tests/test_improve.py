@@ -184,8 +184,14 @@ def test_cli_runs_and_prints_the_summary(folder, tmp_path):
 
 
 def test_compare_flags_metrics_that_got_worse():
-    before = {"test": {"a": {"forces_mae": 0.10, "conservative_forces_mae": 0.20}}, "md": {"drift_abs_median": 10.0, "survived_ps_mean": 1.0}}
-    after = {"test": {"a": {"forces_mae": 0.104, "conservative_forces_mae": 0.30}}, "md": {"drift_abs_median": 5.0, "survived_ps_mean": 0.5}}
+    before = {
+        "test": {"a": {"forces_mae": 0.10, "conservative_forces_mae": 0.20}},
+        "md": {"drift_abs_median": 10.0, "survived_ps_mean": 1.0},
+    }
+    after = {
+        "test": {"a": {"forces_mae": 0.104, "conservative_forces_mae": 0.30}},
+        "md": {"drift_abs_median": 5.0, "survived_ps_mean": 0.5},
+    }
     rows = {r["metric"]: r for r in compare(before, after, tolerance=0.05)}
     assert not rows["test/a/forces_mae"]["worse"]  # +4 % is within 5 %
     assert rows["test/a/conservative_forces_mae"]["worse"] and rows["test/a/conservative_forces_mae"]["change"] == pytest.approx(0.1)
