@@ -10,7 +10,11 @@ fixed direct-force NVE starts (configs/improve_molecular.toml):
 - trained: the bundled model (generation 0);
 - gen 1, direct head: fine-tuned on generation 1's labelled structures with energy + direct-force loss;
 - gen 1, conservative: the same structures, energy + direct + conservative-force loss (the loop's mode);
-- gen 2, conservative: a new search on the gen-1 conservative model, labelled and fine-tuned the same way.
+- gen 2 and gen 3, conservative: a new search on the previous conservative model, labelled and fine-tuned
+  the same way;
+- control: generation 1's search starts displaced at random by the same RMS displacement as each selected
+  adversarial frame, labelled and fine-tuned conservatively (are adversarial structures better than random?);
+- replicate: generation 1 conservative with another fine-tuning seed (how much one fine-tuning varies).
 
 Every step resumes: rerun the same command after an interruption.
 """
@@ -57,12 +61,13 @@ INPUTS = ROOT / "out" / "improve_molecular" / "inputs"
 DOCS = ROOT / "docs"
 MOLECULES = ("aspirin", "caffeine")
 MD_FRAMES = (0, 8, 16, 24, 32, 40)  # frames of each molecule's 300 K test trajectory used as fixed NVE starts
-DIRECT_DIR, CONTROL_DIR = "gen_001_direct", "gen_001_random"
+DIRECT_DIR, CONTROL_DIR, REPLICATE_DIR = "gen_001_direct", "gen_001_random", "gen_001_seed1"
 STAGES = [
     ("trained", "gen_000"),
     ("gen 1 random displacements, conservative (control)", CONTROL_DIR),
     ("gen 1, direct head", DIRECT_DIR),
     ("gen 1, conservative", "gen_001"),
+    ("gen 1, conservative, fine-tuning seed 1 (replicate)", REPLICATE_DIR),
     ("gen 2, conservative", "gen_002"),
     ("gen 3, conservative", "gen_003"),
 ]
@@ -106,18 +111,19 @@ def prepare() -> None:
         say(f"{INPUTS / name}: {len(frames)} structures")
 
 
-def direct_branch(config: ImproveConfig, baseline: dict) -> None:
-    """Generation 1's structures fine-tuned with energy + direct forces only, evaluated like the loop."""
-    folder = config.run_dir / DIRECT_DIR
+def branch(
+    config: ImproveConfig, baseline: dict, name: str, labelled: list[Path], mode: str = "conservative", seed: int | None = None
+) -> None:
+    """Fine-tune the trained model on `labelled` (+ the same replay) in RUN_DIR/name and evaluate it like the loop."""
+    folder = config.run_dir / name
     if (folder / EVALUATION_FILE).is_file():
         return
-    direct = dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, mode="direct"))
+    train = config.train if seed is None else {**config.train, "seed": seed}
+    variant = dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, mode=mode), train=train)
     callback = LogCallback()
-    labelled = [generation_dir(config.run_dir, 1) / LABELLED_FILE]
-    finetune(direct, folder, labelled, model_path(config, 0), 1, callback)
+    finetune(variant, folder, labelled, model_path(config, 0), 1, callback)
     model = load(folder / FINETUNE_DIR / "best.pt", config.device)
-    starts = read_atoms([config.run_dir / MD_STARTS_FILE])
-    evaluate_generation(direct, model, 1, folder, starts, baseline, callback)
+    evaluate_generation(variant, model, 1, folder, read_atoms([config.run_dir / MD_STARTS_FILE]), baseline, callback)
 
 
 def control_branch(config: ImproveConfig, baseline: dict) -> None:
@@ -126,7 +132,6 @@ def control_branch(config: ImproveConfig, baseline: dict) -> None:
     folder = config.run_dir / CONTROL_DIR
     if (folder / EVALUATION_FILE).is_file():
         return
-    callback = LogCallback()
     starts = draw(read_atoms(config.search.starts), config.search.n_starts, config.search.seed + 1)
     selected = read_atoms([generation_dir(config.run_dir, 1) / SELECTED_FILE])
     rng = np.random.default_rng(2024)
@@ -140,9 +145,7 @@ def control_branch(config: ImproveConfig, baseline: dict) -> None:
         rattled.append(atoms)
     folder.mkdir(parents=True, exist_ok=True)
     label_structures(rattled, config.label.method, folder / LABELLED_FILE)
-    finetune(config, folder, [folder / LABELLED_FILE], model_path(config, 0), 1, callback)
-    model = load(folder / FINETUNE_DIR / "best.pt", config.device)
-    evaluate_generation(config, model, 1, folder, read_atoms([config.run_dir / MD_STARTS_FILE]), baseline, callback)
+    branch(config, baseline, CONTROL_DIR, [folder / LABELLED_FILE])
 
 
 def run() -> None:
@@ -151,11 +154,14 @@ def run() -> None:
     config = ImproveConfig.from_toml(CONFIG)
     evaluations = run_improve(dataclasses.replace(config, generations=1), LogCallback())
     say("generation 1 done; direct-head comparison")
-    direct_branch(config, evaluations[0])
+    gen1 = [generation_dir(config.run_dir, 1) / LABELLED_FILE]
+    branch(config, evaluations[0], DIRECT_DIR, gen1, mode="direct")
     say("control: random displacements")
     control_branch(config, evaluations[0])
     say("generations 2 and 3")
     run_improve(config, LogCallback())
+    say("replicate of generation 1 (conservative) with another fine-tuning seed: the noise of one fine-tuning")
+    branch(config, evaluations[0], REPLICATE_DIR, gen1, seed=1)
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -366,6 +372,7 @@ COMPARED_WITH = {
     "gen 1 random displacements, conservative (control)": "trained",
     "gen 1, direct head": "trained",
     "gen 1, conservative": "gen 1, direct head",
+    "gen 1, conservative, fine-tuning seed 1 (replicate)": "gen 1, direct head",
     "gen 2, conservative": "gen 1, conservative",
     "gen 3, conservative": "gen 2, conservative",
 }
