@@ -13,6 +13,7 @@ import atomuq
 from atomuq.cli.attack_commands import attack
 from atomuq.cli.bench_commands import bench
 from atomuq.cli.ensemble_options import load_ensemble
+from atomuq.cli.improve_commands import improve
 from atomuq.cli.common import check_device, console, progress_bar, user_errors
 from atomuq.cli.data_commands import label, sample
 from atomuq.cli.ltau_commands import ltau_app
@@ -116,6 +117,7 @@ app.command()(bench)
 app.add_typer(ltau_app, name="ltau")
 app.command()(md)
 app.command()(drift)
+app.command()(improve)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -215,13 +215,7 @@ class TrainConfig:
     def from_toml(cls, path: str | Path) -> "TrainConfig":
         """Read a TOML config file; errors name the file and the bad key."""
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
-        return cls.from_dict(data, base_dir=path.parent, source=path)
+        return cls.from_dict(read_toml(path), base_dir=path.parent, source=path)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base_dir: str | Path = ".", source: Path | None = None) -> "TrainConfig":
@@ -246,6 +240,16 @@ class TrainConfig:
                 value = {k: _jsonable(v) for k, v in asdict(value).items()}
             out[f.name] = _jsonable(value)
         return out
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The tables of a TOML config file; ConfigError naming the file when it is missing or not TOML."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
 
 
 _SECTIONS = {"data": DataConfig, "loss": LossConfig, "optimizer": OptimizerConfig}
@@ -300,6 +304,12 @@ def _coerce(value: Any, kind: str, key: str, where: str, base: Path) -> Any:
             raise bad
         return tuple((base / Path(v).expanduser()).resolve() for v in items)
     raise AssertionError(kind)  # pragma: no cover
+
+
+def config_section(cls: type, table: Any, prefix: str, where: str, base: Path) -> Any:
+    """A dataclass of plain fields (float, int, bool, str, Path, path lists) from a TOML table; errors name
+    the file (where) and the key (prefix + name); relative paths are taken from base."""
+    return _build(cls, table, prefix, where, base, None)
 
 
 def _build(cls: type, table: Any, prefix: str, where: str, base: Path, source: Path | None) -> Any:

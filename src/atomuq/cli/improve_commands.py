@@ -1,0 +1,134 @@
+"""`atomuq improve CONFIG`: search -> select -> label -> fine-tune -> evaluate, generation after generation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.progress import Progress
+from rich.table import Table
+
+from atomuq.cli.common import check_device, console, progress_bar, user_errors
+from atomuq.cli.train_commands import RichTrainCallback
+from atomuq.workflows.improve import STAGES, STATE_FILE, ImproveCallback, run_improve
+from atomuq.workflows.improve_config import ImproveConfig
+
+_SHOWN = {
+    "search": ("starts", "frames", "failed"),
+    "select": ("selected",),
+    "label": ("labelled", "failed", "resumed"),
+    "finetune": ("mode", "new", "replay", "epochs", "best_epoch"),
+    "md starts": ("starts",),
+}
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+class RichImproveCallback(ImproveCallback):
+    """One progress bar per stage, a line per finished stage and the comparison table per evaluation."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.task: Any = None
+        self.train_callback = RichTrainCallback(bar)
+
+    def on_stage_start(self, generation: int, stage: str, total: int | None) -> None:
+        """Start a bar for the stage."""
+        self.task = self.bar.add_task(f"gen {generation} {stage}", total=total)
+
+    def advance(self, n: int) -> None:
+        """Advance the stage's bar."""
+        if self.task is not None:
+            self.bar.advance(self.task, n)
+
+    def on_stage_end(self, generation: int, stage: str, info: dict[str, Any]) -> None:
+        """One line per stage; the evaluation's comparison table."""
+        if self.task is not None:
+            total = next(t.total for t in self.bar.tasks if t.id == self.task) or 1
+            self.bar.update(self.task, completed=total, total=total)
+            self.task = None
+        done = "done earlier" if info.get("skipped") else "done"
+        details = ", ".join(f"{k} {_num(info[k])}" for k in _SHOWN.get(stage, ()) if k in info)
+        self.bar.console.print(f"generation {generation} {stage}: {done}" + (f" ({details})" if details else ""), highlight=False)
+        if stage == "evaluate" and "file" in info:
+            self.bar.console.print(comparison_table(generation, Path(info["file"])))
+
+    def log(self, message: str) -> None:
+        """Print a note."""
+        self.bar.console.print(message, highlight=False)
+
+
+def comparison_table(generation: int, path: Path) -> Table:
+    """Every metric of an evaluation.json with the previous generation's value and the change; worse ones red."""
+    rows = json.loads(path.read_text())["comparison"]
+    table = Table(title=f"generation {generation} evaluation ({path})")
+    for name in ("metric", "previous", "value", "change", ""):
+        table.add_column(name, justify="left" if name == "metric" else "right")
+    for r in rows:
+        flag = "[red]worse[/red]" if r["worse"] else ""
+        table.add_row(r["metric"], _num(r["previous"]), _num(r["value"]), "-" if r["change"] is None else f"{r['change']:+.4g}", flag)
+    return table
+
+
+def summary_table(evaluations: list[dict[str, Any]], state: dict[str, Any]) -> Table:
+    """One row per generation: structures found / selected / labelled, mean test force MAEs, U_Δ, MD."""
+    table = Table(title="atomuq improve: summary per generation (forces MAE: mean over the test files, eV/Å)")
+    for name in (
+        "gen",
+        "frames found",
+        "selected",
+        "labelled",
+        "forces MAE direct",
+        "forces MAE conservative",
+        "fresh U_Δ eV/Å",
+        "NVE median |drift| meV/atom/ps",
+        "NVE lasted ps",
+        "worse than before",
+    ):
+        table.add_column(name, justify="right")
+    for ev in evaluations:
+        g = ev["generation"]
+        info = {stage: state.get(f"gen_{g:03d}/{stage}", {}) for stage in STAGES}
+        h = info["evaluate"]
+        table.add_row(
+            str(g),
+            _num(info["search"].get("frames")),
+            _num(info["select"].get("selected")),
+            _num(info["label"].get("labelled")),
+            _num(h.get("forces_mae_mean")),
+            _num(h.get("conservative_forces_mae_mean")),
+            _num(h.get("fresh_force_delta")),
+            _num(h.get("drift")),
+            _num(h.get("survived_ps")),
+            ", ".join(h.get("worse", [])) or "-",
+        )
+    return table
+
+
+def improve(
+    config: Path = typer.Argument(..., help="TOML file (see configs/improve_molecular.toml)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Override the config's device (cpu, cuda)."),
+    generations: Optional[int] = typer.Option(None, "--generations", min=1, help="Override the number of generations."),
+) -> None:
+    """Closing the loop (methods.md 8): adversarial search -> selection -> reference labels -> fine-tuning -> evaluation,
+    per generation, resumable (rerun the same command after an interruption)."""
+    with user_errors():
+        cfg = ImproveConfig.from_toml(config)
+        if device is not None:
+            cfg = dataclasses.replace(cfg, device=check_device(device))
+        if generations is not None:
+            cfg = dataclasses.replace(cfg, generations=generations)
+        with progress_bar() as bar:
+            evaluations = run_improve(cfg, RichImproveCallback(bar))
+        state = json.loads((cfg.run_dir / STATE_FILE).read_text())["done"]
+    console.print(summary_table(evaluations, state))
+    console.print(
+        f"run folder {cfg.run_dir}: gen_000 (starting model) .. gen_{cfg.generations:03d}; "
+        f"model of the last generation: {cfg.run_dir / f'gen_{cfg.generations:03d}' / 'finetune' / 'best.pt'}"
+    )
