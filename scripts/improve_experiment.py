@@ -62,15 +62,16 @@ DOCS = ROOT / "docs"
 MOLECULES = ("aspirin", "caffeine")
 MD_FRAMES = (0, 8, 16, 24, 32, 40)  # frames of each molecule's 300 K test trajectory used as fixed NVE starts
 DIRECT_DIR, CONTROL_DIR, REPLICATE_DIR = "gen_001_direct", "gen_001_random", "gen_001_seed1"
-STAGES = [
-    ("trained", "gen_000"),
-    ("gen 1 random displacements, conservative (control)", CONTROL_DIR),
-    ("gen 1, direct head", DIRECT_DIR),
-    ("gen 1, conservative", "gen_001"),
-    ("gen 1, conservative, fine-tuning seed 1 (replicate)", REPLICATE_DIR),
-    ("gen 2, conservative", "gen_002"),
-    ("gen 3, conservative", "gen_003"),
+STAGES = [  # (label, folder, short label for the figures)
+    ("trained", "gen_000", "trained"),
+    ("gen 1, direct head", DIRECT_DIR, "gen 1\ndirect head"),
+    ("gen 1, conservative", "gen_001", "gen 1\nconservative"),
+    ("gen 2, conservative", "gen_002", "gen 2\nconservative"),
+    ("gen 3, conservative", "gen_003", "gen 3\nconservative"),
+    ("gen 1, conservative, fine-tuning seed 1 (replicate)", REPLICATE_DIR, "gen 1 cons.\nseed 1"),
+    ("gen 1 random displacements, conservative (control)", CONTROL_DIR, "gen 1 cons.\nrandom (control)"),
 ]
+SHORT = {label: short for label, _, short in STAGES}
 
 
 def say(msg: str) -> None:
@@ -170,7 +171,7 @@ def run() -> None:
 def stages(run_dir: Path) -> list[tuple[str, Path, dict]]:
     """(label, folder, evaluation) of every finished stage, in the order of Fig. 4."""
     out = []
-    for label, name in STAGES:
+    for label, name, _ in STAGES:
         path = run_dir / name / EVALUATION_FILE
         if path.is_file():
             out.append((label, run_dir / name, json.loads(path.read_text())))
@@ -187,11 +188,11 @@ def md_curves(folder: Path, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def figures(found: list, labels: list[str]) -> None:
+def figures(found: list, labels: list[str], window_ps: float) -> None:
     """Fig. 4 analogue (drift, time to failure, force errors per stage) and Fig. 8 analogue (E_tot(t))."""
-    names = [lbl for lbl, _, _ in found]
+    names = [SHORT[lbl] for lbl, _, _ in found]
     colors = plt.cm.viridis(np.linspace(0, 0.85, len(found)))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
     x = np.arange(len(found))
     for i, (_, _, ev) in enumerate(found):
         drift = [abs(r["drift_meV_atom_ps"]) for r in ev["md_runs"]]
@@ -203,7 +204,7 @@ def figures(found: list, labels: list[str]) -> None:
     axes[0].set_yscale("log")
     axes[0].set_ylabel("|NVE energy drift| meV/atom/ps\n(bar: median, dots: runs)")
     axes[1].set_ylabel("direct-force NVE lasted, ps (bar: mean)")
-    axes[1].set_title(f"window {max(r['survived_ps'] for _, _, e in found for r in e['md_runs']):.1f} ps; stop above 2000 K", fontsize=9)
+    axes[1].set_title(f"window {window_ps:g} ps; stopped above 2000 K", fontsize=9)
     files = list(found[0][2]["test"])
     width = 0.8 / (2 * len(files))
     for j, name in enumerate(files):
@@ -225,7 +226,7 @@ def figures(found: list, labels: list[str]) -> None:
     axes[2].legend(fontsize=7, ncol=2)
     for ax in axes:
         ax.set_xticks(x)
-        ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+        ax.set_xticklabels(names, fontsize=7)
     fig.suptitle("Fine-tuning on U_Δ-maximised structures (bundled model; aspirin + caffeine; GFN2-xTB)")
     fig.tight_layout()
     fig.savefig(DOCS / "improve_experiment.png", dpi=120)
@@ -237,7 +238,7 @@ def figures(found: list, labels: list[str]) -> None:
     for k, ax in enumerate(np.ravel(axes)[:n]):
         for i, (label, folder, _) in enumerate(found):
             t, e = md_curves(folder, n)[k]
-            ax.plot(t, e, color=colors[i], label=label, lw=1.2)
+            ax.plot(t, e, color=colors[i], label=SHORT[label].replace("\n", " "), lw=1.0)
         ax.set_title(labels[k], fontsize=9)
         ax.set_yscale("symlog", linthresh=1.0)
         ax.set_xlabel("t ps")
@@ -264,7 +265,7 @@ def report() -> None:
     state = json.loads((config.run_dir / STATE_FILE).read_text())["done"]
     starts = read(config.run_dir / MD_STARTS_FILE, ":")
     labels = [f"{a.get_chemical_formula()} start {k}" for k, a in enumerate(starts)]
-    figures(found, labels)
+    figures(found, labels, config.evaluate.nve_ps)
     summary = {label: {k: ev[k] for k in ("test", "fresh", "md", "md_runs") if k in ev} for label, _, ev in found}
     (DOCS / "improve_experiment.json").write_text(json.dumps({"stages": summary, "loop_state": state}, indent=1))
     lines = [

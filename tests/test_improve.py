@@ -198,6 +198,12 @@ def test_compare_flags_metrics_that_got_worse():
     assert not rows["md/drift_abs_median"]["worse"]  # lower drift is better
     assert rows["md/survived_ps_mean"]["worse"]  # a shorter life is worse
     assert all(r["previous"] is None and not r["worse"] for r in compare(None, after, 0.05))
+    # small steps that add up: each within 5 % of the previous generation, together 7 % worse than generation 0
+    start = {"test": {"a": {"forces_mae": 0.100}}}
+    middle = {"test": {"a": {"forces_mae": 0.104}}}
+    last = {"test": {"a": {"forces_mae": 0.107}}}
+    (row,) = compare(middle, last, 0.05, start)
+    assert not row["worse"] and row["worse_than_start"] and row["start"] == 0.100
 
 
 @pytest.mark.parametrize(

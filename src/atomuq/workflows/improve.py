@@ -263,7 +263,10 @@ def evaluate_generation(
         ordered = [parts["md_runs"][f"start_{k:03d}"] for k in range(n_md)]
         evaluation["md"] = summarise_md(ordered)
         evaluation["md_runs"] = ordered
-    evaluation["comparison"] = compare(previous, evaluation, config.tolerance)
+    start = None
+    if generation > 0 and (generation_dir(config.run_dir, 0) / EVALUATION_FILE).is_file():
+        start = json.loads((generation_dir(config.run_dir, 0) / EVALUATION_FILE).read_text())
+    evaluation["comparison"] = compare(previous, evaluation, config.tolerance, start)
     _write_json(folder / EVALUATION_FILE, evaluation)
     partial_path.unlink(missing_ok=True)
     return evaluation
@@ -381,4 +384,5 @@ def _headline(evaluation: dict[str, Any]) -> dict[str, Any]:
     if "md" in evaluation:
         out.update(drift=evaluation["md"]["drift_abs_median"], survived_ps=evaluation["md"]["survived_ps_mean"])
     out["worse"] = [r["metric"] for r in evaluation.get("comparison", []) if r["worse"]]
+    out["worse_than_start"] = [r["metric"] for r in evaluation.get("comparison", []) if r.get("worse_than_start")]
     return out
