@@ -272,8 +272,9 @@ def report() -> None:
         "# Closing the loop: fine-tuning on adversarial structures (Force Delta paper 4.4, Fig. 4 and 8)",
         "",
         "Made by `OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/improve_experiment.py` (figures and this file: "
-        "`... --report`), which runs `atomuq improve configs/improve_molecular.toml` (generations 1 and 2, "
-        "conservative fine-tuning) and, on generation 1's structures, the direct-head-only fine-tuning.",
+        "`... --report`), which runs `atomuq improve configs/improve_molecular.toml` (generations 1-3, "
+        "conservative fine-tuning) and, on generation 1's structures, the direct-head-only fine-tuning and a "
+        "replicate with another fine-tuning seed, plus a control fine-tuned on randomly displaced structures.",
         "",
         "Setup: bundled `molecular-small` model (float32, CPU, one thread); systems aspirin and caffeine (both in "
         "its training set); reference GFN2-xTB (tblite). Per generation: adversarial search (U_Δ²·exp(−Ē/kT), "
@@ -282,8 +283,8 @@ def report() -> None:
         f"(U_Δ above the {config.select.percentile:g}th percentile of the starts, RMSD ≥ "
         f"{config.select.rmsd_threshold} Å, at most {config.select.max_selected}), GFN2-xTB labels, fine-tuning "
         f"from the previous model for {config.train['epochs']} epochs (lr {config.train['optimizer']['lr']}, "
-        f"cosine) with replay fraction {config.finetune.replay_fraction} (the rest of the set drawn from the "
-        "original training file).",
+        f"cosine) with replay fraction {config.finetune.replay_fraction} (that share of the fine-tuning set is "
+        "drawn from the original training file).",
         "",
         f"Evaluation, identical for every stage: force MAEs on the full test files; a fixed adversarial search "
         f"({config.evaluate.fresh_n} 300 K test frames, {config.evaluate.fresh_steps} steps, fixed seed); "
@@ -299,7 +300,7 @@ def report() -> None:
         "| generation | search frames | selected | labelled | fine-tuning set (new + replay) | best epoch |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for g in (1, 2):
+    for g in range(1, config.generations + 1):
         s = {st: state.get(f"gen_{g:03d}/{st}", {}) for st in ("search", "select", "label", "finetune")}
         if s["finetune"]:
             lines.append(
