@@ -440,6 +440,10 @@ NOTES: list[str] = [
     "about 17 minutes on one core (shared machine). The paper used 10 ps runs of robust Orb-v3 models that conserve energy "
     "well to begin with; ours blows up within a picosecond, so 'drift' here is mostly the rate of blowing up "
     "and the time lasted is the more useful number.",
+    "",
+    "Provenance: the comparison with generation 0 ('worse than gen 0') was added to `atomuq improve` after this "
+    "run; the `comparison` entries of its evaluation.json files were then recomputed from their saved metrics "
+    "with the same `improve_eval.compare` (no model was re-evaluated).",
 ]
 
 

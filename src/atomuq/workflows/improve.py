@@ -11,7 +11,8 @@ configured model, evaluated first as the baseline) and runs five stages in RUN_D
 4. finetune: fine-tuning (workflows/train.py, resumable through train_state.pt) from the previous
    model on the labelled structures (plus earlier generations' with accumulate) and a replay
    subset of the original training data (replay.extxyz) -> finetune/best.pt;
-5. evaluate: improve_eval.py -> evaluation.json (with the comparison to the previous generation).
+5. evaluate: improve_eval.py -> evaluation.json, with every metric compared to the previous generation
+   and to generation 0 (changes for the worse beyond config.tolerance flagged).
 
 RUN_DIR/improve_state.json lists the finished stages; a rerun skips them, so an interrupted
 loop resumes at the stage it was in (the evaluation keeps its finished parts in
