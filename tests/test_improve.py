@@ -198,6 +198,12 @@ def test_compare_flags_metrics_that_got_worse():
     assert not rows["md/drift_abs_median"]["worse"]  # lower drift is better
     assert rows["md/survived_ps_mean"]["worse"]  # a shorter life is worse
     assert all(r["previous"] is None and not r["worse"] for r in compare(None, after, 0.05))
+    # small steps that add up: each within 5 % of the previous generation, together 7 % worse than generation 0
+    start = {"test": {"a": {"forces_mae": 0.100}}}
+    middle = {"test": {"a": {"forces_mae": 0.104}}}
+    last = {"test": {"a": {"forces_mae": 0.107}}}
+    (row,) = compare(middle, last, 0.05, start)
+    assert not row["worse"] and row["worse_than_start"] and row["start"] == 0.100
 
 
 @pytest.mark.parametrize(
@@ -228,3 +234,35 @@ def test_bad_config_errors(folder, tmp_path, edits, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         ImproveConfig.from_toml(path)
+
+
+class StopInEvaluation(ImproveCallback):
+    """Raises KeyboardInterrupt once the fixed adversarial search of generation 0's evaluation is done."""
+
+    def __init__(self) -> None:
+        self.stage, self.units = None, 0
+
+    def on_stage_start(self, generation, stage, total):
+        self.stage = (generation, stage)
+
+    def advance(self, n):
+        if self.stage == (0, "evaluate"):
+            self.units += n
+            if self.units >= 2:  # 1 test file + the fresh search
+                raise KeyboardInterrupt
+
+
+def test_evaluation_keeps_its_finished_parts(folder, tmp_path):
+    config = dataclasses.replace(ImproveConfig.from_toml(folder / "improve.toml"), run_dir=tmp_path / "loop")
+    gen0 = config.run_dir / "gen_000"
+    with pytest.raises(KeyboardInterrupt):
+        run_improve(config, StopInEvaluation())
+    parts = json.loads((gen0 / "evaluation.partial.json").read_text())
+    assert set(parts) == {"test", "fresh"} and not (gen0 / EVALUATION_FILE).exists()
+    fresh_mtime = (gen0 / "fresh_search.extxyz").stat().st_mtime_ns
+    run_improve(config, stop_after=lambda g, stage: True)  # finishes generation 0, stops after gen 1's search
+    assert (gen0 / "fresh_search.extxyz").stat().st_mtime_ns == fresh_mtime  # the search was not repeated
+    evaluation = json.loads((gen0 / EVALUATION_FILE).read_text())
+    assert evaluation["fresh"] == parts["fresh"] and evaluation["md"]["runs"] == 1
+    assert not (gen0 / "evaluation.partial.json").exists()
+    assert (config.run_dir / "gen_001" / SEARCH_FILE).is_file() and not (config.run_dir / "gen_001" / SELECTED_FILE).exists()

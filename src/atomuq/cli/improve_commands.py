@@ -65,14 +65,19 @@ class RichImproveCallback(ImproveCallback):
 
 
 def comparison_table(generation: int, path: Path) -> Table:
-    """Every metric of an evaluation.json with the previous generation's value and the change; worse ones red."""
+    """Every metric of an evaluation.json with generation 0's and the previous generation's value and the change;
+    worse ones (than the previous generation or than generation 0, beyond the tolerance) in red."""
     rows = json.loads(path.read_text())["comparison"]
     table = Table(title=f"generation {generation} evaluation ({path})")
-    for name in ("metric", "previous", "value", "change", ""):
+    for name in ("metric", "generation 0", "previous", "value", "change", ""):
         table.add_column(name, justify="left" if name == "metric" else "right")
     for r in rows:
-        flag = "[red]worse[/red]" if r["worse"] else ""
-        table.add_row(r["metric"], _num(r["previous"]), _num(r["value"]), "-" if r["change"] is None else f"{r['change']:+.4g}", flag)
+        flags = ["worse" if r["worse"] else "", "worse than gen 0" if r.get("worse_than_start") else ""]
+        flag = ", ".join(f for f in flags if f)
+        change = "-" if r["change"] is None else f"{r['change']:+.4g}"
+        table.add_row(
+            r["metric"], _num(r.get("start")), _num(r["previous"]), _num(r["value"]), change, f"[red]{flag}[/red]" if flag else ""
+        )
     return table
 
 
@@ -89,7 +94,7 @@ def summary_table(evaluations: list[dict[str, Any]], state: dict[str, Any]) -> T
         "fresh U_Δ eV/Å",
         "NVE median |drift| meV/atom/ps",
         "NVE lasted ps",
-        "worse than before",
+        "worse than before / gen 0",
     ):
         table.add_column(name, justify="right")
     for ev in evaluations:
@@ -106,7 +111,7 @@ def summary_table(evaluations: list[dict[str, Any]], state: dict[str, Any]) -> T
             _num(h.get("fresh_force_delta")),
             _num(h.get("drift")),
             _num(h.get("survived_ps")),
-            ", ".join(h.get("worse", [])) or "-",
+            f"{len(h['worse'])} / {len(h.get('worse_than_start', []))}" if "worse" in h else "-",
         )
     return table
 

@@ -11,7 +11,8 @@ configured model, evaluated first as the baseline) and runs five stages in RUN_D
 4. finetune: fine-tuning (workflows/train.py, resumable through train_state.pt) from the previous
    model on the labelled structures (plus earlier generations' with accumulate) and a replay
    subset of the original training data (replay.extxyz) -> finetune/best.pt;
-5. evaluate: improve_eval.py -> evaluation.json (with the comparison to the previous generation).
+5. evaluate: improve_eval.py -> evaluation.json, with every metric compared to the previous generation
+   and to generation 0 (changes for the worse beyond config.tolerance flagged).
 
 RUN_DIR/improve_state.json lists the finished stages; a rerun skips them, so an interrupted
 loop resumes at the stage it was in (the evaluation keeps its finished parts in
@@ -263,7 +264,10 @@ def evaluate_generation(
         ordered = [parts["md_runs"][f"start_{k:03d}"] for k in range(n_md)]
         evaluation["md"] = summarise_md(ordered)
         evaluation["md_runs"] = ordered
-    evaluation["comparison"] = compare(previous, evaluation, config.tolerance)
+    start = None
+    if generation > 0 and (generation_dir(config.run_dir, 0) / EVALUATION_FILE).is_file():
+        start = json.loads((generation_dir(config.run_dir, 0) / EVALUATION_FILE).read_text())
+    evaluation["comparison"] = compare(previous, evaluation, config.tolerance, start)
     _write_json(folder / EVALUATION_FILE, evaluation)
     partial_path.unlink(missing_ok=True)
     return evaluation
@@ -381,4 +385,5 @@ def _headline(evaluation: dict[str, Any]) -> dict[str, Any]:
     if "md" in evaluation:
         out.update(drift=evaluation["md"]["drift_abs_median"], survived_ps=evaluation["md"]["survived_ps_mean"])
     out["worse"] = [r["metric"] for r in evaluation.get("comparison", []) if r["worse"]]
+    out["worse_than_start"] = [r["metric"] for r in evaluation.get("comparison", []) if r.get("worse_than_start")]
     return out

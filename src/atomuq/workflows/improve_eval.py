@@ -189,17 +189,34 @@ def flat_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def compare(previous: dict[str, Any] | None, current: dict[str, Any], tolerance: float) -> list[dict[str, Any]]:
-    """Each metric of current with the previous value, the change and whether it got worse by more than
-    tolerance (relative to |previous|); a metric missing before has no change."""
+def _worse(name: str, old: float | None, value: float, tolerance: float) -> bool:
+    """True when value is worse than old by more than tolerance·|old| (larger, or smaller for HIGHER_IS_BETTER)."""
+    if old is None or not math.isfinite(value - old):
+        return False
+    worse_by = old - value if name in HIGHER_IS_BETTER else value - old
+    return worse_by > tolerance * abs(old)
+
+
+def compare(
+    previous: dict[str, Any] | None, current: dict[str, Any], tolerance: float, start: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Each metric of current with the previous generation's value, the change and whether it got worse by more
+    than tolerance (relative); with `start` (generation 0) also its value there and whether it is worse than it,
+    so that small steps that add up are flagged too. A metric missing before has no change."""
     before = flat_metrics(previous) if previous else {}
+    first = flat_metrics(start) if start else {}
     rows = []
     for name, value in flat_metrics(current).items():
         old = before.get(name)
-        change = None if old is None else value - old
-        worse = False
-        if change is not None and math.isfinite(change):
-            worse_by = -change if name in HIGHER_IS_BETTER else change
-            worse = worse_by > tolerance * abs(old)
-        rows.append({"metric": name, "previous": old, "value": value, "change": change, "worse": worse})
+        rows.append(
+            {
+                "metric": name,
+                "previous": old,
+                "value": value,
+                "change": None if old is None else value - old,
+                "worse": _worse(name, old, value, tolerance),
+                "start": first.get(name),
+                "worse_than_start": _worse(name, first.get(name), value, tolerance),
+            }
+        )
     return rows
