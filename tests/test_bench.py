@@ -173,3 +173,28 @@ def test_cli_writes_report(tmp_path):
     for name in ("bench.md", "force_delta_vs_errors.png", "ensemble_std_vs_error.png", "calibration.png", "coverage.png"):
         assert (out / name).stat().st_size > 0
     assert "r_s(U_Δ, ε_c)" in (out / "bench.md").read_text()
+
+
+def test_clustered_bootstrap_resamples_whole_searches(tmp_path):
+    import dataclasses
+
+    from atomuq.core.io import Record
+    from atomuq.workflows.bench import cluster_ids
+
+    data = synthetic()
+    clusters = np.arange(len(data)) // 6  # correlated runs of 6 structures
+    clustered = dataclasses.replace(data, clusters=clusters)
+    report = evaluate_bench(clustered, BenchSettings(n_boot=50, n_bins=4, seed=3))
+    b = data.systems == "b"
+    u, e_nc = data.values["force_delta"][b], data.values["eps_nc"][b]
+    expected = bootstrap_ci(spearman, u, e_nc, n_boot=50, seed=3, groups=clusters[b]).to_dict()
+    assert report["systems"]["b"]["spearman"]["force_delta_vs_eps_nc"] == pytest.approx(expected)
+    assert expected["n"] == 5  # five searches, not thirty structures
+    records = [Record(a, "f.xyz", k) for k, a in enumerate(read(DEMO, ":4"))]
+    for k, r in enumerate(records):
+        r.atoms.info["source_index"] = k // 2
+    ids = cluster_ids(records, "molecule", "source_index")
+    assert len(set(ids)) == len({(r.atoms.info.get("molecule"), r.atoms.info["source_index"]) for r in records})
+    del records[3].atoms.info["source_index"]
+    with pytest.raises(InputError, match="f.xyz structure 3: no info key 'source_index'"):
+        cluster_ids(records, "molecule", "source_index")

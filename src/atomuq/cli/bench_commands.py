@@ -38,6 +38,10 @@ def bench(
         None, "--ensemble", help="Ensemble members (bundled names, model files, module:Class; repeat or comma-separate)."
     ),
     group_key: str = typer.Option("molecule", "--group-key", help="Info key naming each structure's system (else: its file)."),
+    cluster_key: Optional[str] = typer.Option(
+        None, "--cluster-key", help="Info key naming groups of correlated structures (e.g. source_index: one attack search); "
+        "the bootstrap resamples whole groups."
+    ),
     calibrate_on: Optional[Path] = typer.Option(
         None, "--calibrate-on", help="Labelled file: thirds fit the U_Δ → error map, the conformal bounds, and test their coverage."
     ),
@@ -71,6 +75,7 @@ def bench(
                 ensemble=members,
                 ensemble_names=names,
                 group_key=group_key,
+                cluster_key=cluster_key,
                 calibrate_on=calibrate_on,
                 batch_size=batch_size,
                 forces_key=forces_key,

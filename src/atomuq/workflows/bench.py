@@ -80,7 +80,8 @@ class BenchData:
 
     values: key -> (n,) arrays (keys of PAIRS / SIGMAS that were computed); components: "direct" (F_nc − F_ref)
     and "ensemble" (ensemble-mean − F_ref) signed force components (eV/Å), flattened, with component_structure
-    the structure index of each.
+    the structure index of each. clusters: (n,) id of the group of correlated structures each belongs to
+    (e.g. one adversarial search); the bootstrap resamples whole clusters. None: every structure on its own.
     """
 
     systems: np.ndarray
@@ -88,6 +89,7 @@ class BenchData:
     values: dict[str, np.ndarray]
     components: dict[str, np.ndarray] = field(default_factory=dict)
     component_structure: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    clusters: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.systems)
@@ -104,11 +106,13 @@ class BenchData:
             values={k: v[index] for k, v in self.values.items()},
             components={k: v[keep] for k, v in self.components.items()},
             component_structure=renumber[self.component_structure[keep]],
+            clusters=None if self.clusters is None else self.clusters[index],
         )
 
     def with_values(self, **extra: np.ndarray) -> BenchData:
         """A copy with extra per-structure arrays."""
-        return BenchData(self.systems, self.files, {**self.values, **extra}, self.components, self.component_structure)
+        return BenchData(self.systems, self.files, {**self.values, **extra}, self.components, self.component_structure,
+                         self.clusters)
 
 
 def system_name(record: Record, group_key: str) -> str:
@@ -138,8 +142,13 @@ def collect(
     batch_size: int = 16,
     forces_key: str | None = None,
     progress: Callable[[int], None] | None = None,
+    cluster_key: str | None = None,
 ) -> BenchData:
-    """Score labelled structures (workflows.score) into per-structure scores and errors (eV/Å)."""
+    """Score labelled structures (workflows.score) into per-structure scores and errors (eV/Å).
+
+    cluster_key: info key whose value (with the file and system) names a group of correlated structures,
+    e.g. "source_index" for the frames of one adversarial search; the bootstrap then resamples groups.
+    """
     check_labelled(records, forces_key)
     scored, _ = score_records(
         records, model, batch_size, forces_key=forces_key, progress=progress, ensemble=ensemble, ensemble_names=ensemble_names
@@ -156,7 +165,20 @@ def collect(
         values=values,
         components={k: np.concatenate(v) for k, v in components.items()},
         component_structure=np.repeat(np.arange(len(scored)), [3 * len(a) for a in scored]),
+        clusters=None if cluster_key is None else cluster_ids(records, group_key, cluster_key),
     )
+
+
+def cluster_ids(records: Sequence[Record], group_key: str, cluster_key: str) -> np.ndarray:
+    """(n,) integer id of (file, system, info[cluster_key]) per structure; InputError naming one that lacks the key."""
+    labels = []
+    for r in records:
+        if cluster_key not in r.atoms.info:
+            raise InputError(f"{r.where}: no info key {cluster_key!r} to group correlated structures by "
+                             "(--cluster-key); drop the option or add the key")
+        labels.append((r.source, system_name(r, group_key), str(r.atoms.info[cluster_key])))
+    _, ids = np.unique(np.array(labels), axis=0, return_inverse=True)
+    return ids.ravel()
 
 
 @dataclass
@@ -202,11 +224,12 @@ def _ci(statistic: Callable[..., Any], *arrays: np.ndarray, **kwargs: Any) -> di
     return result.to_dict()
 
 
-def _flag(score: np.ndarray, error: np.ndarray, quantile: float, threshold: float | None, n_boot: int, seed: int) -> dict[str, Any]:
+def _flag(score: np.ndarray, error: np.ndarray, quantile: float, threshold: float | None, n_boot: int, seed: int,
+          groups: np.ndarray | None = None) -> dict[str, Any]:
     """ROC-AUC of score flagging error > threshold (default: the error's own quantile), with threshold and base rate."""
     cut = float(np.quantile(error, quantile)) if threshold is None else float(threshold)
     out = {"threshold": cut, "base_rate": float(np.mean(error > cut))}
-    out["auc"] = _ci(roc_auc, score, error, threshold=cut, n_boot=n_boot, seed=seed)
+    out["auc"] = _ci(roc_auc, score, error, threshold=cut, n_boot=n_boot, seed=seed, groups=groups)
     return out
 
 
@@ -221,8 +244,8 @@ def _calibration(
         out["rmse_vs_rmv"] = rmse_vs_rmv(sigma, error, bins).to_dict()
     except InputError as exc:
         return {"undefined": str(exc)}
-    out["ence"] = _ci(ence, sigma, error, n_bins=bins, n_boot=n_boot, seed=seed)
-    out["zms"] = _ci(zms, sigma, error, n_boot=n_boot, seed=seed)
+    out["ence"] = _ci(ence, sigma, error, n_bins=bins, n_boot=n_boot, seed=seed, groups=data.clusters)
+    out["zms"] = _ci(zms, sigma, error, n_boot=n_boot, seed=seed, groups=data.clusters)
     if component_key in data.components:
         structure = data.component_structure
         out["miscalibration_area"] = _ci(
@@ -257,8 +280,8 @@ def evaluate_group(
     for score, error in PAIRS:
         if score in v and error in v:
             key = f"{score}_vs_{error}"
-            out["spearman"][key] = _ci(spearman, v[score], v[error], n_boot=n_boot, seed=seed)
-            out["roc_auc"][key] = _flag(v[score], v[error], flag_quantile, flag_threshold, n_boot, seed)
+            out["spearman"][key] = _ci(spearman, v[score], v[error], n_boot=n_boot, seed=seed, groups=data.clusters)
+            out["roc_auc"][key] = _flag(v[score], v[error], flag_quantile, flag_threshold, n_boot, seed, data.clusters)
     for name, (sigma_key, error_key, component_key) in SIGMAS.items():
         if sigma_key in v and error_key in v:
             out["calibration"][name] = _calibration(data, sigma_key, error_key, component_key, n_bins, n_boot, seed)
@@ -372,6 +395,7 @@ def bench_files(
     ensemble: Sequence[Member] | None = None,
     ensemble_names: Sequence[str] | None = None,
     group_key: str = "molecule",
+    cluster_key: str | None = None,
     calibrate_on: str | Path | None = None,
     batch_size: int = 16,
     forces_key: str | None = None,
@@ -403,6 +427,7 @@ def bench_files(
     if calibrate_on is not None:
         cal_data = collect(cal_records, model, **{**score, "ensemble": None, "ensemble_names": None})
         calibration = fit_calibration(cal_data, str(calibrate_on), settings.seed)
-    data = collect(records, model, **score)
-    report = {**(meta or {}), "group_key": group_key, "inputs": [str(p) for p in inputs], **evaluate_bench(data, settings, calibration)}
+    data = collect(records, model, **score, cluster_key=cluster_key)
+    report = {**(meta or {}), "group_key": group_key, "cluster_key": cluster_key, "inputs": [str(p) for p in inputs],
+              **evaluate_bench(data, settings, calibration)}
     return data, report, calibration
