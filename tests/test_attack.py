@@ -266,3 +266,32 @@ def test_batch_select_equals_batching_the_chosen_structures():
     direct = Batch.from_atoms([structures[2], structures[0]])
     for name in ("positions", "numbers", "cell", "pbc", "batch", "n_atoms", "fixed"):
         assert torch.equal(getattr(picked, name), getattr(direct, name)), name
+
+
+def test_closest_contacts_relative_to_covalent_radii():
+    from ase.build import bulk
+    from ase.data import covalent_radii
+
+    from atomuq.core.validate import closest_contacts
+
+    squeezed = molecule("H2O")
+    squeezed.positions[2] = squeezed.positions[0] + [0.0, 0.0, 0.6]
+    cu = bulk("Cu", "fcc", a=3.6)  # primitive cell: every contact is a periodic image
+    normal, close, metal = closest_contacts(Batch.from_atoms([molecule("H2O"), squeezed, cu], dtype=torch.float64))
+    assert {close.i, close.j} == {0, 2}
+    assert close.distance == pytest.approx(0.6) and close.ratio == pytest.approx(0.6 / (covalent_radii[8] + covalent_radii[1]))
+    assert normal.ratio == pytest.approx(np.linalg.norm(molecule("H2O").get_distance(0, 1)) / (covalent_radii[8] + covalent_radii[1]))
+    assert metal.distance == pytest.approx(3.6 / np.sqrt(2)) and metal.i == metal.j == 0
+
+
+def test_attack_stops_a_structure_whose_atoms_collide_and_keeps_no_such_frame(bundled):
+    squeezed = molecule("CH3OH")
+    squeezed.positions[3] = squeezed.positions[1] + [0.0, 0.0, 0.55]  # an O-H at 0.55 Å
+    fine = molecule("CH3OH")
+    result = attack(bundled, [squeezed, fine], AttackSettings(steps=3, seed=0))
+    stopped = result.outcomes[0]
+    assert "covalent radii" in stopped.stop_reason and stopped.steps_run == 0
+    assert all(f.source != 0 for f in result.frames)
+    assert any(f.source == 1 for f in result.frames)
+    off = attack(bundled, [squeezed], AttackSettings(steps=2, seed=0, min_contact_ratio=None))
+    assert any(f.source == 0 for f in off.frames)

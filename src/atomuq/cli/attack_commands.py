@@ -74,6 +74,10 @@ def attack(
     energy_weight: Optional[float] = typer.Option(
         None, "--energy-weight", help="β of the delta objective, (eV/Å)/(eV/atom) (default U_Δ,start/(2 kT))."
     ),
+    min_contact_ratio: float = typer.Option(
+        0.7, "--min-contact-ratio", help="A structure stops (frame not kept) when two atoms come closer than this "
+        "fraction of their covalent radii' sum (catches a strained bond a per-atom energy budget hides)."
+    ),
     budget_kT: float = typer.Option(
         3.0, "--budget-kT", help="A structure stops once its energy per atom rises more than this many kT above the start."
     ),
@@ -104,6 +108,7 @@ def attack(
         kT=kT,
         energy_weight=energy_weight,
         budget_kT=budget_kT,
+        min_contact_ratio=min_contact_ratio,
         steps=steps,
         lr=lr,
         init_scale=init_scale,

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import torch
 from ase import Atoms
-from ase.data import chemical_symbols
+from ase.data import chemical_symbols, covalent_radii
 from vesin import NeighborList
 
+from atomuq.core.batch import Batch
 from atomuq.core.errors import InputError
+from atomuq.core.neighbors import build_graph, edge_vectors
 
 DEFAULT_MIN_DISTANCE = 0.3  # Å: closer than this, two atoms are taken as overlapping
 
@@ -51,3 +55,41 @@ def check_structure(
             raise InputError(
                 f"{where}: atoms {int(i[k])} and {int(j[k])} overlap ({d[k]:.3f} Å apart, minimum {min_distance} Å)"
             )
+
+
+#: a pair closer than this fraction of the sum of its covalent radii is taken as a broken geometry
+DEFAULT_MIN_CONTACT_RATIO = 0.7
+
+
+@dataclass
+class Contact:
+    """The closest pair of one structure relative to covalent radii: d_ij / (r_cov,i + r_cov,j), and the pair."""
+
+    ratio: float
+    i: int
+    j: int
+    distance: float
+
+
+def closest_contacts(batch: Batch) -> list[Contact | None]:
+    """Per structure, the pair with the smallest d_ij / (r_cov,i + r_cov,j) (ASE covalent radii, Å); None if no pair
+    is within the sum of radii. Periodic images included; atom indices are within the structure."""
+    radii = torch.as_tensor(covalent_radii, dtype=torch.float64)[batch.numbers.cpu()]
+    graph = build_graph(batch, cutoff=float(2 * radii.max()))
+    if len(graph.centers) == 0:
+        return [None] * batch.num_structures
+    distance = torch.linalg.norm(edge_vectors(batch, graph).detach().cpu().double(), dim=-1)
+    centers, neighbors = graph.centers.cpu(), graph.neighbors.cpu()
+    ratio = distance / (radii[centers] + radii[neighbors])
+    edge_batch = graph.edge_batch.cpu()
+    best = torch.full((batch.num_structures,), float("inf"), dtype=torch.float64)
+    best = best.scatter_reduce(0, edge_batch, ratio, reduce="amin")
+    start = batch.ptr.cpu()
+    out: list[Contact | None] = []
+    for b in range(batch.num_structures):
+        if not bool(best[b] < 1.0):
+            out.append(None)
+            continue
+        e = int(torch.nonzero((edge_batch == b) & (ratio == best[b]))[0])
+        out.append(Contact(float(best[b]), int(centers[e] - start[b]), int(neighbors[e] - start[b]), float(distance[e])))
+    return out

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from ase import Atoms
 
+from atomuq.core.validate import DEFAULT_MIN_CONTACT_RATIO, closest_contacts
 from atomuq.core.batch import Batch, scatter_sum
 from atomuq.core.errors import InputError
 from atomuq.models.derivatives import evaluate
@@ -83,6 +84,7 @@ class AttackSettings:
     patience: int | None = 50
     min_gain: float = 1e-2
     budget_kT: float | None = 3.0
+    min_contact_ratio: float | None = DEFAULT_MIN_CONTACT_RATIO
     record_every: int = 1
     exclude_fixed: bool = True
     seed: int = 0
@@ -106,6 +108,8 @@ class AttackSettings:
                 raise InputError(f"{name} must be positive and finite, got {value}")
         if self.steps < 0 or self.init_scale < 0 or self.min_gain < 0:
             raise InputError("steps, init_scale and min_gain must not be negative")
+        if self.min_contact_ratio is not None and not 0 < self.min_contact_ratio < 1:
+            raise InputError(f"min_contact_ratio must be between 0 and 1, got {self.min_contact_ratio}")
         if self.budget_kT is not None and not self.budget_kT > 0:
             raise InputError(f"budget_kT must be positive, got {self.budget_kT}")
         if self.energy_weight is not None and not (self.energy_weight >= 0 and math.isfinite(self.energy_weight)):
@@ -340,11 +344,17 @@ class _Search:
         positions = sub.positions.detach().cpu().double().numpy()
         ptr = sub.ptr.tolist()
         u_atoms_np = u_atoms.detach().cpu().double().numpy()
+        contacts = closest_contacts(sub) if s.min_contact_ratio is not None else [None] * len(idx)
         keep_going = []
         for k, b in enumerate(idx.tolist()):
             out = self.outcomes[b]
             if not bool(finite[k]):
                 self.stop(b, f"non-finite U_Δ or energy at step {step}", step, failed=True)
+                continue
+            c = contacts[k]
+            if c is not None and c.ratio < s.min_contact_ratio:
+                self.stop(b, f"atoms {c.i}-{c.j} at {c.distance:.2f} Å ({c.ratio:.2f} of their covalent radii) at step "
+                             f"{step}; frame not kept", step)
                 continue
             out.steps_run = step
             uk = float(u[k])
