@@ -85,7 +85,8 @@ def fit(
             task = bar.add_task("descriptors", total=None)
             estimator = fit_from_logs(logs, net, train, kind=errors, atol=atol, rtol=rtol, skip_epochs=skip_epochs,
                                       index_kind=index, index_parameters=_parameters(index_param),
-                                      batch_size=batch_size, progress=lambda n: bar.advance(task, n))
+                                      batch_size=batch_size, progress=lambda n: bar.advance(task, n),
+                                      on_total=lambda n: bar.update(task, total=n))
         estimator.metadata["model_name"] = model or DEFAULT_MODEL
         estimator.save(output)
     p = estimator.confidence

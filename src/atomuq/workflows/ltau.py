@@ -128,10 +128,16 @@ def fit_from_logs(
     index_parameters: dict[str, int] | None = None,
     batch_size: int = 16,
     progress: Progress = None,
+    on_total: Progress = None,
 ) -> LTAUEstimator:
-    """Fit an LTAU estimator: error logs of one or more runs, descriptors of their training atoms from model."""
+    """Fit an LTAU estimator: error logs of one or more runs, descriptors of their training atoms from model.
+
+    on_total(n) is called once with the number of training structures, progress(k) after each batch.
+    """
     trajectories, log = load_runs(log_dirs, kind, skip_epochs)
     records = training_records(log, train_paths)
+    if on_total is not None:
+        on_total(len(records))
     descriptors = compute_descriptors(model, [r.atoms for r in records], batch_size, progress)
     index = build_index(descriptors, index_kind, index_parameters)
     meta = {
