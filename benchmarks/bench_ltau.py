@@ -19,36 +19,23 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
+from timing import timed
 
-from atomuq.core.batch import Batch
 from atomuq.core.io import read_structures
 from atomuq.core.memory import reuse_freed_memory
-from atomuq.models.derivatives import evaluate
 from atomuq.models.registry import resolve_model
 from atomuq.uq.ltau.index import build_index, measure_recall
-from atomuq.workflows.ltau import load_runs, training_records
+from atomuq.workflows.ltau import compute_descriptors, load_runs, training_records
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = ROOT / "data" / "molecular"
 LOG = ROOT / "data" / "training" / "molecular-small" / "error_log"
-
-
-def model_pass(model, structures, batch_size: int = 16) -> np.ndarray:
-    """Direct forces and node features of all structures; returns the descriptors (N, d)."""
-    out = []
-    for start in range(0, len(structures), batch_size):
-        batch = Batch.from_atoms(structures[start : start + batch_size], dtype=model.dtype)
-        with torch.no_grad():
-            pred = evaluate(model, batch, conservative=False)
-        out.append(pred.node_features.detach().numpy())
-    return np.concatenate(out).astype(np.float32)
 
 
 def reference_set(real: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -57,16 +44,6 @@ def reference_set(real: np.ndarray, size: int, rng: np.random.Generator) -> np.n
         return real[rng.choice(len(real), size=size, replace=False)]
     tiled = real[rng.integers(0, len(real), size=size)]
     return (tiled + 0.05 * real.std(axis=0) * rng.standard_normal(tiled.shape, dtype=np.float32)).astype(np.float32)
-
-
-def timed(repeats: int, fn, *fn_args, **fn_kwargs):
-    """(minimum wall time in s, last result) of fn(*fn_args, **fn_kwargs) over repeats."""
-    best, result = np.inf, None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn(*fn_args, **fn_kwargs)
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def main() -> None:
@@ -80,11 +57,11 @@ def main() -> None:
     faiss.omp_set_num_threads(1)
     model = resolve_model("molecular-small")
     queries_atoms = [r.atoms for r in read_structures([DATA / "test_300K.extxyz.gz"])]
-    model_pass(model, queries_atoms[:16])  # warm-up
-    model_time, queries = timed(args.repeats, model_pass, model, queries_atoms)
-    _, log = load_runs([LOG])
-    train = [r.atoms for r in training_records(log, [DATA / "train.extxyz.gz"])]
-    real = model_pass(model, train)
+    compute_descriptors(model, queries_atoms[:16])  # warm-up
+    model_time, queries = timed(args.repeats, compute_descriptors, model, queries_atoms)
+    _, logs = load_runs([LOG])
+    train = [r.atoms for r in training_records(logs[0], [DATA / "train.extxyz.gz"])]
+    real = compute_descriptors(model, train)
     rng = np.random.default_rng(0)
     rows = []
     for size in args.sizes:

@@ -4,6 +4,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def timed(repeats: int, fn: Callable[..., T], *fn_args: object, **fn_kwargs: object) -> tuple[float, T]:
+    """(minimum wall time in s, last result) of fn(*fn_args, **fn_kwargs) over repeats."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn(*fn_args, **fn_kwargs)
+        best = min(best, time.perf_counter() - start)
+    return best, result
 
 
 def interleaved_minimum(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

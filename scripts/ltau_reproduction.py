@@ -28,7 +28,7 @@ from atomuq.core.memory import reuse_freed_memory
 from atomuq.models.registry import resolve_model
 from atomuq.uq.ltau.calibration import brier_score, fit_scale, reliability_curve
 from atomuq.uq.ltau.plots import reliability_figure
-from atomuq.workflows.ltau import compute_descriptors, fit_from_logs, predict_records
+from atomuq.workflows.ltau import fit_from_logs, predict_records
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "molecular"
@@ -64,22 +64,22 @@ def evaluate_split(estimator, descriptors, errors, offsets, k: int, seed: int) -
     fit = fit_scale(p[fit_mask], errors[fit_mask], atol)
     held_p, held_e = p[test_mask], errors[test_mask]
     eps = per_structure(errors, offsets, "rms")
+    curves = {"s1": reliability_curve(p, errors <= atol),
+              "fitted": reliability_curve(held_p, held_e <= fit.scale * atol)}
     row = {
         "k": k, "atoms": int(len(p)), "structures": int(len(offsets) - 1),
         "mean_error_norm": float(errors.mean()), "mean_p": float(p.mean()),
         "observed_fraction_below_atol": float(np.mean(errors <= atol)),
-        "area_s1": reliability_curve(p, errors <= atol).miscalibration_area,
+        "area_s1": curves["s1"].miscalibration_area,
         "brier_s1": brier_score(p, errors <= atol),
         "s": fit.scale,
-        "area_fitted_heldout_half": reliability_curve(held_p, held_e <= fit.scale * atol).miscalibration_area,
+        "area_fitted_heldout_half": curves["fitted"].miscalibration_area,
         "area_s1_heldout_half": reliability_curve(held_p, held_e <= atol).miscalibration_area,
         "brier_fitted_heldout_half": brier_score(held_p, held_e <= fit.scale * atol),
         "spearman_uncertainty_eps": float(spearmanr(per_structure(1 - p, offsets, "mean"), eps).statistic),
         "spearman_distance_eps": float(spearmanr(per_structure(pred.distance, offsets, "max"), eps).statistic),
         "spearman_expected_error_atom": float(spearmanr(pred.expected_error, errors).statistic),
     }
-    curves = {"s1": reliability_curve(p, errors <= atol),
-              "fitted": reliability_curve(held_p, held_e <= fit.scale * atol)}
     return row, curves
 
 
@@ -106,8 +106,7 @@ def main() -> None:
     for name in TEST + HELDOUT:
         records = read_structures([DATA / f"{name}.extxyz.gz"])
         scored = predict_records(records, model, variants["all epochs"], k=1)
-        descriptors = compute_descriptors(model, [r.atoms for r in records])
-        splits[name] = (descriptors, scored.errors, scored.offsets)
+        splits[name] = (scored.descriptors, scored.errors, scored.offsets)
     results, curves = [], {}
     for variant, estimator in variants.items():
         for k in args.ks:

@@ -259,8 +259,8 @@ def test_fit_from_real_logs_uses_the_logged_training_atoms(trained):
     folder, runs = trained
     model = load_model(runs[0] / "best.pt")
     est = fit_from_logs([r / "error_log" for r in runs], model, [folder / "tiny_train.extxyz"], atol=0.2)
-    trajectories, log = load_runs([r / "error_log" for r in runs])
-    assert est.n_atoms == log.n_atoms and est.metadata["n_runs"] == 2
+    trajectories, logs = load_runs([r / "error_log" for r in runs])
+    assert est.n_atoms == logs[0].n_atoms and est.metadata["n_runs"] == 2
     assert np.allclose(est.confidence, np.mean([sample_confidence(t, 0.2) for t in trajectories], axis=0))
     # each training atom's descriptor finds itself
     structures = read(folder / "tiny_train.extxyz", ":")

@@ -42,8 +42,8 @@ def model_name(model: AtomisticModel, fallback: str = "model") -> str:
 
 
 def load_runs(log_dirs: Sequence[str | Path], kind: str = "direct", skip_epochs: int = 0
-              ) -> tuple[list[np.ndarray], ErrorLog]:
-    """Error trajectories (E_m, N) in eV/Å of several runs over the same atoms, and the first run's log."""
+              ) -> tuple[list[np.ndarray], list[ErrorLog]]:
+    """Error trajectories (E_m, N) in eV/Å of several runs over the same atoms, and the runs' logs."""
     if kind not in FORCE_KINDS:
         raise InputError(f"unknown error kind {kind!r}; use direct or conservative")
     if not log_dirs:
@@ -61,7 +61,7 @@ def load_runs(log_dirs: Sequence[str | Path], kind: str = "direct", skip_epochs:
         if skip_epochs >= log.n_epochs:
             raise InputError(f"{log.directory}: skip_epochs = {skip_epochs} leaves none of its {log.n_epochs} epochs")
         trajectories.append(errors[skip_epochs:])
-    return trajectories, first
+    return trajectories, logs
 
 
 def training_records(log: ErrorLog, train_paths: Sequence[str | Path]) -> list[Record]:
@@ -98,6 +98,13 @@ def training_records(log: ErrorLog, train_paths: Sequence[str | Path]) -> list[R
     return records
 
 
+def _descriptors(features: torch.Tensor | None, model: AtomisticModel) -> np.ndarray:
+    """Node features as float32 numpy descriptors; InputError when the model exposes none."""
+    if features is None:
+        raise InputError(f"{model_name(model)} exposes no per-atom node features; LTAU needs them as descriptors")
+    return features.detach().cpu().float().numpy()
+
+
 def compute_descriptors(model: AtomisticModel, structures: Sequence[Atoms], batch_size: int = 16,
                         progress: Progress = None) -> np.ndarray:
     """Per-atom descriptors (N, d) float32: the model's last message-passing features, structures concatenated."""
@@ -106,10 +113,7 @@ def compute_descriptors(model: AtomisticModel, structures: Sequence[Atoms], batc
         part = list(structures[start : start + batch_size])
         batch = Batch.from_atoms(part, device=model.device, dtype=model.dtype)
         with torch.no_grad():
-            features = model(batch).node_features
-        if features is None:
-            raise InputError(f"{model_name(model)} exposes no per-atom node features; LTAU needs them as descriptors")
-        chunks.append(features.detach().cpu().float().numpy())
+            chunks.append(_descriptors(model(batch).node_features, model))
         if progress is not None:
             progress(len(part))
     return np.concatenate(chunks)
@@ -134,7 +138,8 @@ def fit_from_logs(
 
     on_total(n) is called once with the number of training structures, progress(k) after each batch.
     """
-    trajectories, log = load_runs(log_dirs, kind, skip_epochs)
+    trajectories, logs = load_runs(log_dirs, kind, skip_epochs)
+    log = logs[0]
     records = training_records(log, train_paths)
     if on_total is not None:
         on_total(len(records))
@@ -145,8 +150,7 @@ def fit_from_logs(
         "model_fingerprint": weights_fingerprint(model),
         "force_kind": kind,
         "skip_epochs": int(skip_epochs),
-        "runs": [{"error_log": str(d), "run_id": load_error_log(d, check_finite=False).metadata.get("run_id")}
-                 for d in log_dirs],
+        "runs": [{"error_log": str(run.directory), "run_id": run.metadata.get("run_id")} for run in logs],
         "training_data_hash": log.metadata.get("training_data_hash"),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "atomuq_version": atomuq.__version__,
@@ -178,6 +182,7 @@ class ScoredAtoms:
     errors: np.ndarray | None  # per-atom ‖F − F_ref‖ (eV/Å) of the estimator's force kind, or None
     offsets: np.ndarray  # structure boundaries in the concatenated atom arrays
     forces: np.ndarray
+    descriptors: np.ndarray  # (N, d) the model's node features, for other k or atol without a new model pass
 
 
 def predict_records(records: Sequence[Record], model: AtomisticModel, estimator: LTAUEstimator, k: int = 1,
@@ -194,9 +199,7 @@ def predict_records(records: Sequence[Record], model: AtomisticModel, estimator:
         batch = Batch.from_atoms(part, device=model.device, dtype=model.dtype)
         with torch.set_grad_enabled(kind == "conservative"):  # direct forces need no autograd graph
             pred = evaluate(model, batch, conservative=kind == "conservative").detach()
-        if pred.node_features is None:
-            raise InputError(f"{model_name(model)} exposes no per-atom node features; LTAU needs them as descriptors")
-        descriptors.append(pred.node_features.cpu().float().numpy())
+        descriptors.append(_descriptors(pred.node_features, model))
         chosen = pred.forces_direct if kind == "direct" else pred.forces_conservative
         forces.append(chosen.cpu().double().numpy())
         if progress is not None:
@@ -207,7 +210,7 @@ def predict_records(records: Sequence[Record], model: AtomisticModel, estimator:
     errors = None
     if all(f is not None and f.shape == (len(r.atoms), 3) for f, r in zip(refs, records)):
         errors = np.linalg.norm(forces_all - np.concatenate(refs), axis=1)
-    return ScoredAtoms(estimator.predict(descriptors_all, k, atol), errors, offsets, forces_all)
+    return ScoredAtoms(estimator.predict(descriptors_all, k, atol), errors, offsets, forces_all, descriptors_all)
 
 
 def annotate(records: Sequence[Record], scored: ScoredAtoms, kind: str) -> tuple[list[Atoms], list[LTAURow]]:
