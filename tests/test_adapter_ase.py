@@ -11,7 +11,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.calculators.emt import EMT
 
 from atomuq.core.batch import Batch
-from atomuq.core.errors import ModelFileError
+from atomuq.core.errors import InputError, ModelFileError
 from atomuq.core.io import Record
 from atomuq.models.adapters.ase_calculator import CalculatorModel
 from atomuq.models.derivatives import evaluate
@@ -103,14 +103,37 @@ def test_periodic_stress_needs_a_calculator_with_stress():
 @pytest.mark.parametrize(
     "spec, match",
     [
-        ("ase:ase.calculators.emt", "expected ase:MODULE:CLASS"),
-        ("ase:ase.calculators.emt:Nope", "cannot import Nope"),
-        ("ase:no_such_module:X", "cannot import X"),
+        ("ase:", "expected ase:MODULE:CLASS"),
+        ("ase:ase.calculators.emt:Nope", "module ase.calculators.emt has no attribute Nope"),
+        ("ase:no_such_module:X", "cannot import module no_such_module"),
+        ("ase:collections:OrderedDict", "OrderedDict is not an ASE calculator"),
+        ("ase:ase.calculators.singlepoint:SinglePointCalculator", r"SinglePointCalculator\(\) failed"),
+        ("ase:ase.calculators:emt", "is not a class; an ASE calculator class is written MODULE:CLASS"),
     ],
 )
 def test_bad_specs(spec, match):
     with pytest.raises(ModelFileError, match=match):
         resolve_model(spec)
+
+
+def test_old_dotted_spelling_is_read_with_a_deprecation_warning():
+    with pytest.warns(FutureWarning, match="write ase:ase.calculators.emt:EMT"):
+        model = resolve_model("ase:ase.calculators.emt.EMT")
+    assert isinstance(model, CalculatorModel) and isinstance(model.calculator, EMT)
+    assert model.source == "ase:ase.calculators.emt:EMT"
+
+
+def test_a_failing_calculator_is_named_with_the_structure():
+    class Broken(Calculator):
+        implemented_properties = ("energy", "forces")
+
+        def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+            raise RuntimeError("no convergence")
+
+    model = CalculatorModel(Broken(), name="ase:tests:Broken")
+    batch = Batch.from_atoms([molecule("H2O"), molecule("CH4")], dtype=torch.float64)
+    with pytest.raises(InputError, match=r"ase:tests:Broken failed on structure 0 of the batch \(H2O\): RuntimeError: no convergence"):
+        evaluate(model, batch)
 
 
 def test_md_through_the_adapter_follows_the_calculators_own_trajectory():

@@ -20,13 +20,6 @@ pytest.importorskip(
 )
 
 from metatomic_ase import MetatomicCalculator
-from metatrain.pet import PET
-from metatrain.utils.architectures import get_default_hypers
-from metatrain.utils.data import DatasetInfo
-from metatrain.utils.data.target_info import (
-    get_energy_target_info,
-    get_generic_target_info,
-)
 
 from atomuq.core.batch import Batch
 from atomuq.core.errors import ModelFileError
@@ -34,52 +27,13 @@ from atomuq.models.adapters.metatomic import load_metatomic
 from atomuq.models.derivatives import evaluate
 from atomuq.models.registry import resolve_model
 from atomuq.uq.force_delta import force_delta
+from model_kinds import export_pet, small_pet
 
-SMALL = {
-    "d_pet": 16,
-    "d_head": 16,
-    "d_node": 32,
-    "d_feedforward": 32,
-    "num_heads": 2,
-    "num_attention_layers": 1,
-    "num_gnn_layers": 2,
-}
-
-
-def small_pet(seed: int = 0, dtype: torch.dtype = torch.float64) -> PET:
-    """A randomly initialised PET with energy and non_conservative_force heads, for H C N O."""
-    hypers = get_default_hypers("pet")["model"]
-    hypers.update(SMALL)
-    info = DatasetInfo(
-        length_unit="angstrom",
-        atomic_types=[1, 6, 7, 8],
-        targets={
-            "energy": get_energy_target_info(
-                "energy", {"quantity": "energy", "unit": "eV"}
-            ),
-            "non_conservative_force": get_generic_target_info(
-                "non_conservative_force",
-                {
-                    "quantity": "force",
-                    "unit": "eV/A",
-                    "type": {"cartesian": {"rank": 1}},
-                    "num_subtargets": 1,
-                    "sample_kind": "atom",
-                },
-            ),
-        },
-    )
-    torch.manual_seed(seed)
-    return PET(hypers, info).to(dtype)
 
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("pet") / "pet-small.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        small_pet().export().save(str(path))
-    return str(path)
+    return export_pet(tmp_path_factory.mktemp("pet") / "pet-small.pt")
 
 
 @pytest.fixture(scope="module")

@@ -18,31 +18,14 @@ from orb_models.forcefield.calculator import ORBCalculator
 from atomuq.cli.main import app
 from atomuq.core.batch import Batch
 from atomuq.core.errors import InputError, ModelFileError
-from atomuq.models.adapters.orb import (
-    infer_architecture,
-    load_orb,
-    new_orb_model,
-    save_orb,
-)
+from atomuq.models.adapters.orb import infer_architecture, load_orb, save_orb
 from atomuq.models.derivatives import evaluate
 from atomuq.models.registry import resolve_model
 from atomuq.uq.confidence import bin_centres, confidence
 from atomuq.uq.force_delta import force_delta
+from model_kinds import ORB_SMALL as SMALL
+from model_kinds import small_orb
 
-SMALL = {
-    "latent_dim": 32,
-    "base_mlp_hidden_dim": 64,
-    "head_mlp_hidden_dim": 32,
-    "num_message_passing_steps": 2,
-}
-
-
-def small_orb(
-    kind: str = "orb-v3-direct", seed: int = 0, dtype: torch.dtype = torch.float32
-):
-    torch.manual_seed(seed)
-    kwargs = SMALL if kind != "orb-v2" else {"num_message_passing_steps": 1}
-    return new_orb_model(kind, **kwargs).to(dtype)
 
 
 def structures():

@@ -1,5 +1,6 @@
 """Ensemble disagreement: ensemble_std against numpy over members, ASE calculators as members,
-score --ensemble from the CLI with the bundled members, and clear errors on bad members."""
+score --ensemble from the CLI with the bundled members, members of every kind (orb, metatomic)
+named through the one model-spec resolver of --model, and clear errors on bad members."""
 
 import numpy as np
 import pytest
@@ -16,8 +17,10 @@ from atomuq.core.batch import Batch
 from atomuq.core.errors import InputError, ModelFileError
 from atomuq.models.checkpoint import save_model
 from atomuq.models.derivatives import evaluate
-from atomuq.models.members import load_ase_calculator, resolve_member
-from atomuq.uq.ensemble import ensemble_uncertainty, evaluate_ensemble
+from atomuq.models.adapters.ase_calculator import CalculatorModel
+from atomuq.models.adapters.ase_class import build_calculator
+from atomuq.models.registry import resolve_model
+from atomuq.uq.ensemble import check_members, ensemble_uncertainty, evaluate_ensemble
 from conftest import copper_cell, ethanol, make_native
 
 runner = CliRunner()
@@ -60,9 +63,10 @@ def test_ensemble_std_equals_numpy_over_members(forces_mode, ddof):
 
 
 def test_identical_members_have_zero_std_and_ase_members_agree():
-    # the bundled model as an atomuq model and as an ASE calculator (module:Class) give the same forces
-    members = [resolve_member("molecular-small"), resolve_member("atomuq.calculator:AtomuqCalculator")]
-    assert isinstance(members[1], AtomuqCalculator)
+    # the bundled model as an atomuq model and as an ASE calculator (ase:MODULE:CLASS) give the same forces
+    members = [resolve_model("molecular-small"), resolve_model("ase:atomuq.calculator:AtomuqCalculator")]
+    assert isinstance(members[1], CalculatorModel) and isinstance(members[1].calculator, AtomuqCalculator)
+    assert members[1].external_forces and not members[1].has_direct_forces  # its own forces count as direct
     batch = Batch.from_atoms([read("data/molecular/test_300K.extxyz.gz", index=0)])
     result = ensemble_uncertainty(evaluate_ensemble(members, batch), batch)
     assert float(result.per_structure["ensemble_std"][0]) == pytest.approx(0.0, abs=1e-5)
@@ -117,10 +121,14 @@ def model_files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("members, message", [
-    (["molecular-small", "nope"], "not a bundled model"),
-    (["molecular-small", "no_such_module_xyz:Calc"], "cannot import module no_such_module_xyz"),
-    (["molecular-small", "ase.calculators.emt:NoSuchCalculator"], "has no attribute NoSuchCalculator"),
-    (["molecular-small", "atomuq.core.batch:Batch"], "Batch() failed"),
+    (["molecular-small", "nope"], "nope: not a model spec; a model is named by NAME"),
+    (["molecular-small", "ase:no_such_module_xyz:Calc"], "cannot import module no_such_module_xyz"),
+    (["molecular-small", "no_such_module_xyz:Calc"], "cannot import module no_such_module_xyz"),  # old spelling
+    (["molecular-small", "ase:ase.calculators.emt:NoSuchCalculator"], "has no attribute NoSuchCalculator"),
+    (["molecular-small", "ase:atomuq.core.batch:Batch"], "Batch is not an ASE calculator"),
+    (["molecular-small", "ase:ase.calculators.singlepoint:SinglePointCalculator"], "SinglePointCalculator() failed"),
+    (["molecular-small", "orb:"], "orb:: expected orb:PATH or orb:ARCHITECTURE:PATH"),
+    (["molecular-small", "metatomic:/proc/atomuq-nowhere.pt"], "metatomic model file not found"),
     (["molecular-small"], "at least 2 members"),
 ])
 def test_bad_members_give_clear_errors(tmp_path, members, message):
@@ -147,14 +155,84 @@ def test_element_sets_matter_only_when_a_structure_needs_them(tmp_path, model_fi
     assert read(out).info["ensemble_std"] > 0
 
 
+def test_old_member_spelling_is_read_with_a_note(tmp_path):
+    src, out = tmp_path / "in.extxyz", tmp_path / "o.extxyz"
+    write(src, [molecule("H2O")])
+    result = runner.invoke(app, ["score", str(src), "-o", str(out), "--ensemble",
+                                 "molecular-small,atomuq.calculator:AtomuqCalculator"])
+    assert result.exit_code == 0, result.output
+    assert "deprecated; write ase:atomuq.calculator:AtomuqCalculator" in result.output
+    assert read(out).info["ensemble_std"] == pytest.approx(0.0, abs=1e-5)  # the same model twice
+
+
+def test_direct_mode_refuses_a_conservative_only_member():
+    class Conservative(type(make_native())):
+        @property
+        def has_direct_forces(self) -> bool:
+            return False
+
+    members = [make_native(), make_native(seed=2)]
+    members[1].__class__ = Conservative
+    with pytest.raises(InputError, match="member m1 has no direct force head"):
+        check_members(members, {1, 8}, "direct", ["m0", "m1"])
+    check_members(members, {1, 8}, "conservative", ["m0", "m1"])
+    check_members([members[0], EMT()], {1, 8}, "direct")  # a calculator's own forces count in either mode
+
+
 def test_library_errors():
-    with pytest.raises(ModelFileError, match="module:Class"):
-        load_ase_calculator("ase.calculators.emt")
+    with pytest.raises(ModelFileError, match="written MODULE:CLASS"):
+        build_calculator("ase.calculators.emt")
     with pytest.raises(ModelFileError, match="not an ASE calculator"):
-        load_ase_calculator("collections:OrderedDict")
+        build_calculator("collections:OrderedDict")
     batch = Batch.from_atoms([molecule("H2O")], dtype=torch.float64)
     with pytest.raises(InputError, match="ensemble forces must be"):
         evaluate_ensemble([make_native(), make_native(seed=2)], batch, forces="mixed")
     pred = evaluate_ensemble([make_native(), make_native(seed=2)], batch)
     with pytest.raises(InputError, match="ddof=2"):
         ensemble_uncertainty(pred, batch, ddof=2)
+
+
+def test_orb_members_through_the_model_resolver(tmp_path):
+    """Two random-weight orb models named orb:PATH, as --model names them: ensemble_std equals numpy."""
+    pytest.importorskip("orb_models", reason="orb-models is not installed (pip install 'atomuq[orb]')")
+    from atomuq.cli.ensemble_options import load_ensemble
+    from atomuq.core.io import Record
+    from atomuq.models.adapters.orb import save_orb
+    from model_kinds import small_orb
+
+    paths = [str(save_orb(small_orb(seed=s), tmp_path / f"orb{s}.pt")) for s in (0, 1)]
+    structures = [ethanol(), copper_cell()]
+    records = [Record(a, "in.extxyz", k) for k, a in enumerate(structures)]
+    members, names = load_ensemble([f"orb:{paths[0]},orb:{paths[1]}"], records, "direct", "cpu")
+    assert names == [f"orb:{p}" for p in paths] and all(m.has_direct_forces for m in members)
+    batch = Batch.from_atoms(structures)
+    std = ensemble_uncertainty(evaluate_ensemble(members, batch, names=names), batch).per_atom["ensemble_std"]
+    forces = np.stack([evaluate(resolve_model(n), batch, conservative=False).forces_direct.detach().numpy() for n in names])
+    assert np.allclose(std.numpy(), np.sqrt(forces.var(axis=0).mean(axis=1)), atol=1e-6) and float(std.min()) > 0
+    src, out = tmp_path / "in.extxyz", tmp_path / "out.extxyz"
+    write(src, structures)
+    result = runner.invoke(app, ["score", str(src), "-o", str(out), "--model", names[0], "--ensemble", ",".join(names)])
+    assert result.exit_code == 0, result.output
+    scored = read(out, ":")
+    assert np.allclose(np.concatenate([a.arrays["ensemble_std"] for a in scored]), std.numpy(), atol=1e-5)
+
+
+def test_metatomic_pet_members_through_the_model_resolver(tmp_path):
+    """Two exported random PETs named metatomic:PATH: direct and conservative ensembles equal numpy."""
+    pytest.importorskip("metatomic.torch", reason="metatomic-torch is not installed (pip install 'atomuq[metatomic]')")
+    pytest.importorskip("metatrain.pet", reason="metatrain is not installed (pip install 'atomuq[metatomic]')")
+    from atomuq.cli.ensemble_options import load_ensemble
+    from atomuq.core.io import Record
+    from model_kinds import export_pet
+
+    names = [f"metatomic:{export_pet(tmp_path / f'pet{s}.pt', seed=s)}" for s in (0, 1)]
+    structures = [ethanol(), molecule("H2O")]
+    records = [Record(a, "in.extxyz", k) for k, a in enumerate(structures)]
+    batch = Batch.from_atoms(structures, dtype=torch.float64)
+    for mode, key in (("direct", "forces_direct"), ("conservative", "forces_conservative")):
+        members, _ = load_ensemble(names, records, mode, "cpu")
+        std = ensemble_uncertainty(evaluate_ensemble(members, batch, mode), batch).per_atom["ensemble_std"]
+        forces = np.stack([getattr(evaluate(m, batch), key).detach().numpy() for m in members])
+        assert np.allclose(std.numpy(), np.sqrt(forces.var(axis=0).mean(axis=1)), atol=1e-10) and float(std.min()) > 0
+    with pytest.raises(InputError, match="does not know element"):
+        load_ensemble(names, [Record(copper_cell(), "cu.extxyz", 0)], "direct", "cpu")

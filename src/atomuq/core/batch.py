@@ -11,27 +11,45 @@ from ase import Atoms
 from ase.constraints import FixAtoms
 
 
+#: deprecated field names -> their clear names (kept working as aliases)
+_RENAMED = {"batch": "structure_index", "n_atoms": "atoms_per_structure"}
+
+
 @dataclass(frozen=True)
 class Batch:
     """Several structures concatenated atom-wise.
 
     positions: (N, 3) Å; numbers: (N,) atomic numbers; cell: (B, 3, 3) Å, rows are the
-    cell vectors (zeros for a non-periodic structure); pbc: (B, 3) bool; batch: (N,) index of
-    each atom's structure; n_atoms: (B,); fixed: (N,) atoms held by a FixAtoms constraint.
+    cell vectors (zeros for a non-periodic structure); pbc: (B, 3) bool;
+    structure_index: (N,) long, the index (0..B-1) of the structure each atom belongs to;
+    atoms_per_structure: (B,) long, the number of atoms of each structure;
+    fixed: (N,) bool, atoms held by a FixAtoms constraint.
+    The old names `batch` (structure_index) and `n_atoms` (atoms_per_structure) remain as
+    read-only aliases; new code uses the clear names.
     """
 
     positions: torch.Tensor
     numbers: torch.Tensor
     cell: torch.Tensor
     pbc: torch.Tensor
-    batch: torch.Tensor
-    n_atoms: torch.Tensor
+    structure_index: torch.Tensor
+    atoms_per_structure: torch.Tensor
     fixed: torch.Tensor
+
+    @property
+    def batch(self) -> torch.Tensor:
+        """Deprecated alias of structure_index: (N,) index of each atom's structure."""
+        return self.structure_index
+
+    @property
+    def n_atoms(self) -> torch.Tensor:
+        """Deprecated alias of atoms_per_structure: (B,) number of atoms of each structure."""
+        return self.atoms_per_structure
 
     @property
     def num_structures(self) -> int:
         """Number of structures B."""
-        return int(self.n_atoms.shape[0])
+        return int(self.atoms_per_structure.shape[0])
 
     @property
     def num_atoms(self) -> int:
@@ -49,11 +67,12 @@ class Batch:
     @property
     def ptr(self) -> torch.Tensor:
         """(B+1,) offsets of each structure's first atom."""
-        return torch.cat([self.n_atoms.new_zeros(1), torch.cumsum(self.n_atoms, 0)])
+        sizes = self.atoms_per_structure
+        return torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)])
 
     def replace(self, **changes: torch.Tensor) -> "Batch":
-        """A copy with some tensors replaced (used to insert differentiable positions/cell)."""
-        return replace(self, **changes)
+        """A copy with some tensors replaced (used to insert differentiable positions/cell); old field names accepted."""
+        return replace(self, **{_RENAMED.get(name, name): value for name, value in changes.items()})
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Batch":
         """Move to a device and cast the floating tensors (positions, cell) to dtype."""
@@ -68,7 +87,7 @@ class Batch:
 
     def split(self, per_atom: torch.Tensor | np.ndarray) -> list:
         """Split a per-atom array (N, ...) into one piece per structure."""
-        sizes = self.n_atoms.tolist()
+        sizes = self.atoms_per_structure.tolist()
         if isinstance(per_atom, torch.Tensor):
             return list(torch.split(per_atom, sizes))
         return np.split(per_atom, np.cumsum(sizes)[:-1])
@@ -76,18 +95,18 @@ class Batch:
     def select(self, structures: torch.Tensor) -> "Batch":
         """The sub-batch of the given structure indices (B',), in that order, re-indexed from 0."""
         structures = torch.as_tensor(structures, dtype=torch.long, device=self.device)
-        n_atoms = self.n_atoms.index_select(0, structures)
+        sizes = self.atoms_per_structure.index_select(0, structures)
         starts = self.ptr.index_select(0, structures)
-        owner = torch.repeat_interleave(torch.arange(len(structures), device=self.device), n_atoms)
-        atoms = starts.index_select(0, owner) + torch.arange(int(n_atoms.sum()), device=self.device) - (
-            torch.cumsum(n_atoms, 0) - n_atoms).index_select(0, owner)
+        owner = torch.repeat_interleave(torch.arange(len(structures), device=self.device), sizes)
+        atoms = starts.index_select(0, owner) + torch.arange(int(sizes.sum()), device=self.device) - (
+            torch.cumsum(sizes, 0) - sizes).index_select(0, owner)
         return Batch(
             positions=self.positions.index_select(0, atoms),
             numbers=self.numbers.index_select(0, atoms),
             cell=self.cell.index_select(0, structures),
             pbc=self.pbc.index_select(0, structures),
-            batch=owner,
-            n_atoms=n_atoms,
+            structure_index=owner,
+            atoms_per_structure=sizes,
             fixed=self.fixed.index_select(0, atoms),
         )
 
@@ -105,7 +124,7 @@ class Batch:
         numbers = np.concatenate([a.numbers for a in structures])
         cell = np.stack([a.cell.array for a in structures])
         pbc = np.stack([a.pbc for a in structures])
-        n_atoms = np.array([len(a) for a in structures])
+        sizes = np.array([len(a) for a in structures])
         fixed = np.zeros(len(numbers), dtype=bool)
         offset = 0
         for a in structures:
@@ -119,8 +138,8 @@ class Batch:
             numbers=t(numbers, torch.long),
             cell=t(cell, dtype),
             pbc=t(pbc, torch.bool),
-            batch=torch.repeat_interleave(torch.arange(len(structures), device=device), t(n_atoms, torch.long)),
-            n_atoms=t(n_atoms, torch.long),
+            structure_index=torch.repeat_interleave(torch.arange(len(structures), device=device), t(sizes, torch.long)),
+            atoms_per_structure=t(sizes, torch.long),
             fixed=t(fixed, torch.bool),
         )
 

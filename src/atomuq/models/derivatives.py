@@ -76,8 +76,8 @@ def evaluate(
     and for gradients of the Force Delta). If batch.positions already requires grad (an outer
     optimisation), gradients flow through it.
     """
-    if create_graph and not getattr(model, "differentiable", True):
-        raise ValueError(f"{getattr(model, 'source', type(model).__name__)} has no second derivatives "
+    if create_graph and not model.differentiable:
+        raise ValueError(f"{model.source or type(model).__name__} has no second derivatives "
                          "(not a torch model): create_graph=True is not available")
     batch = batch.to(device=model.device, dtype=model.dtype)
     deform = stress or rotational
@@ -90,7 +90,7 @@ def evaluate(
         strain = None
         if deform:
             strain = torch.zeros_like(batch.cell).requires_grad_(True)
-            deformed_positions = positions + torch.einsum("ni,nij->nj", positions, strain[batch.batch])
+            deformed_positions = positions + torch.einsum("ni,nij->nj", positions, strain[batch.structure_index])
             cell = cell + torch.bmm(cell, strain)
         else:
             deformed_positions = positions

@@ -33,40 +33,76 @@ class AtomisticModel(torch.nn.Module):
     The model must compute its edge vectors from batch.positions and batch.cell with torch
     operations, so that conservative forces, virial stress and the rotational gradient can be
     taken by autograd in atomuq.models.derivatives (the one place they are computed).
-    Subclasses set: cutoff (Å), elements (supported atomic numbers, or None for any),
-    and confidence_bin_edges ((K+1,) eV/Å) if they have a confidence head.
+
+    Every attribute below is part of the protocol: code reads it directly, never with a
+    fallback. Subclasses override the defaults that do not hold for them (as class or
+    instance attributes, or as properties); tests/test_conformance.py checks each model kind.
     """
 
+    #: interaction cutoff in Å (0.0 when the model has none, e.g. an ASE calculator)
     cutoff: float = 0.0
+    #: supported atomic numbers, or None for any element
     elements: Sequence[int] | None = None
+    #: where the model came from (a model file, or the spec it was resolved from, e.g.
+    #: "orb:orb-v3-direct:weights.ckpt"); "" for a model built in memory
+    source: str = ""
+    #: True when second derivatives are available by autograd (create_graph=True in
+    #: derivatives.evaluate: losses on conservative forces, gradients of the Force Delta);
+    #: False for models whose energy is not a torch function (an ASE calculator)
+    differentiable: bool = True
+    #: True when the forces are computed outside torch by another program (an ASE calculator)
+    #: and come back as forces_conservative: the model has one kind of forces, so ensembles use
+    #: them in direct and conservative force mode alike
+    external_forces: bool = False
+
+    @property
+    def confidence_bin_edges(self) -> torch.Tensor | None:
+        """(K+1,) edges in eV/Å of the confidence head's per-atom force-error bins, or None without a head.
+
+        Setting it stores a persistent buffer named confidence_bin_edges (saved in the state dict).
+        """
+        return self._buffers.get("confidence_bin_edges")
+
+    @confidence_bin_edges.setter
+    def confidence_bin_edges(self, edges: torch.Tensor | None) -> None:
+        # register_buffer refuses a name the class already defines, so the buffer is stored directly
+        self._buffers["confidence_bin_edges"] = edges
+        self._non_persistent_buffers_set.discard("confidence_bin_edges")
 
     @property
     def has_direct_forces(self) -> bool:
-        """True when the model predicts forces with its own head."""
+        """True when the model predicts forces with its own head (ModelOutput.forces, eV/Å)."""
         return False
 
     @property
     def has_direct_stress(self) -> bool:
-        """True when the model predicts stress with its own head."""
+        """True when the model predicts stress with its own head (ModelOutput.stress, eV/Å³)."""
         return False
 
     @property
     def has_confidence(self) -> bool:
-        """True when the model has a per-atom confidence head."""
-        return getattr(self, "confidence_bin_edges", None) is not None
+        """True when the model has a per-atom confidence head (logits over confidence_bin_edges)."""
+        return self.confidence_bin_edges is not None
+
+    @property
+    def has_node_features(self) -> bool:
+        """True when forward returns per-atom node features (ModelOutput.node_features, for LTAU)."""
+        return False
 
     @property
     def dtype(self) -> torch.dtype:
-        """Floating dtype of the parameters (float32 when there are none)."""
+        """Floating dtype the model computes in: that of its parameters (float32 when there are none)."""
         for p in self.parameters():
             return p.dtype
         return torch.float32
 
     @property
     def device(self) -> torch.device:
+        """Device of the parameters (the CPU when there are none); batches are moved there."""
         for p in self.parameters():
             return p.device
         return torch.device("cpu")
 
     def forward(self, batch: Batch) -> ModelOutput:  # pragma: no cover - abstract
+        """Energy (B,) eV and whatever heads the model has, for a batch of structures."""
         raise NotImplementedError

@@ -19,7 +19,7 @@ def confidence(logits: torch.Tensor, edges: torch.Tensor, batch: Batch) -> UQRes
     expected = probs @ bin_centres(edges).to(probs)
     return UQResult(
         per_atom={"confidence_error": expected, "confidence_bin": probs.argmax(-1)},
-        per_structure={"confidence_error": scatter_mean(expected, batch.batch, batch.num_structures)},
+        per_structure={"confidence_error": scatter_mean(expected, batch.structure_index, batch.num_structures)},
         units={"confidence_error": "eV/Å", "confidence_bin": "bin index"},
     )
 

@@ -1,7 +1,10 @@
 """Ensemble disagreement (methods.md section 3), the baseline the single-model methods are compared with.
 
-Members are atomuq models (direct forces by default, or conservative -dE/dr) or ASE calculators
-(whatever forces they compute). With F_m,ic the force component c of atom i from member m:
+Members are atomuq models of any kind, named by the one model spec (atomuq.models.registry):
+direct forces by default, or conservative -dE/dr; a model whose forces come from an ASE
+calculator (external_forces) contributes the calculator's own forces in either mode. An ASE
+calculator object given directly is wrapped as such a model. With F_m,ic the force component c
+of atom i from member m:
 
 - per atom: ensemble_std_i = sqrt( (1/3) Σ_c Var_m F_m,ic )  (RMS over xyz of the per-component
   standard deviation, eV/Å),
@@ -17,13 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
-from ase import Atoms
 from ase.calculators.calculator import BaseCalculator
 
 from atomuq.core.batch import Batch
 from atomuq.core.errors import InputError
+from atomuq.models.adapters.ase_calculator import CalculatorModel
 from atomuq.models.derivatives import evaluate
 from atomuq.models.protocol import AtomisticModel
 from atomuq.uq.force_delta import structure_rms
@@ -53,27 +55,31 @@ class EnsemblePrediction:
         return self.energy.mean(dim=0)
 
 
-def member_name(member: Member, names: Sequence[str] | None, m: int) -> str:
-    """How member m is named in messages."""
+def member_models(members: Sequence[Member]) -> list[AtomisticModel]:
+    """The members as atomuq models: an ASE calculator object is wrapped as a CalculatorModel."""
+    return [m if isinstance(m, AtomisticModel) else CalculatorModel(m) for m in members]
+
+
+def member_name(member: AtomisticModel, names: Sequence[str] | None, m: int) -> str:
+    """How member m is named in messages: its spec when given, else where it came from."""
     if names is not None:
         return names[m]
-    return str(getattr(member, "source", type(member).__name__))
+    return member.source or type(member).__name__
 
 
 def check_members(members: Sequence[Member], numbers: set[int], forces: str = "direct", names: Sequence[str] | None = None) -> None:
     """Raise InputError if fewer than 2 members, an unknown force mode, a member lacking a direct head
-    in direct mode, or a member that does not know an element among `numbers`."""
+    in direct mode (a calculator's own forces count for either mode), or a member that does not know
+    an element among `numbers`."""
     from ase.data import chemical_symbols
 
     if forces not in FORCE_MODES:
         raise InputError(f"ensemble forces must be one of {', '.join(FORCE_MODES)}, got {forces!r}")
     if len(members) < 2:
         raise InputError(f"an ensemble needs at least 2 members, got {len(members)}")
-    for m, member in enumerate(members):
-        if not isinstance(member, AtomisticModel):
-            continue
+    for m, member in enumerate(member_models(members)):
         name = member_name(member, names, m)
-        if forces == "direct" and not member.has_direct_forces:
+        if forces == "direct" and not member.has_direct_forces and not member.external_forces:
             raise InputError(f"ensemble member {name} has no direct force head; use conservative ensemble forces")
         if member.elements is not None:
             missing = sorted(numbers - {int(z) for z in member.elements})
@@ -85,46 +91,19 @@ def check_members(members: Sequence[Member], numbers: set[int], forces: str = "d
                 )
 
 
-def batch_atoms(batch: Batch) -> list[Atoms]:
-    """The batch's structures as ase.Atoms (positions Å, numbers, cell, pbc)."""
-    positions = batch.split(batch.positions.detach().cpu().double().numpy())
-    numbers = batch.split(batch.numbers.cpu().numpy())
-    cells = batch.cell.detach().cpu().double().numpy()
-    pbcs = batch.pbc.cpu().numpy()
-    return [Atoms(numbers=z, positions=r, cell=c, pbc=p) for z, r, c, p in zip(numbers, positions, cells, pbcs)]
-
-
-def _calculator_outputs(calc: BaseCalculator, batch: Batch, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(B,) energies and (N, 3) forces of an ASE calculator, one structure at a time."""
-    energies, forces = [], []
-    for b, atoms in enumerate(batch_atoms(batch)):
-        atoms.calc = calc
-        try:
-            energies.append(atoms.get_potential_energy())
-            forces.append(atoms.get_forces())
-        except Exception as exc:  # the calculator's own failure, named with the member and structure
-            raise InputError(
-                f"ensemble member {name} failed on structure {b} of the batch ({atoms.get_chemical_formula()}): {type(exc).__name__}: {exc}"
-            ) from exc
-    return np.asarray(energies, dtype=float), np.concatenate(forces).reshape(-1, 3)
-
-
 def evaluate_ensemble(
     members: Sequence[Member], batch: Batch, forces: str = "direct", names: Sequence[str] | None = None
 ) -> EnsemblePrediction:
-    """Energies and forces of every member on the batch (direct or conservative for atomuq models)."""
+    """Energies and forces of every member on the batch: direct or conservative (-dE/dr) forces of atomuq
+    models, a calculator's own forces in either mode."""
     check_members(members, set(batch.numbers.unique().tolist()), forces, names)
     energy, force = [], []
-    for m, member in enumerate(members):
-        if isinstance(member, AtomisticModel):
-            pred = evaluate(member, batch, conservative=forces == "conservative")
-            f = pred.forces_direct if forces == "direct" else pred.forces_conservative
-            e, f = pred.energy.detach(), f.detach()
-        else:
-            e_np, f_np = _calculator_outputs(member, batch, member_name(member, names, m))
-            e, f = torch.as_tensor(e_np), torch.as_tensor(f_np)
-        energy.append(e.to(device=batch.device, dtype=torch.float64))
-        force.append(f.to(device=batch.device, dtype=torch.float64))
+    for member in member_models(members):
+        direct = forces == "direct" and not member.external_forces
+        pred = evaluate(member, batch, conservative=not direct)
+        f = pred.forces_direct if direct else pred.forces_conservative
+        energy.append(pred.energy.detach().to(device=batch.device, dtype=torch.float64))
+        force.append(f.detach().to(device=batch.device, dtype=torch.float64))
     return EnsemblePrediction(energy=torch.stack(energy), forces=torch.stack(force))
 
 

@@ -26,8 +26,8 @@ UNITS = {
 def structure_rms(per_atom_sq: torch.Tensor, batch: Batch, mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) sqrt(sum_i x_i / 3N_b) over a structure's counted atoms, x_i a squared per-atom 3-vector norm."""
     weights = torch.ones_like(per_atom_sq) if mask is None else mask.to(per_atom_sq.dtype)
-    total = scatter_sum(per_atom_sq * weights, batch.batch, batch.num_structures)
-    count = scatter_sum(weights, batch.batch, batch.num_structures)
+    total = scatter_sum(per_atom_sq * weights, batch.structure_index, batch.num_structures)
+    count = scatter_sum(weights, batch.structure_index, batch.num_structures)
     if (count == 0).any():
         empty = torch.nonzero(count == 0).flatten().tolist()
         raise ValueError(f"structures {empty} have no counted atoms (all fixed?); use exclude_fixed=False")

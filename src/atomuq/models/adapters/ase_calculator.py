@@ -10,20 +10,21 @@ so -dE*/dr = F (the calculator's forces, taken as conservative) and, for periodi
 with a stress, dE*/dg = V sigma under the strain of atomuq.models.derivatives, i.e. the
 virial stress is the calculator's stress. For molecules the rotational gradient is then the
 net torque of the forces, the exact value. Second derivatives are not available
-(differentiable = False), and there is no direct force head, so the Force Delta is undefined.
+(differentiable = False), and there is no direct force head, so the Force Delta is undefined;
+the calculator's forces are its only forces (external_forces = True): ensembles use them in
+either force mode.
 """
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import torch
 from ase import Atoms
-from ase.calculators.calculator import Calculator
+from ase.calculators.calculator import BaseCalculator
 
 from atomuq.core.batch import Batch, scatter_sum
-from atomuq.core.errors import ModelFileError
+from atomuq.core.errors import InputError
+from atomuq.models.adapters.ase_class import build_calculator
 from atomuq.models.protocol import AtomisticModel, ModelOutput
 
 
@@ -31,8 +32,9 @@ class CalculatorModel(AtomisticModel):
     """Wrap an ASE calculator; forward evaluates it once per structure (float64, on the CPU)."""
 
     differentiable = False
+    external_forces = True
 
-    def __init__(self, calculator: Calculator, name: str = "") -> None:
+    def __init__(self, calculator: BaseCalculator, name: str = "") -> None:
         super().__init__()
         self.calculator = calculator
         self.elements = None
@@ -67,8 +69,14 @@ class CalculatorModel(AtomisticModel):
                 pbc=pbcs[b],
             )
             atoms.calc = self.calculator
-            energies.append(atoms.get_potential_energy())
-            f = atoms.get_forces()
+            try:
+                energies.append(atoms.get_potential_energy())
+                f = atoms.get_forces()
+            except Exception as exc:  # the calculator's own failure, named with the structure
+                raise InputError(
+                    f"{self.source} failed on structure {b} of the batch ({atoms.get_chemical_formula()}): "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
             forces.append(f)
             if needs_cell_gradient and pbcs[b].all():
                 sigma = self._stress(atoms)
@@ -84,7 +92,7 @@ class CalculatorModel(AtomisticModel):
 
         force = t(np.concatenate(forces))
         shift = -(force * (batch.positions - batch.positions.detach())).sum(-1)
-        energy = t(energies) + scatter_sum(shift, batch.batch, batch.num_structures)
+        energy = t(energies) + scatter_sum(shift, batch.structure_index, batch.num_structures)
         if needs_cell_gradient:
             energy = energy + (t(cell_terms) * (batch.cell - batch.cell.detach())).sum(
                 (1, 2)
@@ -92,17 +100,7 @@ class CalculatorModel(AtomisticModel):
         return ModelOutput(energy=energy)
 
 
-def calculator_model(spec: str) -> CalculatorModel:
-    """CalculatorModel from 'module:Class' (e.g. 'ase.calculators.emt:EMT'), the class built without arguments."""
-    module_name, _, class_name = spec.partition(":")
-    if not class_name:
-        raise ModelFileError(
-            f"ase:{spec}: expected ase:MODULE:CLASS, e.g. ase:ase.calculators.emt:EMT"
-        )
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as exc:
-        raise ModelFileError(
-            f"ase:{spec}: cannot import {class_name} from {module_name} ({exc})"
-        ) from exc
-    return CalculatorModel(cls(), name=f"ase:{spec}")
+def calculator_model(path: str) -> CalculatorModel:
+    """CalculatorModel from 'MODULE:CLASS' (e.g. 'ase.calculators.emt:EMT'), the class built without arguments."""
+    where = f"ase:{path}"
+    return CalculatorModel(build_calculator(path, where), name=where)

@@ -66,6 +66,10 @@ class MetatomicModel(AtomisticModel):
         return self.force_output is not None
 
     @property
+    def has_node_features(self) -> bool:
+        return self.feature_output is not None
+
+    @property
     def dtype(self) -> torch.dtype:
         return self._dtype
 
@@ -143,7 +147,7 @@ class MetatomicModel(AtomisticModel):
             )
             forces = (
                 forces
-                - scatter_mean(forces, batch.batch, batch.num_structures)[batch.batch]
+                - scatter_mean(forces, batch.structure_index, batch.num_structures)[batch.structure_index]
             )
         if self.feature_output is not None:
             features = self._per_atom(out[self.feature_output].block(), batch).reshape(

@@ -166,7 +166,6 @@ class OrbModel(AtomisticModel):
             raise ModelFileError(
                 f"{architecture}: orb models with a Coulomb module or latent charges are not supported"
             )
-        self.source = ""
 
     @property
     def has_direct_forces(self) -> bool:
@@ -175,6 +174,10 @@ class OrbModel(AtomisticModel):
     @property
     def has_direct_stress(self) -> bool:
         return "stress" in self.orb.heads and not self.conservative_only
+
+    @property
+    def has_node_features(self) -> bool:
+        return True
 
     @property
     def confidence_bin_edges(self) -> torch.Tensor | None:
@@ -212,7 +215,7 @@ class OrbModel(AtomisticModel):
         return orb_api().AtomGraphs(
             senders=graph.centers,
             receivers=graph.neighbors,
-            n_node=batch.n_atoms,
+            n_node=batch.atoms_per_structure,
             n_edge=torch.bincount(graph.edge_batch, minlength=b),
             node_features={
                 "positions": batch.positions,

@@ -89,7 +89,10 @@ class NativeModel(AtomisticModel):
         self.register_buffer("energy_scale", torch.tensor(1.0))
         self.register_buffer("force_scale", torch.tensor(1.0))
         edges = torch.linspace(0.0, config.confidence_max_error, config.confidence_bins + 1)
-        self.register_buffer("confidence_bin_edges", edges)
+        self.confidence_bin_edges = edges  # a persistent buffer (AtomisticModel.confidence_bin_edges)
+        #: set by atomuq.models.checkpoint.load_model from the model file
+        self.training_data_hash = ""
+        self.metadata: dict = {}
 
         n_edge_in = config.num_bessel * (config.lmax + 1) ** 2
         self.embedding = nn.Embedding(len(self.elements), config.latent)
@@ -111,6 +114,10 @@ class NativeModel(AtomisticModel):
     @property
     def has_direct_stress(self) -> bool:
         return self.stress_head is not None
+
+    @property
+    def has_node_features(self) -> bool:
+        return True
 
     def species(self, numbers: torch.Tensor) -> torch.Tensor:
         """Atomic numbers -> indices into self.elements; raises on an element the model lacks."""
@@ -140,7 +147,7 @@ class NativeModel(AtomisticModel):
             h, e = layer(h, e, graph.centers, graph.neighbors, envelope)
 
         atom_energy = self.energy_head(h).squeeze(-1) * self.energy_scale + self.reference_energies[species]
-        energy = scatter_sum(atom_energy, batch.batch, b)
+        energy = scatter_sum(atom_energy, batch.structure_index, b)
         if self.zbl is not None and graph.num_edges:
             pair = self.zbl(lengths, batch.numbers[graph.centers], batch.numbers[graph.neighbors])
             energy = energy + 0.5 * scatter_sum(pair, graph.edge_batch, b)
@@ -148,10 +155,10 @@ class NativeModel(AtomisticModel):
         weights = self.force_head(e, h, graph.centers, graph.neighbors).squeeze(-1) * envelope
         # a positive weight pushes the centre away from its neighbour
         forces = -scatter_sum(weights[:, None] * unit, graph.centers, n) * self.force_scale
-        forces = forces - scatter_mean(forces, batch.batch, b)[batch.batch]
+        forces = forces - scatter_mean(forces, batch.structure_index, b)[batch.structure_index]
 
         stress = None
         if self.stress_head is not None:
-            stress = self.stress_head(scatter_mean(h, batch.batch, b))
+            stress = self.stress_head(scatter_mean(h, batch.structure_index, b))
         confidence = self.confidence_head(h.detach())
         return ModelOutput(energy=energy, forces=forces, stress=stress, node_features=h, confidence_logits=confidence)

@@ -1,0 +1,78 @@
+"""Small random-weight models of the optional third-party kinds (orb, metatomic PET), built in seconds.
+
+The optional packages are imported inside the builders, so importing this module never fails;
+tests call pytest.importorskip before using a builder.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+#: a small Orb-v3 configuration (orb-models builder keyword arguments)
+ORB_SMALL = {
+    "latent_dim": 32,
+    "base_mlp_hidden_dim": 64,
+    "head_mlp_hidden_dim": 32,
+    "num_message_passing_steps": 2,
+}
+
+#: a small PET configuration (metatrain hypers)
+PET_SMALL = {
+    "d_pet": 16,
+    "d_head": 16,
+    "d_node": 32,
+    "d_feedforward": 32,
+    "num_heads": 2,
+    "num_attention_layers": 1,
+    "num_gnn_layers": 2,
+}
+
+
+def small_orb(kind: str = "orb-v3-direct", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A randomly initialised small orb model (an atomuq OrbModel) of architecture `kind`."""
+    from atomuq.models.adapters.orb import new_orb_model
+
+    torch.manual_seed(seed)
+    kwargs = ORB_SMALL if kind != "orb-v2" else {"num_message_passing_steps": 1}
+    return new_orb_model(kind, **kwargs).to(dtype)
+
+
+def small_pet(seed: int = 0, dtype: torch.dtype = torch.float64):
+    """A randomly initialised metatrain PET with energy and non_conservative_force heads, for H C N O."""
+    from metatrain.pet import PET
+    from metatrain.utils.architectures import get_default_hypers
+    from metatrain.utils.data import DatasetInfo
+    from metatrain.utils.data.target_info import get_energy_target_info, get_generic_target_info
+
+    hypers = get_default_hypers("pet")["model"]
+    hypers.update(PET_SMALL)
+    info = DatasetInfo(
+        length_unit="angstrom",
+        atomic_types=[1, 6, 7, 8],
+        targets={
+            "energy": get_energy_target_info("energy", {"quantity": "energy", "unit": "eV"}),
+            "non_conservative_force": get_generic_target_info(
+                "non_conservative_force",
+                {
+                    "quantity": "force",
+                    "unit": "eV/A",
+                    "type": {"cartesian": {"rank": 1}},
+                    "num_subtargets": 1,
+                    "sample_kind": "atom",
+                },
+            ),
+        },
+    )
+    torch.manual_seed(seed)
+    return PET(hypers, info).to(dtype)
+
+
+def export_pet(path: str | Path, seed: int = 0) -> str:
+    """Export a small random PET as a metatomic model file at path; returns the path as a string."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small_pet(seed).export().save(str(path))
+    return str(path)
