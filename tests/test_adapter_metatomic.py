@@ -1,9 +1,11 @@
 """A small PET (metatrain) with an energy and a non-conservative force head, exported and loaded
-through the metatomic adapter, against metatomic's own ASE calculator and finite differences."""
+through the metatomic adapter, against metatomic's own ASE calculator.
+
+The protocol checks (finite differences of forces and stress, batching, node features, the
+round trip export -> load) are in test_conformance.py."""
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
@@ -27,7 +29,7 @@ from atomuq.models.adapters.metatomic import load_metatomic
 from atomuq.models.derivatives import evaluate
 from atomuq.models.registry import resolve_model
 from atomuq.uq.force_delta import force_delta
-from model_kinds import export_pet, small_pet
+from model_kinds import export_pet
 
 
 
@@ -87,72 +89,6 @@ def test_outputs_equal_metatomics_calculator(model, model_file):
         assert float(result.per_structure["force_delta"][k]) == pytest.approx(
             np.sqrt((u**2).sum() / (3 * len(a)))
         )
-
-
-def test_conservative_forces_and_stress_equal_finite_differences(model):
-    atoms = structures()[1]
-    batch = Batch.from_atoms([atoms], dtype=torch.float64)
-    pred = evaluate(model, batch, conservative=True, stress=True)
-    h = 1e-5
-    for atom, axis in [(0, 0), (4, 1), (8, 2)]:
-        energies = []
-        for sign in (1, -1):
-            pos = batch.positions.clone()
-            pos[atom, axis] += sign * h
-            energies.append(float(model(batch.replace(positions=pos)).energy))
-        assert -(energies[0] - energies[1]) / (2 * h) == pytest.approx(
-            float(pred.forces_conservative[atom, axis]), abs=1e-7
-        )
-    strained = []
-    for sign in (1, -1):  # sigma_xx = dE/d(eps_xx) / V
-        deform = torch.eye(3, dtype=torch.float64)
-        deform[0, 0] += sign * h
-        strained.append(
-            float(
-                model(
-                    batch.replace(
-                        positions=batch.positions @ deform, cell=batch.cell @ deform
-                    )
-                ).energy
-            )
-        )
-    volume = float(torch.linalg.det(batch.cell[0]))
-    assert (strained[0] - strained[1]) / (2 * h) / volume == pytest.approx(
-        float(pred.stress_virial[0, 0]), abs=1e-8
-    )
-
-
-def test_node_features_shape_and_batching(model):
-    atoms = structures()
-    batch = Batch.from_atoms(atoms, dtype=torch.float64)
-    together = model(batch)
-    assert (
-        together.node_features.shape[0] == batch.num_atoms
-        and together.node_features.shape[1] > 0
-    )
-    for k, a in enumerate(atoms):
-        alone = model(Batch.from_atoms([a], dtype=torch.float64))
-        torch.testing.assert_close(
-            alone.node_features, batch.split(together.node_features)[k]
-        )
-        torch.testing.assert_close(alone.forces, batch.split(together.forces)[k])
-
-
-def test_save_load_round_trip_equals_in_memory_model(tmp_path):
-    pet = small_pet(seed=4)
-    path = tmp_path / "round-trip.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        exported = pet.export()
-        exported.save(str(path))
-    from atomuq.models.adapters.metatomic import MetatomicModel
-
-    in_memory = MetatomicModel(exported)
-    loaded = load_metatomic(path)
-    batch = Batch.from_atoms(structures(), dtype=torch.float64)
-    a, b = in_memory(batch), loaded(batch)
-    torch.testing.assert_close(a.energy, b.energy, rtol=0, atol=0)
-    torch.testing.assert_close(a.forces, b.forces, rtol=0, atol=0)
 
 
 def test_bad_files(tmp_path):
