@@ -194,3 +194,20 @@ def test_energy_spread_under_rotations(native_model, pair_model):
     assert np.allclose(np.einsum("nij,nkj->nik", rots, rots), np.eye(3)) and np.allclose(np.linalg.det(rots), 1)
     assert energy_spread_under_rotations(pair_model, ethanol(), 8) < 1e-10
     assert energy_spread_under_rotations(native_model, ethanol(), 8) > 1e-6
+
+
+def test_batch_names_its_atom_counts_and_atom_to_structure_index():
+    structures = [ethanol(), molecule("H2O"), triclinic_alcu()]
+    batch = Batch.from_atoms(structures, dtype=torch.float64)
+    sizes = [len(a) for a in structures]
+    assert batch.atoms_per_structure.tolist() == sizes
+    assert batch.structure_index.tolist() == [b for b, n in enumerate(sizes) for _ in range(n)]
+    assert batch.ptr.tolist() == [0, sizes[0], sizes[0] + sizes[1], sum(sizes)]
+    # the old names stay readable (and replaceable) as aliases of the clear ones
+    assert batch.n_atoms is batch.atoms_per_structure and batch.batch is batch.structure_index
+    moved = batch.replace(n_atoms=batch.atoms_per_structure.clone(), positions=batch.positions + 1.0)
+    assert torch.equal(moved.atoms_per_structure, batch.atoms_per_structure)
+    sub = batch.select(torch.tensor([2, 0]))
+    assert sub.atoms_per_structure.tolist() == [sizes[2], sizes[0]]
+    assert sub.structure_index.tolist() == [0] * sizes[2] + [1] * sizes[0]
+    assert torch.equal(sub.positions[: sizes[2]], batch.positions[-sizes[2]:])

@@ -1,20 +1,36 @@
-"""The --ensemble option: member specs (the one model spec of --model) to loaded members, checked before any work."""
+"""The --model and --ensemble options: one model spec (atomuq.models.registry) to loaded models, checked before any work."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
+from rich.markup import escape
+
 from atomuq.cli.common import note
 from atomuq.core.io import Record
 from atomuq.models.protocol import AtomisticModel
-from atomuq.models.registry import normalise_spec, resolve_model, spec_help
+from atomuq.models.registry import DEFAULT_MODEL, normalise_spec, resolve_model, spec_forms, spec_help
 from atomuq.uq.ensemble import check_members
 
 
+def model_help(default: str | None = DEFAULT_MODEL) -> str:
+    """Help text of --model listing every model-spec form (escaped for typer's rich markup)."""
+    tail = f" Default: {default}." if default else ""
+    return escape(f"The model: {spec_help(one_line=True)}.{tail}")
+
+
+def load_model_option(spec: str | None, device: str) -> AtomisticModel:
+    """The model a --model value names (None: the default); a deprecated spelling is read with a note on stderr."""
+    canonical, deprecation = normalise_spec(spec or DEFAULT_MODEL)
+    if deprecation:
+        note(deprecation)
+    return resolve_model(canonical, device=device)
+
+
 def ensemble_help() -> str:
-    """Help text of --ensemble, listing every model-spec form."""
-    return ("Ensemble members, each named like --model (repeat the option or separate by commas): "
-            f"{spec_help(one_line=True)}.")
+    """Help text of --ensemble listing every model-spec form (escaped for typer's rich markup)."""
+    forms = ", ".join(syntax for syntax, _ in spec_forms())
+    return escape(f"Ensemble members, each named like --model ({forms}); repeat the option or separate by commas.")
 
 
 def split_specs(values: Sequence[str] | None) -> list[str]:
@@ -23,14 +39,8 @@ def split_specs(values: Sequence[str] | None) -> list[str]:
 
 
 def resolve_members(specs: Sequence[str], device: str) -> list[AtomisticModel]:
-    """Each spec through the model resolver; a deprecated spelling is read with a note on stderr."""
-    members = []
-    for spec in specs:
-        canonical, deprecation = normalise_spec(spec)
-        if deprecation:
-            note(deprecation)
-        members.append(resolve_model(canonical, device=device))
-    return members
+    """Each spec through the model resolver, as --model; a deprecated spelling is read with a note on stderr."""
+    return [load_model_option(spec, device) for spec in specs]
 
 
 def load_ensemble(

@@ -47,8 +47,8 @@ class SpecForm:
     extra: str | None = None
 
     def help(self) -> str:
-        """The description with the install hint of its extra."""
-        return self.description + (f" (pip install 'atomuq[{self.extra}]')" if self.extra else "")
+        """The description with the install hint of its extra (plain text: escape it for rich markup)."""
+        return self.description + (f"; needs pip install 'atomuq[{self.extra}]'" if self.extra else "")
 
 
 #: registered spec prefixes, PREFIX -> form of PREFIX:REST
@@ -111,13 +111,13 @@ def _load_ase(rest: str, device: Device) -> AtomisticModel:
 
 
 register_spec("orb", "orb:PATH or orb:ARCHITECTURE:PATH",
-              "orb-models weights file (an atomuq-orb file, or a released checkpoint whose architecture is "
-              "named or read from the file name)", _load_orb, extra="orb")
-register_spec("metatomic", "metatomic:PATH", "an exported metatomic model file, e.g. PET-MAD / UPET",
-              _load_metatomic, extra="metatomic")
+              "orb-models weights file; ARCHITECTURE (e.g. orb-v3-direct-20-omat) when the file name does not tell",
+              _load_orb, extra="orb")
+register_spec("metatomic", "metatomic:PATH", "an exported metatomic model, e.g. PET-MAD", _load_metatomic,
+              extra="metatomic")
 register_spec("ase", "ase:MODULE:CLASS",
-              "an ASE calculator class built without arguments, e.g. ase:ase.calculators.emt:EMT "
-              "(energies and forces only: no Force Delta)", _load_ase)
+              "an ASE calculator class built without arguments, e.g. ase:ase.calculators.emt:EMT (no Force Delta)",
+              _load_ase)
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +178,11 @@ def spec_forms() -> list[tuple[str, str]]:
 
 
 def spec_help(one_line: bool = False) -> str:
-    """Help text of every model-spec form: one per line, or (one_line) 'SYNTAX (what); ...' for option help."""
+    """Help text of every model-spec form: one per line, or (one_line) 'SYNTAX (what); ...' for option help.
+
+    Plain text: it contains square brackets (atomuq[orb]), so escape it (rich.markup.escape) before
+    handing it to a renderer that reads markup, such as typer's help.
+    """
     rows = spec_forms()
     if one_line:
         return "; ".join(f"{syntax} ({text})" for syntax, text in rows)
