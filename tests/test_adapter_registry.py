@@ -81,7 +81,7 @@ def test_every_form_resolves_to_a_model_with_its_source(tmp_path):
     assert resolve_model().source.endswith(f"{registry.DEFAULT_MODEL}.pt")
     emt = resolve_model("ase:ase.calculators.emt:EMT")
     assert isinstance(emt, CalculatorModel) and emt.source == "ase:ase.calculators.emt:EMT"
-    with pytest.raises(ModelFileError, match=r"nowhere.pt: not a model spec; a model is named by NAME \(a bundled model"):
+    with pytest.raises(ModelFileError, match=r"nowhere.pt: neither a bundled model .*; a model is named by NAME \(a bundled model"):
         resolve_model(str(tmp_path / "nowhere.pt"))
 
 

@@ -121,7 +121,7 @@ def model_files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("members, message", [
-    (["molecular-small", "nope"], "nope: not a model spec; a model is named by NAME"),
+    (["molecular-small", "nope"], "nope: neither a bundled model nor an existing model file"),
     (["molecular-small", "ase:no_such_module_xyz:Calc"], "cannot import module no_such_module_xyz"),
     (["molecular-small", "no_such_module_xyz:Calc"], "cannot import module no_such_module_xyz"),  # old spelling
     (["molecular-small", "ase:ase.calculators.emt:NoSuchCalculator"], "has no attribute NoSuchCalculator"),

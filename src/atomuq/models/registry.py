@@ -164,7 +164,8 @@ def resolve_model(spec: str | None = None, device: Device = "cpu") -> AtomisticM
     path = Path(name)
     if path.exists():
         return load_model(path, device=device)
-    raise ModelFileError(f"{name}: not a model spec; a model is named by {spec_help(one_line=True)}")
+    raise ModelFileError(f"{name}: neither a bundled model nor an existing model file nor another model spec; "
+                         f"a model is named by {spec_help(one_line=True)}")
 
 
 def spec_forms() -> list[tuple[str, str]]:
