@@ -207,3 +207,30 @@ def concatenate_files(path: str | Path, parts: Sequence[str | Path]) -> Path:
                 if sink is not raw:
                     sink.close()
     return path
+
+
+def _digest_value(digest: Any, value: Any) -> None:
+    array = np.asarray(value)
+    if array.dtype.kind in "biufc":
+        digest.update(str(array.dtype).encode() + str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    else:
+        digest.update(repr(value).encode())
+
+
+def records_sha256(records: Sequence[Record]) -> str:
+    """SHA-256 (hex) of structures as atomuq reads them: where they came from, numbers, positions, cell, pbc,
+    constraints, every array, info value and calculator result (so a changed label changes it)."""
+    digest = hashlib.sha256()
+    for rec in records:
+        atoms = rec.atoms
+        digest.update(f"{rec.source}\0{rec.index}\0{len(atoms)}\0".encode())
+        for value in (atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc):
+            _digest_value(digest, value)
+        digest.update(repr([c.todict() for c in atoms.constraints]).encode())
+        results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
+        for group in (atoms.arrays, atoms.info, results):
+            for name in sorted(group):
+                digest.update(name.encode() + b"\0")
+                _digest_value(digest, group[name])
+    return digest.hexdigest()

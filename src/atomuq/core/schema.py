@@ -44,6 +44,7 @@ INFO, ARRAYS, CALCULATOR = "info", "arrays", "calculator"
 
 #: writers, as named in the table
 SCORE, LTAU, ATTACK, MD, CALC = "score", "ltau score", "attack", "md", "calculator"
+IMPROVE, LABEL = "improve", "label"
 EVERY = (SCORE, LTAU, ATTACK, MD, CALC)
 
 ATOM_SUFFIX = "_atoms"
@@ -100,15 +101,15 @@ def _keys() -> list[Key]:
         k("free_energy", _S, "eV", NOT_A_SCORE, "ASE free energy, equal to energy", (SCORE, LTAU, ATTACK, MD, CALC)),
         k("forces", _A, "eV/Å", NOT_A_SCORE, "ASE forces: the forces the model was run with (direct by default for a "
           "model with a force head; read back by get_forces())", (SCORE, LTAU, ATTACK, MD, CALC), "3"),
-        k("stress", _S, "eV/Å³", NOT_A_SCORE, "ASE stress, Voigt xx yy zz yz xz xy, periodic structures only: the "
+        k("stress", _S, "eV/Å³", NOT_A_SCORE, "ASE stress (xx yy zz yz xz xy), periodic structures only: the "
           "direct head with direct forces where the model has one, else the virial", (SCORE, CALC), "6"),
         k("model_energy", _S, "eV", NOT_A_SCORE, "the model's predicted energy (the same as energy; marks the "
           "calculator results of a written structure as predictions, not reference labels)", (SCORE, LTAU, ATTACK, MD, CALC)),
         k("forces_direct", _A, "eV/Å", NOT_A_SCORE, "forces of the model's direct force head", (SCORE, LTAU, CALC), "3"),
         k("forces_conservative", _A, "eV/Å", NOT_A_SCORE, "conservative forces -dE/dr", (SCORE, LTAU, CALC), "3"),
-        k("stress_direct", _S, "eV/Å³", NOT_A_SCORE, "stress of the model's direct stress head (Voigt; periodic only)",
+        k("stress_direct", _S, "eV/Å³", NOT_A_SCORE, "stress of the model's direct stress head (periodic only)",
           (SCORE, CALC), "6"),
-        k("stress_virial", _S, "eV/Å³", NOT_A_SCORE, "virial stress from dE/dstrain (Voigt; periodic only)", (SCORE, CALC), "6"),
+        k("stress_virial", _S, "eV/Å³", NOT_A_SCORE, "virial stress from dE/dstrain (periodic only)", (SCORE, CALC), "6"),
         # ---------------------------------------------------------------- Force Delta (methods.md 1)
         k("force_delta", _S, "eV/Å", LESS_TRUSTED, "U_Δ, the Force Delta: sqrt(Σ_i u_i² / 3N) over the structure's "
           "free atoms", (SCORE, ATTACK, MD, CALC)),
@@ -131,7 +132,7 @@ def _keys() -> list[Key]:
         # ---------------------------------------------------------------- rotational gradient (methods.md 6)
         k("rotational_gradient_norm", _S, "eV", LESS_TRUSTED, "|Δ_rot|, Frobenius norm of the rotational gradient "
           "(zero for a rotation-invariant model)", (SCORE, CALC)),
-        k("rotational_gradient", _S, "eV", NOT_A_SCORE, "Δ_rot, the rotational gradient dE/dG (3x3)", (SCORE, CALC), "3x3"),
+        k("rotational_gradient", _S, "eV", NOT_A_SCORE, "Δ_rot, the rotational gradient dE/dG", (SCORE, CALC), "3x3"),
         # ---------------------------------------------------------------- ensembles (methods.md 3)
         k("ensemble_std", _S, "eV/Å", LESS_TRUSTED, "ensemble force spread sqrt(Σ_i Σ_c Var_m F / 3N) (ddof=0)", (SCORE,)),
         k("ensemble_std_atoms", _A, "eV/Å", LESS_TRUSTED, "ensemble force spread sqrt(Σ_c Var_m F / 3) per atom", (SCORE,)),
@@ -161,6 +162,9 @@ def _keys() -> list[Key]:
         k("attack_step", _S, "", NOT_A_SCORE, "search step of the frame (0: the start)", (ATTACK,), "int"),
         k("attack_objective", _S, "", NOT_A_SCORE, "objective of the search (delta or delta-boltzmann)", (ATTACK,), "text"),
         k("attack_kT", _S, "eV", NOT_A_SCORE, "kT of the search", (ATTACK,)),
+        k("generation", _S, "", NOT_A_SCORE, "improve generation whose search found the frame", (IMPROVE,), "int"),
+        k("label_method", _S, "", NOT_A_SCORE, "reference method that labelled the structure (its energy, forces "
+          "and stress are then reference labels)", (LABEL,), "text", clears=False),
         # ---------------------------------------------------------------- molecular dynamics frames
         k("step", _S, "", NOT_A_SCORE, "MD step of the frame", (MD,), "int", clears=False),
         k("time_fs", _S, "fs", NOT_A_SCORE, "simulated time of the frame", (MD,), clears=False),
