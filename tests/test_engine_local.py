@@ -51,15 +51,20 @@ def interrupt_after(monkeypatch, shards):
     return calls
 
 
+def interrupted_run(monkeypatch, model, out, shards, settings=ScoreSettings(batch_size=2)):
+    """A run stopped after `shards` finished shards (shard size 2)."""
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, shards)
+        with pytest.raises(Interrupt):
+            score_file(records(), model, out, settings, shard_size=2)
+
+
 def test_interrupted_run_resumes_to_the_identical_file(tmp_path, model, monkeypatch):
     settings = ScoreSettings(batch_size=2)
     whole = score_file(records(), model, tmp_path / "whole.extxyz", settings, shard_size=2)
     assert whole.n_shards == 4 and whole.resumed == 0 and not work_folder(tmp_path / "whole.extxyz").exists()
     out = tmp_path / "out.extxyz"
-    with monkeypatch.context() as patch:
-        interrupt_after(patch, 2)
-        with pytest.raises(Interrupt):
-            score_file(records(), model, out, settings, shard_size=2)
+    interrupted_run(monkeypatch, model, out, 2, settings)
     folder = work_folder(out)
     assert not out.exists() and sorted(p.name for p in folder.glob("shard-*")) == [
         "shard-000000.extxyz", "shard-000001.extxyz"]
@@ -78,10 +83,7 @@ def test_interrupted_run_resumes_to_the_identical_file(tmp_path, model, monkeypa
 
 def test_changed_settings_or_inputs_are_refused_by_name(tmp_path, model, monkeypatch):
     out = tmp_path / "out.extxyz"
-    with monkeypatch.context() as patch:
-        interrupt_after(patch, 1)
-        with pytest.raises(Interrupt):
-            score_file(records(), model, out, ScoreSettings(batch_size=2), shard_size=2)
+    interrupted_run(monkeypatch, model, out, 1)
     with pytest.raises(InputError, match=r"other settings .*rotational False -> True"):
         score_file(records(), model, out, ScoreSettings(batch_size=2, rotational=True), shard_size=2)
     with pytest.raises(InputError, match="model_fingerprint"):
@@ -101,10 +103,7 @@ def test_changed_settings_or_inputs_are_refused_by_name(tmp_path, model, monkeyp
 
 def test_a_run_that_finished_no_shard_does_not_block_other_settings(tmp_path, model, monkeypatch):
     out = tmp_path / "out.extxyz"
-    with monkeypatch.context() as patch:
-        interrupt_after(patch, 0)
-        with pytest.raises(Interrupt):
-            score_file(records(), model, out, ScoreSettings(batch_size=2), shard_size=2)
+    interrupted_run(monkeypatch, model, out, 0)
     run = score_file(records(), model, out, ScoreSettings(batch_size=3))
     assert run.resumed == 0 and len(read(out, ":")) == 7 and not work_folder(out).exists()
 

@@ -12,7 +12,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
 
 from atomuq.core.batch import Batch
-from atomuq.core.io import Record, detach_reference, read_structures, reference_energy, reference_forces
+from atomuq.core.io import detach_reference, read_structures, reference_energy, reference_forces
 from atomuq.core.schema import (
     ATOM,
     LESS_TRUSTED,
@@ -34,7 +34,7 @@ from atomuq.uq.confidence import confidence
 from atomuq.uq.force_delta import force_delta
 from atomuq.uq.result import UQResult
 from atomuq.workflows.score import score_records
-from conftest import ethanol, make_native
+from conftest import ethanol
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -104,6 +104,22 @@ def test_written_structure_reads_back_the_ase_way_with_provenance(tmp_path):
     assert carries_prediction(back) and reference_forces(back) is None and reference_energy(back) is None
     # the copy made for new results drops the predictions instead of keeping them as REF_ labels
     assert "REF_forces" not in detach_reference(back).arrays and "REF_energy" not in detach_reference(back).info
+
+
+def test_prepared_results_for_a_frame_writer_of_its_own(tmp_path):
+    """What md's own frame writer gets: checked info (with provenance), arrays and the ASE results."""
+    from atomuq.core.schema import prepare_results
+
+    atoms = molecule("H2O")
+    forces = np.ones((3, 3))
+    prepared = prepare_results({"energy": -3.0, "forces": forces, "step": 4, "time_fs": 2.0, "epot": -3.0,
+                                "temperature": 290.0, "trusted": True, "force_delta": 0.1,
+                                "confidence_error_max": 0.2}, PROV, len(atoms))
+    assert prepared.calculator == {"energy": -3.0, "free_energy": -3.0, "forces": pytest.approx(forces)}
+    assert prepared.info["model_energy"] == -3.0 and prepared.info["step"] == 4 and prepared.info["trusted"] is True
+    assert prepared.info["atomuq_schema_version"] == SCHEMA_VERSION and not prepared.arrays
+    with pytest.raises(SchemaError, match="not a registered"):
+        prepare_results({"epot_typo": 1.0}, PROV, 3)
 
 
 def test_labels_computed_after_atomuq_are_references_again():
@@ -243,8 +259,3 @@ def test_committed_key_table_is_the_generated_one():
     assert committed == module.table(), "docs/output_keys.md is stale: run scripts/output_keys_table.py"
     for name in REGISTRY:
         assert f"`{name}`" in committed
-
-
-@pytest.fixture(scope="module")
-def small_model():
-    return make_native(seed=2).float()

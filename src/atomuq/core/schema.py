@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 from ase import Atoms
@@ -305,6 +305,34 @@ def clear_results(atoms: Atoms, *, keep_calculator: bool = False) -> Atoms:
     return atoms
 
 
+@dataclass
+class PreparedResults:
+    """Checked results split by where they go: atoms.info, atoms.arrays, and the ASE calculator's results."""
+
+    info: dict[str, Any]
+    arrays: dict[str, Any]
+    calculator: dict[str, Any]
+
+
+def prepare_results(results: Mapping[str, Any], provenance: Provenance, n_atoms: int) -> PreparedResults:
+    """Check results against the registry (SchemaError on an unknown key, a wrong shape, a non-finite value) and
+    split them: per-structure keys and provenance to info, per-atom keys to arrays, energy/free_energy/forces/
+    stress to the calculator (energy is also recorded as model_energy, free_energy defaults to energy)."""
+    stored: dict[str, Any] = {}
+    for name, value in results.items():
+        stored[name] = check_value(lookup(name), value, n_atoms)
+    if "energy" in stored:
+        if "model_energy" in stored and stored["model_energy"] != stored["energy"]:
+            raise SchemaError("model_energy and energy differ; give the model's energy once, as energy")
+        stored["model_energy"] = stored["energy"]
+        stored.setdefault("free_energy", stored["energy"])
+    calculator = {name: stored.pop(name) for name in ASE_PROPERTIES if name in stored}
+    info = {name: value for name, value in stored.items() if lookup(name).level == STRUCTURE}
+    arrays = {name: value for name, value in stored.items() if lookup(name).level == ATOM}
+    info.update(provenance.info())
+    return PreparedResults(info, arrays, calculator)
+
+
 def write_results(atoms: Atoms, results: Mapping[str, Any], provenance: Provenance, *,
                   attach_calculator: bool = True) -> Atoms:
     """Write results onto atoms (in place) under their registered keys, with provenance, and return atoms.
@@ -315,26 +343,12 @@ def write_results(atoms: Atoms, results: Mapping[str, Any], provenance: Provenan
     Earlier atomuq results on atoms are removed first. Unknown keys, wrong shapes and non-finite
     values raise SchemaError before atoms is changed.
     """
-    n = len(atoms)
-    stored: dict[str, Any] = {}
-    for name, value in results.items():
-        stored[name] = check_value(lookup(name), value, n)
-    if "energy" in stored:
-        if "model_energy" in stored and stored["model_energy"] != stored["energy"]:
-            raise SchemaError("model_energy and energy differ; give the model's energy once, as energy")
-        stored["model_energy"] = stored["energy"]
-        stored.setdefault("free_energy", stored["energy"])
-    ase_results = {name: stored.pop(name) for name in ASE_PROPERTIES if name in stored}
+    prepared = prepare_results(results, provenance, len(atoms))
     clear_results(atoms, keep_calculator=not attach_calculator)
-    for name, value in stored.items():
-        key = lookup(name)
-        if key.level == ATOM:
-            atoms.arrays[name] = value
-        else:
-            atoms.info[name] = value
-    atoms.info.update(provenance.info())
-    if attach_calculator and ase_results:
-        atoms.calc = SinglePointCalculator(atoms, **ase_results)
+    atoms.arrays.update(prepared.arrays)
+    atoms.info.update(prepared.info)
+    if attach_calculator and prepared.calculator:
+        atoms.calc = SinglePointCalculator(atoms, **prepared.calculator)
     return atoms
 
 
@@ -436,8 +450,3 @@ def upgrade(atoms: Atoms) -> Atoms:
     if results:
         atoms.calc = SinglePointCalculator(atoms, **results)
     return atoms
-
-
-def upgrade_all(frames: Iterable[Atoms]) -> list[Atoms]:
-    """upgrade applied to every structure."""
-    return [upgrade(a) for a in frames]

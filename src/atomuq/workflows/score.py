@@ -66,6 +66,7 @@ class ScoreRow:
     force_delta_max: float
     eps_nc: float | None
     eps_c: float | None
+    ensemble_std: float | None = None
 
 
 def score_row(atoms: Atoms) -> ScoreRow:
@@ -76,6 +77,7 @@ def score_row(atoms: Atoms) -> ScoreRow:
         formula=atoms.get_chemical_formula(), n_atoms=len(atoms),
         energy_per_atom=float(info["model_energy"]) / len(atoms), force_delta=float(info["force_delta"]),
         force_delta_max=float(info["force_delta_max"]), eps_nc=info.get("eps_nc"), eps_c=info.get("eps_c"),
+        ensemble_std=info.get("ensemble_std"),
     )
 
 

@@ -10,6 +10,10 @@ find its k nearest training atoms N_j in descriptor space and report
   error distribution, read from the histograms (within one bin's resolution of the exact mean);
 - ltau_distance the mean L2 distance to the k neighbours (descriptor units); an out-of-distribution score.
 
+`predict` returns these as a UQResult (per_atom; written as ltau_confidence_atoms, ...), and given
+the structures' atom boundaries also per structure: ltau_uncertainty (mean of 1 − p_j),
+ltau_uncertainty_max, ltau_expected_error (mean), ltau_distance_max and ltau_threshold (s·atol).
+
 One estimator file (.npz, no pickles) holds everything; it loads without the training data and
 refuses a model whose weights fingerprint differs from the one it was fitted with.
 """
