@@ -60,7 +60,7 @@ def relax_model(atoms, calc, fmax: float, steps: int) -> tuple[object, list[floa
     atoms.calc = calc
     trace: list[float] = []
     opt = FIRE(atoms, logfile=None)
-    opt.attach(lambda: trace.append(calc.get_property("ltau_uncertainty_mean", atoms)))
+    opt.attach(lambda: trace.append(calc.get_property("ltau_uncertainty", atoms)))
     opt.run(fmax=fmax, steps=steps)
     return atoms, trace, opt.nsteps
 

@@ -146,8 +146,8 @@ def main() -> None:
     # confidence head: predicted bin against the true per-atom direct-force error
     scored = [a for split in per_split for a in per_split[split][1]]
     batch_atoms = [r.atoms for split in per_split for r in per_split[split][0]]
-    true_err = np.concatenate([a.arrays["eps_nc"] for a in scored])
-    expected = np.concatenate([a.arrays["confidence_error"] for a in scored])
+    true_err = np.concatenate([a.arrays["eps_nc_atoms"] for a in scored])
+    expected = np.concatenate([a.arrays["confidence_error_atoms"] for a in scored])
     edges = model.confidence_bin_edges.double()
     bins = []
     with torch.no_grad():

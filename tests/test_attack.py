@@ -241,7 +241,10 @@ def test_cli_attack_writes_trajectory_and_selection(tmp_path):
         assert steps == [0, 2, 4, 6]
     for key in ("force_delta", "energy_per_atom_rel", "force_delta_start", "source_file"):
         assert key in frames[0].info, key
-    assert frames[0].arrays["force_delta"].shape == (len(frames[0]),)
+    assert frames[0].arrays["force_delta_atoms"].shape == (len(frames[0]),)
+    # ASE conventions: each frame gives the model's energy and the direct forces at that frame
+    assert frames[0].get_potential_energy() == frames[0].info["model_energy"]
+    assert frames[0].get_forces().shape == (len(frames[0]), 3) and "atomuq_model_fingerprint" in frames[0].info
     chosen = read(tmp_path / "traj.selected.extxyz", ":")
     assert 1 <= len(chosen) <= len(frames)
     assert min(f.info["force_delta"] for f in chosen) > min(f.info["force_delta_start"] for f in frames)

@@ -6,9 +6,13 @@ import torch
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.calculators.fd import FiniteDifferenceCalculator
 
-from atomuq.calculator import AtomuqCalculator
+from atomuq.calculator import EXTRA_RESULTS, AtomuqCalculator
 from atomuq.core.batch import Batch
+from atomuq.core.io import Record, reference_energy, reference_forces
+from atomuq.core.schema import REGISTRY, SCHEMA_VERSION
+from atomuq.models.checkpoint import weights_fingerprint
 from atomuq.models.derivatives import evaluate
+from atomuq.workflows.score import score_records
 from conftest import copper_cell, ethanol, triclinic_alcu
 
 
@@ -24,7 +28,10 @@ def test_direct_forces_by_default_and_all_results(native_model):
     u = np.linalg.norm(r["forces_direct"] - r["forces_conservative"], axis=1)
     assert np.allclose(r["force_delta_atoms"], u)
     assert r["force_delta"] == pytest.approx(np.sqrt((u**2).sum() / (3 * len(atoms))))
-    assert r["confidence_error"].shape == (len(atoms),) and np.all(r["confidence_error"] >= 0)
+    assert r["force_delta_max"] == pytest.approx(u.max())
+    assert r["confidence_error_atoms"].shape == (len(atoms),) and np.all(r["confidence_error_atoms"] >= 0)
+    assert r["confidence_error"] == pytest.approx(r["confidence_error_atoms"].mean())
+    assert r["model_energy"] == r["energy"] == r["free_energy"]
     with pytest.raises(PropertyNotImplementedError):
         atoms.get_stress()
     with pytest.raises(PropertyNotImplementedError, match="rotational_gradient=True"):
@@ -67,3 +74,56 @@ def test_results_follow_the_structure(native_model):
 def test_bad_force_mode(native_model):
     with pytest.raises(ValueError, match="'direct' or 'conservative'"):
         AtomuqCalculator(native_model, forces="both")
+
+
+def test_results_not_in_ase_survive_ase_io_write(native_model, tmp_path):
+    from ase.io import read, write
+
+    atoms = ethanol()
+    atoms.calc = AtomuqCalculator(native_model, rotational_gradient=True)
+    energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+    results = dict(atoms.calc.results)
+    write(tmp_path / "e.extxyz", atoms)
+    back = read(tmp_path / "e.extxyz")
+    assert back.get_potential_energy() == pytest.approx(energy, abs=1e-12)
+    assert np.allclose(back.get_forces(), forces, atol=1e-7)
+    written = [name for name in EXTRA_RESULTS if name in results]
+    assert {"force_delta", "force_delta_atoms", "forces_conservative", "confidence_error_atoms",
+            "rotational_gradient", "model_energy"} <= set(written)
+    for name in written:
+        value = back.arrays[name] if REGISTRY[name].level == "atom" else back.info[name]
+        assert np.allclose(value, results[name], atol=1e-7), name
+    assert back.info["atomuq_model_fingerprint"] == weights_fingerprint(native_model)
+    assert back.info["atomuq_schema_version"] == SCHEMA_VERSION and "atomuq_version" in back.info
+    # the model's own predictions never read back as reference labels
+    assert reference_forces(back) is None and reference_energy(back) is None
+    assert reference_forces(atoms) is None and reference_energy(atoms) is None
+
+
+def test_get_property_without_atoms_follows_the_moved_structure(native_model):
+    atoms = ethanol()
+    atoms.calc = AtomuqCalculator(native_model)
+    before = atoms.calc.get_property("force_delta", atoms)
+    atoms.positions[0] += 0.2
+    after = atoms.calc.get_property("force_delta")
+    fresh = ethanol()
+    fresh.positions[0] += 0.2
+    fresh.calc = AtomuqCalculator(native_model)
+    assert after != pytest.approx(before) and after == pytest.approx(fresh.calc.get_property("force_delta", fresh))
+    assert atoms.info["force_delta"] == pytest.approx(after)  # the values on the atoms follow too
+
+
+def test_calculator_and_score_agree_on_every_shared_key(native_model):
+    atoms = ethanol()
+    (scored,), _ = score_records([Record(atoms, "e.extxyz", 0)], native_model)
+    atoms.calc = AtomuqCalculator(native_model)
+    atoms.get_forces()
+    shared = 0
+    for name, value in atoms.calc.results.items():
+        if name in scored.info or name in scored.arrays:
+            stored = scored.info[name] if name in scored.info else scored.arrays[name]
+            assert np.allclose(stored, value, atol=1e-10), name
+            shared += 1
+    assert shared >= 8
+    assert np.allclose(scored.get_forces(), atoms.get_forces()) and scored.get_potential_energy() == pytest.approx(
+        atoms.get_potential_energy())

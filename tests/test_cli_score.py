@@ -40,17 +40,23 @@ def test_score_writes_every_structure_with_results(tmp_path, model_file):
     assert len(scored) == 3
     for atoms, original in zip(scored, structures):
         assert np.allclose(atoms.positions, original.positions, atol=1e-6)
-        for name in ("forces_direct", "forces_conservative", "force_delta", "confidence_error"):
+        for name in ("forces_direct", "forces_conservative", "force_delta_atoms", "confidence_error_atoms"):
             assert atoms.arrays[name].shape[0] == len(atoms), name
         u = np.linalg.norm(atoms.arrays["forces_direct"] - atoms.arrays["forces_conservative"], axis=1)
-        assert np.allclose(atoms.arrays["force_delta"], u, atol=1e-5)
+        assert np.allclose(atoms.arrays["force_delta_atoms"], u, atol=1e-5)
         assert atoms.info["force_delta"] == pytest.approx(np.sqrt((u**2).sum() / (3 * len(atoms))), rel=1e-4)
+        assert atoms.info["force_delta_max"] == pytest.approx(u.max(), abs=1e-6)
+        # ASE conventions: the model's energy and the (direct) forces it ran with, read back the ASE way
+        assert atoms.get_potential_energy() == atoms.info["model_energy"]
+        assert np.allclose(atoms.get_forces(), atoms.arrays["forces_direct"])
+        assert atoms.info["atomuq_model"] == model_file and len(atoms.info["atomuq_model_fingerprint"]) == 16
     # reference forces give eps_nc / eps_c and are kept as REF_forces
     ref = structures[0].calc.results["forces"]
     assert np.allclose(scored[0].arrays["REF_forces"], ref)
     expected = np.sqrt(((scored[0].arrays["forces_direct"] - ref) ** 2).sum() / (3 * len(ref)))
     assert scored[0].info["eps_nc"] == pytest.approx(expected, rel=1e-4)
-    assert "eps_nc" not in scored[1].info and "force_delta_stress" not in scored[1].info
+    assert "eps_nc" not in scored[1].info and "eps_nc_atoms" not in scored[1].arrays
+    assert scored[1].get_stress().shape == (6,) and "stress" not in scored[0].calc.results
     # the model energy matches the calculator's for the same structure
     calc_atoms = ethanol()
     calc_atoms.calc = AtomuqCalculator(make_native().float())
@@ -132,5 +138,15 @@ def test_scored_output_read_back_keeps_the_reference_labels(tmp_path, model_file
     assert runner.invoke(app, ["score", str(src), "-o", str(out), "--model", model_file]).exit_code == 0
     back = read(out)
     assert "model_energy" in back.info and back.info["model_energy"] != pytest.approx(-10.0)
+    assert back.get_potential_energy() == back.info["model_energy"]  # the prediction, the ASE way
     assert reference_energy(back) == pytest.approx(-10.0)
     assert np.allclose(reference_forces(back), original.calc.results["forces"])
+    # scoring the scored file again keeps the labels: the predictions never become references
+    again = tmp_path / "again.extxyz"
+    assert runner.invoke(app, ["score", str(out), "-o", str(again), "--model", model_file]).exit_code == 0
+    twice = read(again)
+    assert twice.info["REF_energy"] == pytest.approx(-10.0)
+    assert np.allclose(twice.arrays["REF_forces"], original.calc.results["forces"])
+    assert twice.info["eps_nc"] == pytest.approx(back.info["eps_nc"], rel=1e-6)
+    del back.info["REF_energy"], back.arrays["REF_forces"]
+    assert reference_energy(back) is None and reference_forces(back) is None

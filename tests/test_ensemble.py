@@ -106,7 +106,7 @@ def test_score_with_the_bundled_ensemble_from_the_cli(tmp_path):
             forces.append(a.get_forces())
         forces = np.array(forces)
         assert np.allclose(atoms.arrays["forces_ensemble_mean"], forces.mean(axis=0), atol=1e-4)
-        assert np.allclose(atoms.arrays["ensemble_std"], np.sqrt(forces.var(axis=0).mean(axis=1)), atol=1e-4)
+        assert np.allclose(atoms.arrays["ensemble_std_atoms"], np.sqrt(forces.var(axis=0).mean(axis=1)), atol=1e-4)
         assert atoms.info["ensemble_std"] == pytest.approx(np.sqrt(forces.var(axis=0).mean()), rel=1e-4)
         ref = original.get_forces()
         assert atoms.info["eps_ensemble"] == pytest.approx(np.sqrt(((forces.mean(axis=0) - ref) ** 2).mean()), rel=1e-4)

@@ -163,8 +163,8 @@ def test_estimator_predicts_neighbour_averages_and_round_trips(tmp_path):
     path = est.save(tmp_path / "est.npz")
     loaded = LTAUEstimator.load(path)
     again = loaded.predict(descriptors[:20], k=3)
-    for name, values in pred.per_atom().items():
-        assert np.array_equal(values, again.per_atom()[name])
+    for name, values in pred.per_atom.items():
+        assert np.array_equal(values, again.per_atom[name])
     assert loaded.metadata["model_fingerprint"] == "abc" and loaded.atol == 0.05
     # another tolerance read from the histograms equals the exact count at a bin edge
     edge = float(DEFAULT_EDGES[55])
@@ -316,10 +316,10 @@ def test_cli_fit_score_calibrate_weights(trained, tmp_path):
     frames = read(out, ":")
     assert len(frames) == len(read(folder / "tiny_val.extxyz", ":"))
     for atoms in frames:
-        p = atoms.arrays["ltau_confidence"]
-        assert np.all((p >= 0) & (p <= 1)) and np.allclose(atoms.arrays["ltau_uncertainty"], 1 - p)
+        p = atoms.arrays["ltau_confidence_atoms"]
+        assert np.all((p >= 0) & (p <= 1)) and np.allclose(atoms.arrays["ltau_uncertainty_atoms"], 1 - p)
         assert atoms.info["ltau_uncertainty"] == pytest.approx(np.mean(1 - p))
-        assert np.all(atoms.arrays["ltau_distance"] >= 0) and "eps_nc" in atoms.info
+        assert np.all(atoms.arrays["ltau_distance_atoms"] >= 0) and "eps_nc" in atoms.info
     res = runner.invoke(app, ["ltau", "calibrate", str(folder / "tiny_val.extxyz"), "-e", str(est_path), "-o", str(cal),
                               "--plot", str(tmp_path / "cal.png")])
     assert res.exit_code == 0, res.output
@@ -348,9 +348,11 @@ def test_ase_calculator_gives_the_same_ltau_as_the_workflow(trained):
     scored = predict_records(records[:1], model, est, k=2)
     atoms = records[0].atoms.copy()
     atoms.calc = AtomuqCalculator(model, ltau=est, ltau_k=2)
-    for name, values in scored.prediction.per_atom().items():
-        assert np.allclose(atoms.calc.get_property(name, atoms), values, rtol=1e-5, atol=1e-6)
-    assert atoms.calc.get_property("ltau_uncertainty_mean", atoms) == pytest.approx(scored.prediction.uncertainty.mean())
+    for name, values in scored.prediction.per_atom.items():
+        assert np.allclose(atoms.calc.get_property(name + "_atoms", atoms), values, rtol=1e-5, atol=1e-6)
+    for name, values in scored.prediction.per_structure.items():
+        assert atoms.calc.get_property(name, atoms) == pytest.approx(values[0], rel=1e-5)
+    assert atoms.calc.get_property("ltau_uncertainty", atoms) == pytest.approx(scored.prediction.uncertainty.mean())
     with pytest.raises(InputError, match="fingerprint"):
         AtomuqCalculator(load_model(runs[1] / "best.pt"), ltau=est)
 

@@ -307,7 +307,7 @@ def test_any_calculator_result_can_be_monitored_with_a_reduction(tmp_path):
     )
     run.run()
     frames = scan_trajectory(tmp_path / "c.extxyz").frames
-    per_atom = run.atoms.calc.results["confidence_error"]
+    per_atom = run.atoms.calc.results["confidence_error_atoms"]
     assert frames[-1].info["confidence_error_mean"] == pytest.approx(per_atom.mean())
     with pytest.raises(InputError, match="reduce must be one of"):
         parse_monitor("key:confidence_error,reduce=median")

@@ -1,37 +1,43 @@
-"""ASE calculator: every atomuq result of a model, for one structure at a time."""
+"""ASE calculator: every atomuq result of a model, for one structure at a time, under the output schema's keys."""
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
-import numpy as np
 import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
 from atomuq.core.batch import Batch
-from atomuq.models.checkpoint import weights_fingerprint
-from atomuq.models.derivatives import evaluate, rotational_gradient_norm
+from atomuq.core.schema import ASE_PROPERTIES, CALC, PROVENANCE_KEYS, NonFiniteResult, clear_results, write_results, writers_keys
+from atomuq.models.derivatives import evaluate
 from atomuq.models.protocol import AtomisticModel
 from atomuq.models.registry import resolve_model
-from atomuq.uq.confidence import confidence
-from atomuq.uq.force_delta import force_delta
-from atomuq.uq.ltau.estimator import ATOM_KEYS as LTAU_ATOM_KEYS
 from atomuq.uq.ltau.estimator import LTAUEstimator
+from atomuq.workflows.score import model_provenance, prediction_results
 
 
 class AtomuqCalculator(Calculator):
     """ASE calculator around any atomuq model.
 
     forces: "direct" (the model's force head; default for a direct model) or "conservative"
-    (-dE/dr). Results: energy (eV), forces, forces_direct, forces_conservative (eV/Å),
-    force_delta (U_Delta, eV/Å), force_delta_atoms (u_i, eV/Å), stress (eV/Å³, periodic only;
-    direct head if forces="direct" and the model has one, else virial), stress_virial,
-    stress_direct, confidence_error (per atom, eV/Å), and with rotational_gradient=True
-    rotational_gradient (3x3, eV) and rotational_gradient_norm (eV). With an LTAU estimator
-    (ltau=LTAUEstimator or its file, fitted with this model): per-atom ltau_confidence,
-    ltau_uncertainty, ltau_expected_error (eV/Å), ltau_distance, and ltau_uncertainty_mean
-    (mean over atoms of 1 − p_j), using ltau_k neighbours.
+    (-dE/dr). Results use the keys of docs/output_keys.md: energy (eV), forces, forces_direct,
+    forces_conservative (eV/Å), force_delta (U_Δ, eV/Å), force_delta_atoms (u_i), force_delta_max,
+    stress (eV/Å³, periodic only; direct head if forces="direct" and the model has one, else virial),
+    stress_virial, stress_direct, force_delta_stress, confidence_error (per structure) and
+    confidence_error_atoms (eV/Å), and with rotational_gradient=True rotational_gradient (3x3, eV)
+    and rotational_gradient_norm (eV). With an LTAU estimator (ltau=LTAUEstimator or its file,
+    fitted with this model): per atom ltau_confidence_atoms, ltau_uncertainty_atoms,
+    ltau_expected_error_atoms (eV/Å), ltau_distance_atoms, per structure ltau_uncertainty (mean
+    of 1 − p_j), ltau_uncertainty_max, ltau_expected_error, ltau_distance_max, ltau_threshold,
+    using ltau_k neighbours.
+
+    After every evaluation the results that are not ASE properties are also written onto the atoms
+    (atoms.info per structure, atoms.arrays per atom, with the model's provenance), so
+    ase.io.write keeps them; the ASE properties are written by ASE from this calculator as usual.
+    get_property(name, atoms) recomputes when the atoms have moved; get_property(name) without
+    atoms uses the structure this calculator was last evaluated on, at its current positions.
 
     conservative: "always" (every evaluation also runs the backward pass, so every result is
     there at once) or "on_demand" (with forces="direct", the backward pass runs only when a
@@ -39,17 +45,16 @@ class AtomuqCalculator(Calculator):
     costs one forward pass and a monitored or MTS outer step one forward + backward).
     """
 
+    #: marks results of this calculator as model predictions (core.schema.carries_prediction)
+    atomuq_predictions = True
+
     #: results that need the backward pass
     CONSERVATIVE_RESULTS = frozenset({
-        "forces_conservative", "force_delta", "force_delta_atoms", "stress", "stress_virial",
-        "rotational_gradient", "rotational_gradient_norm",
+        "forces_conservative", "force_delta", "force_delta_atoms", "force_delta_max", "force_delta_stress",
+        "stress", "stress_virial", "stress_direct", "rotational_gradient", "rotational_gradient_norm",
     })
 
-    implemented_properties = [
-        "energy", "free_energy", "forces", "stress", "forces_direct", "forces_conservative",
-        "force_delta", "force_delta_atoms", "stress_direct", "stress_virial", "confidence_error",
-        "rotational_gradient", "rotational_gradient_norm", *LTAU_ATOM_KEYS, "ltau_uncertainty_mean",
-    ]
+    implemented_properties = [k for k in writers_keys(CALC) if k not in PROVENANCE_KEYS]
 
     def __init__(
         self,
@@ -79,10 +84,12 @@ class AtomuqCalculator(Calculator):
         self.want_rotational = rotational_gradient
         self.ltau = ltau if ltau is None or isinstance(ltau, LTAUEstimator) else LTAUEstimator.load(ltau)
         self.ltau_k = ltau_k
+        self.provenance = model_provenance(self.model)
         if self.ltau is not None:
-            self.ltau.check_model(weights_fingerprint(self.model), str(getattr(self.model, "source", "this model")))
+            self.ltau.check_model(self.provenance.model_fingerprint, str(getattr(self.model, "source", "this model")))
         self.conservative_policy = conservative
         self._conservative_requested = False
+        self._last_atoms: weakref.ref[Atoms] | None = None
 
     def request_conservative(self) -> None:
         """Make the next evaluation also compute conservative forces and the Force Delta (one-shot)."""
@@ -100,41 +107,33 @@ class AtomuqCalculator(Calculator):
         self._conservative_requested = False
         periodic = bool(self.atoms.pbc.all()) and backward
         pred = evaluate(self.model, batch, conservative=backward, stress=periodic, rotational=self.want_rotational).detach()
-        to_np = lambda t: t.detach().cpu().double().numpy()  # noqa: E731
-        self.results = r = {}
-        r["energy"] = r["free_energy"] = float(pred.energy[0])
-        if backward:
-            r["forces_conservative"] = to_np(pred.forces_conservative)
-        if pred.forces_direct is not None:
-            r["forces_direct"] = to_np(pred.forces_direct)
-        if pred.forces_direct is not None and backward:
-            fd = force_delta(pred, batch)
-            r["force_delta"] = float(fd.per_structure["force_delta"][0])
-            r["force_delta_atoms"] = to_np(fd.per_atom["force_delta"])
-        r["forces"] = r["forces_direct"] if self.force_mode == "direct" else r["forces_conservative"]
-        if periodic:
-            r["stress_virial"] = to_np(pred.stress_virial[0])
-            if pred.stress_direct is not None:
-                r["stress_direct"] = to_np(pred.stress_direct[0])
-            use_direct = self.force_mode == "direct" and pred.stress_direct is not None
-            r["stress"] = r["stress_direct"] if use_direct else r["stress_virial"]
-        if pred.confidence_logits is not None:
-            conf = confidence(pred.confidence_logits, self.model.confidence_bin_edges, batch)
-            r["confidence_error"] = to_np(conf.per_atom["confidence_error"])
+        extra = []
         if self.ltau is not None:
             self.ltau.check_elements(self.atoms.numbers, "structure given to AtomuqCalculator")
-            ltau = self.ltau.predict(pred.node_features.cpu().float().numpy(), self.ltau_k)
-            r.update(ltau.per_atom())
-            r["ltau_uncertainty_mean"] = float(ltau.uncertainty.mean())
-        if self.want_rotational:
-            r["rotational_gradient"] = to_np(pred.rotational_gradient[0])
-            r["rotational_gradient_norm"] = float(rotational_gradient_norm(pred)[0])
+            extra.append(self.ltau.predict(pred.node_features.cpu().float().numpy(), self.ltau_k,
+                                           ptr=[0, len(self.atoms)]))
+        (results,) = prediction_results(self.model, batch, pred, self.force_mode, extra=extra)
+        self.results = {name: (float(v) if getattr(v, "ndim", 1) == 0 else v) for name, v in results.items()}
+        self.results["free_energy"] = self.results["model_energy"] = self.results["energy"]
+        target = atoms if atoms is not None else self.atoms
+        try:
+            write_results(target, results, self.provenance, attach_calculator=False)
+        except NonFiniteResult:  # kept in self.results for MD monitors to see; nothing stale stays on the atoms
+            clear_results(target, keep_calculator=True)
 
     def get_property(self, name, atoms=None, allow_calculation=True):
-        if name == "stress" and atoms is not None and not np.asarray(atoms.pbc).all():
+        if atoms is None and self._last_atoms is not None:
+            atoms = self._last_atoms()  # the structure last evaluated, as it is now (ASE alone would reuse old results)
+        if atoms is not None:
+            self._last_atoms = weakref.ref(atoms)
+        if name == "stress" and atoms is not None and not bool(atoms.pbc.all()):
             raise PropertyNotImplementedError("stress is defined only for fully periodic structures")
         if name.startswith("ltau") and self.ltau is None:
             raise PropertyNotImplementedError("create the calculator with ltau=ESTIMATOR for LTAU results")
         if name.startswith("rotational_gradient") and not self.want_rotational:
             raise PropertyNotImplementedError("create the calculator with rotational_gradient=True for this result")
         return super().get_property(name, atoms, allow_calculation)
+
+
+#: the calculator's non-ASE results, as written onto atoms (for documentation and tests)
+EXTRA_RESULTS = tuple(k for k in AtomuqCalculator.implemented_properties if k not in ASE_PROPERTIES)

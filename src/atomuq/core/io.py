@@ -19,6 +19,7 @@ from ase import Atoms
 from ase.io import read, write
 
 from atomuq.core.errors import InputError
+from atomuq.core.schema import carries_prediction, upgrade, written_by_atomuq
 
 REFERENCE_PREFIX = "REF_"
 
@@ -38,7 +39,9 @@ class Record:
 
 
 def read_structures(paths: Sequence[str | Path], index: str = ":") -> list[Record]:
-    """Read every structure of every file; an unreadable or empty file raises InputError naming it."""
+    """Read every structure of every file; an unreadable or empty file raises InputError naming it.
+
+    Files written by an older atomuq are upgraded to the current result keys (core.schema.upgrade)."""
     records: list[Record] = []
     for path in paths:
         path = Path(path)
@@ -52,34 +55,46 @@ def read_structures(paths: Sequence[str | Path], index: str = ":") -> list[Recor
             frames = [frames]
         if len(frames) == 0:
             raise InputError(f"{path}: the file contains no structures")
-        records.extend(Record(a, str(path), k) for k, a in enumerate(frames))
+        records.extend(Record(upgrade(a), str(path), k) for k, a in enumerate(frames))
     return records
+
+
+def _label_results(atoms: Atoms) -> dict:
+    """The attached calculator's results if they can be reference labels: empty when they are atomuq's own
+    predictions (a structure written by atomuq, or atomuq's calculator), so predictions never become labels."""
+    calc = atoms.calc
+    if calc is None or carries_prediction(atoms):
+        return {}
+    return getattr(calc, "results", {}) or {}
 
 
 def reference_forces(atoms: Atoms, key: str | None = None) -> np.ndarray | None:
     """Reference forces (N, 3) eV/Å: atoms.arrays[key] if key is given, else an array named REF_forces
-    (atomuq's explicit label, so it wins), else the attached calculator's, else an array named forces."""
+    (atomuq's explicit label, so it wins), else the attached calculator's, else an array named forces;
+    calculator results and forces arrays that are atomuq's own predictions are never taken."""
     if key is not None:
         return np.asarray(atoms.arrays[key], dtype=float) if key in atoms.arrays else None
     if REFERENCE_PREFIX + "forces" in atoms.arrays:
         return np.asarray(atoms.arrays[REFERENCE_PREFIX + "forces"], dtype=float)
-    calc = atoms.calc
-    if calc is not None and "forces" in getattr(calc, "results", {}):
-        return np.asarray(calc.results["forces"], dtype=float)
-    if "forces" in atoms.arrays:
+    results = _label_results(atoms)
+    if "forces" in results:
+        return np.asarray(results["forces"], dtype=float)
+    if "forces" in atoms.arrays and not written_by_atomuq(atoms):
         return np.asarray(atoms.arrays["forces"], dtype=float)
     return None
 
 
 def reference_energy(atoms: Atoms, key: str | None = None) -> float | None:
-    """Reference energy in eV, found like reference_forces (info[key], REF_energy, calculator)."""
+    """Reference energy in eV, found like reference_forces (info[key], REF_energy, calculator, info energy)."""
     if key is not None:
         return float(atoms.info[key]) if key in atoms.info else None
     if REFERENCE_PREFIX + "energy" in atoms.info:
         return float(atoms.info[REFERENCE_PREFIX + "energy"])
-    calc = atoms.calc
-    if calc is not None and "energy" in getattr(calc, "results", {}):
-        return float(calc.results["energy"])
+    results = _label_results(atoms)
+    if "energy" in results:
+        return float(results["energy"])
+    if "energy" in atoms.info and not written_by_atomuq(atoms):
+        return float(atoms.info["energy"])
     return None
 
 
@@ -91,9 +106,9 @@ def reference_stress(atoms: Atoms, key: str | None = None) -> np.ndarray | None:
     elif REFERENCE_PREFIX + "stress" in atoms.info:
         value = atoms.info[REFERENCE_PREFIX + "stress"]
     else:
-        calc = atoms.calc
-        if calc is not None and "stress" in getattr(calc, "results", {}):
-            value = calc.results["stress"]
+        value = _label_results(atoms).get("stress")
+        if value is None and not written_by_atomuq(atoms):
+            value = atoms.info.get("stress")
     if value is None:
         return None
     array = np.asarray(value, dtype=float)
@@ -106,17 +121,19 @@ def reference_stress(atoms: Atoms, key: str | None = None) -> np.ndarray | None:
 
 
 def detach_reference(atoms: Atoms) -> Atoms:
-    """A copy without calculator whose reference energy/forces/stress are kept as REF_* keys."""
+    """A copy without calculator whose reference energy/forces/stress are kept as REF_* keys (an existing REF_*
+    key wins); atomuq's own predictions on the structure are dropped, never kept as references."""
     out = atoms.copy()
-    calc = atoms.calc
-    results = getattr(calc, "results", {}) if calc is not None else {}
-    if "energy" in results:
-        out.info[REFERENCE_PREFIX + "energy"] = float(results["energy"])
-    if "forces" in results:
-        out.arrays[REFERENCE_PREFIX + "forces"] = np.asarray(results["forces"], dtype=float)
-    if "stress" in results:
-        out.info[REFERENCE_PREFIX + "stress"] = np.asarray(results["stress"], dtype=float)
+    labels = {"energy": reference_energy(atoms), "stress": reference_stress(atoms)}
+    forces = reference_forces(atoms)
     out.calc = None
+    for name, value in labels.items():
+        out.info.pop(name, None)
+        if value is not None:
+            out.info.setdefault(REFERENCE_PREFIX + name, value)
+    if forces is not None and forces.shape == (len(atoms), 3):
+        out.arrays.setdefault(REFERENCE_PREFIX + "forces", np.array(forces))
+    out.arrays.pop("forces", None)
     return out
 
 
@@ -171,3 +188,49 @@ def file_sha256(paths: Sequence[Path]) -> tuple[str, list[str]]:
                 total.update(chunk)
         each.append(digest.hexdigest())
     return total.hexdigest(), each
+
+
+def concatenate_files(path: str | Path, parts: Sequence[str | Path]) -> Path:
+    """Write the bytes of `parts` one after the other to path, atomically (compressed as write_structures does);
+    extended XYZ files concatenate to one valid file."""
+    path = Path(path)
+    compressor = _COMPRESSORS.get(path.suffix)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as raw:
+            sink = compressor(raw) if compressor is not None else raw
+            try:
+                for part in parts:
+                    with open(part, "rb") as handle:
+                        for chunk in iter(lambda: handle.read(1 << 20), b""):
+                            sink.write(chunk)
+            finally:
+                if sink is not raw:
+                    sink.close()
+    return path
+
+
+def _digest_value(digest: Any, value: Any) -> None:
+    array = np.asarray(value)
+    if array.dtype.kind in "biufc":
+        digest.update(str(array.dtype).encode() + str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    else:
+        digest.update(repr(value).encode())
+
+
+def records_sha256(records: Sequence[Record]) -> str:
+    """SHA-256 (hex) of structures as atomuq reads them: where they came from, numbers, positions, cell, pbc,
+    constraints, every array, info value and calculator result (so a changed label changes it)."""
+    digest = hashlib.sha256()
+    for rec in records:
+        atoms = rec.atoms
+        digest.update(f"{rec.source}\0{rec.index}\0{len(atoms)}\0".encode())
+        for value in (atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc):
+            _digest_value(digest, value)
+        digest.update(repr([c.todict() for c in atoms.constraints]).encode())
+        results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
+        for group in (atoms.arrays, atoms.info, results):
+            for name in sorted(group):
+                digest.update(name.encode() + b"\0")
+                _digest_value(digest, group[name])
+    return digest.hexdigest()

@@ -14,13 +14,12 @@ def bin_centres(edges: torch.Tensor) -> torch.Tensor:
 
 
 def confidence(logits: torch.Tensor, edges: torch.Tensor, batch: Batch) -> UQResult:
-    """Per-atom expected force error sum_b p_b * centre_b (eV/Å) and argmax bin; per-structure mean (eV/Å)."""
+    """Per-atom expected force error sum_b p_b * centre_b (eV/Å); per-structure mean (eV/Å)."""
     probs = torch.softmax(logits, dim=-1)
     expected = probs @ bin_centres(edges).to(probs)
     return UQResult(
-        per_atom={"confidence_error": expected, "confidence_bin": probs.argmax(-1)},
+        per_atom={"confidence_error": expected},
         per_structure={"confidence_error": scatter_mean(expected, batch.structure_index, batch.num_structures)},
-        units={"confidence_error": "eV/Å", "confidence_bin": "bin index"},
     )
 
 

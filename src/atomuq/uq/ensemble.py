@@ -32,7 +32,6 @@ from atomuq.uq.force_delta import structure_rms
 from atomuq.uq.result import UQResult
 
 FORCE_MODES = ("direct", "conservative")
-UNITS = {"ensemble_std": "eV/Å", "ensemble_energy_std": "eV", "eps_ensemble": "eV/Å"}
 
 Member = AtomisticModel | BaseCalculator
 
@@ -117,7 +116,7 @@ def ensemble_uncertainty(
         raise InputError(f"ddof={ddof} needs more than {ddof} members, got {m}")
     variance_sum = prediction.forces.var(dim=0, correction=ddof).sum(-1)  # Σ_c Var_m F_m,ic, (N,)
     mask = ~batch.fixed if exclude_fixed and bool(batch.fixed.any()) else None
-    result = UQResult(units=dict(UNITS))
+    result = UQResult()
     result.per_atom["ensemble_std"] = torch.sqrt(variance_sum / 3.0)
     result.per_structure["ensemble_std"] = structure_rms(variance_sum, batch, mask)
     result.per_structure["ensemble_energy_std"] = prediction.energy.std(dim=0, correction=ddof)

@@ -14,9 +14,9 @@ from atomuq.uq.result import UQResult
 
 
 def rotational_gradient(prediction: Prediction) -> UQResult:
-    """Per-structure Frobenius norm of Delta_rot (eV); zero for a rotation-invariant model."""
-    return UQResult(per_structure={"rotational_gradient": rotational_gradient_norm(prediction)},
-                    units={"rotational_gradient": "eV"})
+    """Per-structure Frobenius norm of Delta_rot and Delta_rot itself (3x3), eV; zero for a rotation-invariant model."""
+    return UQResult(per_structure={"rotational_gradient_norm": rotational_gradient_norm(prediction),
+                                   "rotational_gradient": prediction.rotational_gradient})
 
 
 def energy_spread_under_rotations(model: AtomisticModel, atoms: Atoms, n_rotations: int = 32, seed: int = 0,

@@ -15,13 +15,6 @@ from atomuq.core.batch import Batch, scatter_sum
 from atomuq.models.derivatives import Prediction
 from atomuq.uq.result import UQResult
 
-UNITS = {
-    "force_delta": "eV/Å",
-    "force_delta_stress": "eV/Å³",
-    "eps_nc": "eV/Å",
-    "eps_c": "eV/Å",
-}
-
 
 def structure_rms(per_atom_sq: torch.Tensor, batch: Batch, mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) sqrt(sum_i x_i / 3N_b) over a structure's counted atoms, x_i a squared per-atom 3-vector norm."""
@@ -40,16 +33,20 @@ def force_delta(
     reference_forces: torch.Tensor | None = None,
     exclude_fixed: bool = True,
 ) -> UQResult:
-    """Per-atom u_i and per-structure U_Delta (eV/Å), the stress delta, and eps_nc / eps_c given reference forces (N, 3) eV/Å."""
+    """Per-atom u_i, per-structure U_Delta and the largest u_i (eV/Å), the stress delta (eV/Å³), and eps_nc / eps_c
+    given reference forces (N, 3) eV/Å."""
     if prediction.forces_direct is None:
         raise ValueError("the Force Delta needs a direct force head; this model is conservative-only")
     if prediction.forces_conservative is None:
         raise ValueError("the Force Delta needs conservative forces: evaluate(..., conservative=True)")
     mask = ~batch.fixed if exclude_fixed and bool(batch.fixed.any()) else None
     diff_sq = ((prediction.forces_direct - prediction.forces_conservative) ** 2).sum(-1)
-    result = UQResult(units=dict(UNITS))
-    result.per_atom["force_delta"] = torch.sqrt(diff_sq)
+    result = UQResult()
+    u = torch.sqrt(diff_sq)
+    result.per_atom["force_delta"] = u
     result.per_structure["force_delta"] = structure_rms(diff_sq, batch, mask)
+    result.per_structure["force_delta_max"] = u.new_zeros(batch.num_structures).scatter_reduce(
+        0, batch.batch, u, reduce="amax", include_self=False)
     if prediction.stress_direct is not None and prediction.stress_virial is not None:
         delta = prediction.stress_direct - prediction.stress_virial
         result.per_structure["force_delta_stress"] = torch.sqrt((delta**2).mean(-1))

@@ -36,38 +36,16 @@ from ase import Atoms
 from atomuq.core.validate import DEFAULT_MIN_CONTACT_RATIO, closest_contacts
 from atomuq.core.batch import Batch, scatter_sum
 from atomuq.core.errors import InputError
+from atomuq.core.schema import Provenance, clear_results, write_results
 from atomuq.models.derivatives import evaluate
 from atomuq.models.protocol import AtomisticModel
 from atomuq.uq.force_delta import force_delta
+from atomuq.workflows.score import model_provenance
 
 OBJECTIVES = ("delta", "delta-boltzmann")
 
-#: per-frame info keys written by the attack, with units
-FRAME_INFO_KEYS = {
-    "force_delta": "eV/Å",
-    "model_energy": "eV",
-    "energy_per_atom_rel": "eV/atom",
-    "force_delta_start": "eV/Å",
-    "attack_step": "",
-    "source_index": "",
-}
-
-#: info keys of an input structure that describe its labels or old results: not copied to frames
-_STALE_INFO = {
-    "energy",
-    "free_energy",
-    "stress",
-    "REF_energy",
-    "REF_stress",
-    "force_delta",
-    "force_delta_max",
-    "force_delta_stress",
-    "confidence_error",
-    "eps_nc",
-    "eps_c",
-    "rotational_gradient",
-    "ensemble_std",
-}
+#: reference labels of a starting structure: they do not describe a displaced frame, so frames drop them
+_LABEL_INFO = ("REF_energy", "REF_stress", "energy", "free_energy", "stress")
 
 
 @dataclass
@@ -127,6 +105,7 @@ class Frame:
     energy: float
     energy_per_atom_rel: float
     force_delta_atoms: np.ndarray
+    forces: np.ndarray | None = None  # the direct forces at the frame (n, 3) eV/Å
 
 
 @dataclass
@@ -157,27 +136,27 @@ class AttackResult:
     frames: list[Frame] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)
     settings: AttackSettings = field(default_factory=AttackSettings)
+    provenance: Provenance | None = None  # the model searched
 
     def to_atoms(self, structures: Sequence[Atoms], sources: Sequence[str] | None = None) -> list[Atoms]:
-        """Frames as ase.Atoms (info FRAME_INFO_KEYS, array force_delta), sources[i] naming input i's file."""
+        """Frames as ase.Atoms written through the output schema (model energy and direct forces as ASE results,
+        force_delta, force_delta_atoms, energy_per_atom_rel, force_delta_start, attack_*), sources[i] naming
+        input i's file."""
         start = {o.index: o.force_delta_start for o in self.outcomes}
+        provenance = self.provenance or Provenance(model="unknown", model_fingerprint="unknown")
         out = []
         for f in self.frames:
-            atoms = frame_atoms(structures[f.source], f.positions)
-            atoms.arrays["force_delta"] = f.force_delta_atoms
-            atoms.info.update(
-                force_delta=f.force_delta,
-                model_energy=f.energy,
-                energy_per_atom_rel=f.energy_per_atom_rel,
-                force_delta_start=start[f.source],
-                attack_step=f.step,
-                source_index=f.source,
-                attack_objective=self.settings.objective,
-                attack_kT=self.settings.kT,
-            )
+            results = {
+                "energy": f.energy, "force_delta": f.force_delta, "force_delta_atoms": f.force_delta_atoms,
+                "energy_per_atom_rel": f.energy_per_atom_rel, "force_delta_start": start[f.source],
+                "attack_step": f.step, "source_index": f.source, "attack_objective": self.settings.objective,
+                "attack_kT": self.settings.kT,
+            }
+            if f.forces is not None:
+                results["forces"] = results["forces_direct"] = f.forces
             if sources is not None:
-                atoms.info["source_file"] = sources[f.source]
-            out.append(atoms)
+                results["source_file"] = sources[f.source]
+            out.append(write_results(frame_atoms(structures[f.source], f.positions), results, provenance))
         return out
 
 
@@ -185,8 +164,8 @@ def frame_atoms(template: Atoms, positions: np.ndarray) -> Atoms:
     """A label-free copy of template (same cell, pbc, constraints, descriptive info) at new positions (Å)."""
     atoms = Atoms(numbers=template.numbers, positions=positions, cell=template.cell, pbc=template.pbc)
     atoms.set_constraint([c.copy() for c in template.constraints])
-    atoms.info.update({k: v for k, v in template.info.items() if k not in _STALE_INFO})
-    return atoms
+    atoms.info.update({k: v for k, v in template.info.items() if k not in _LABEL_INFO})
+    return clear_results(atoms)
 
 
 def _per_structure(values: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -250,12 +229,13 @@ class _Search:
         if failed:
             out.failed_step = step
 
-    def evaluate(self, idx: torch.Tensor, create_graph: bool) -> tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sub-batch of structures idx at x0 + δ: (batch, energy (B',), U_Δ (B',), u_i (N',))."""
+    def evaluate(self, idx: torch.Tensor, create_graph: bool
+                 ) -> tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sub-batch of structures idx at x0 + δ: (batch, energy (B',), U_Δ (B',), u_i (N',), direct forces (N', 3))."""
         sub = self.batch.replace(positions=self.x0 + self.delta).select(idx)
         pred = evaluate(self.model, sub, conservative=True, create_graph=create_graph)
         fd = force_delta(pred, sub, exclude_fixed=self.settings.exclude_fixed)
-        return sub, pred.energy, fd.per_structure["force_delta"], fd.per_atom["force_delta"]
+        return sub, pred.energy, fd.per_structure["force_delta"], fd.per_atom["force_delta"], pred.forces_direct
 
     def isolate_errors(self, idx: torch.Tensor, step: int, error: Exception) -> None:
         """After a batched evaluation raised: evaluate each structure alone and stop those that raise."""
@@ -304,7 +284,7 @@ class _Search:
         nan = torch.full((len(idx),), math.nan, dtype=self.batch.dtype, device=self.batch.device)
         u0, e0 = nan.clone(), nan.clone()
         try:
-            _, energy, u, _ = self.evaluate(idx, create_graph=False)
+            _, energy, u, _, _ = self.evaluate(idx, create_graph=False)
             u0, e0 = u.detach(), energy.detach()
         except Exception as exc:
             for b in range(len(idx)):
@@ -321,7 +301,7 @@ class _Search:
         """Start values of the structures that did not raise, evaluated together."""
         ok = torch.nonzero(self.active).flatten()
         if len(ok):
-            _, energy, u, _ = self.evaluate(ok, create_graph=False)
+            _, energy, u, _, _ = self.evaluate(ok, create_graph=False)
             u0[ok], e0[ok] = u.detach(), energy.detach()
             for k, b in enumerate(ok.tolist()):
                 self.outcomes[b].force_delta_start = float(u[k])
@@ -333,7 +313,7 @@ class _Search:
         s = self.settings
         idx = torch.nonzero(self.active).flatten()
         try:
-            sub, energy, u, u_atoms = self.evaluate(idx, create_graph=step < s.steps)
+            sub, energy, u, u_atoms, forces = self.evaluate(idx, create_graph=step < s.steps)
         except Exception as exc:
             self.isolate_errors(idx, step, exc)
             return False
@@ -344,6 +324,7 @@ class _Search:
         positions = sub.positions.detach().cpu().double().numpy()
         ptr = sub.ptr.tolist()
         u_atoms_np = u_atoms.detach().cpu().double().numpy()
+        forces_np = forces.detach().cpu().double().numpy()
         contacts = closest_contacts(sub) if s.min_contact_ratio is not None else [None] * len(idx)
         keep_going = []
         for k, b in enumerate(idx.tolist()):
@@ -369,6 +350,7 @@ class _Search:
                         energy=float(energy[k]),
                         energy_per_atom_rel=float(e_rel[k]),
                         force_delta_atoms=u_atoms_np[ptr[k] : ptr[k + 1]],
+                        forces=forces_np[ptr[k] : ptr[k + 1]],
                     )
                 )
             budget = s.energy_budget
@@ -428,7 +410,7 @@ def attack(
     settings.check()
     if not model.has_direct_forces:
         raise InputError("the attack maximises the Force Delta and needs a model with a direct force head")
-    result = AttackResult(settings=settings)
+    result = AttackResult(settings=settings, provenance=model_provenance(model))
     size = batch_size or max(len(structures), 1)
     for first in range(0, len(structures), size):
         search = _Search(model, structures[first : first + size], settings, first)

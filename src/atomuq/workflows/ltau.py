@@ -15,24 +15,18 @@ import atomuq
 from atomuq.core.batch import Batch
 from atomuq.core.errors import InputError
 from atomuq.core.io import Record, detach_reference, file_sha256, read_structures, reference_forces
+from atomuq.core.schema import Provenance, write_results
 from atomuq.models.checkpoint import weights_fingerprint
 from atomuq.models.derivatives import evaluate
 from atomuq.models.protocol import AtomisticModel
 from atomuq.uq.ltau.calibration import ReliabilityCurve, ScaleFit, fit_scale, reliability_curve
 from atomuq.uq.ltau.estimator import LTAUEstimator, LTAUPrediction, fit_estimator
 from atomuq.uq.ltau.index import build_index
+from atomuq.uq.result import split_outputs
 from atomuq.workflows.error_log import ErrorLog, load_error_log
-from atomuq.workflows.score import structure_tag
+from atomuq.workflows.score import model_provenance, structure_tag
 
 FORCE_KINDS = ("direct", "conservative")
-#: per-structure info keys written by `ltau score`, with units
-LTAU_INFO_KEYS = {
-    "ltau_uncertainty": "1 (mean over atoms of 1 - p_j)",
-    "ltau_uncertainty_max": "1",
-    "ltau_expected_error": "eV/Å (mean over atoms)",
-    "ltau_distance_max": "descriptor units",
-    "ltau_threshold": "eV/Å (s·atol that p_j refers to)",
-}
 Progress = Callable[[int], None] | None
 
 
@@ -176,13 +170,16 @@ class LTAURow:
 
 @dataclass
 class ScoredAtoms:
-    """Per-atom LTAU predictions of a set of structures, with the model's force errors where references exist."""
+    """LTAU predictions of a set of structures (per atom and per structure), with the model's force errors where
+    references exist."""
 
     prediction: LTAUPrediction
     errors: np.ndarray | None  # per-atom ‖F − F_ref‖ (eV/Å) of the estimator's force kind, or None
     offsets: np.ndarray  # structure boundaries in the concatenated atom arrays
     forces: np.ndarray
     descriptors: np.ndarray  # (N, d) the model's node features, for other k or atol without a new model pass
+    energies: np.ndarray | None = None  # (B,) the model's energies, eV
+    provenance: Provenance | None = None  # the model that made the predictions
 
 
 def predict_records(records: Sequence[Record], model: AtomisticModel, estimator: LTAUEstimator, k: int = 1,
@@ -193,7 +190,7 @@ def predict_records(records: Sequence[Record], model: AtomisticModel, estimator:
     for rec in records:
         estimator.check_elements(rec.atoms.numbers, rec.where)
     kind = estimator.metadata.get("force_kind", "direct")
-    descriptors, forces = [], []
+    descriptors, forces, energies = [], [], []
     for start in range(0, len(records), batch_size):
         part = [r.atoms for r in records[start : start + batch_size]]
         batch = Batch.from_atoms(part, device=model.device, dtype=model.dtype)
@@ -202,6 +199,7 @@ def predict_records(records: Sequence[Record], model: AtomisticModel, estimator:
         descriptors.append(_descriptors(pred.node_features, model))
         chosen = pred.forces_direct if kind == "direct" else pred.forces_conservative
         forces.append(chosen.cpu().double().numpy())
+        energies.append(pred.energy.cpu().double().numpy())
         if progress is not None:
             progress(len(part))
     descriptors_all, forces_all = np.concatenate(descriptors), np.concatenate(forces)
@@ -210,35 +208,34 @@ def predict_records(records: Sequence[Record], model: AtomisticModel, estimator:
     errors = None
     if all(f is not None and f.shape == (len(r.atoms), 3) for f, r in zip(refs, records)):
         errors = np.linalg.norm(forces_all - np.concatenate(refs), axis=1)
-    return ScoredAtoms(estimator.predict(descriptors_all, k, atol), errors, offsets, forces_all, descriptors_all)
+    prediction = estimator.predict(descriptors_all, k, atol, ptr=offsets)
+    return ScoredAtoms(prediction, errors, offsets, forces_all, descriptors_all, np.concatenate(energies),
+                       model_provenance(model, model_name(model)))
 
 
 def annotate(records: Sequence[Record], scored: ScoredAtoms, kind: str) -> tuple[list[Atoms], list[LTAURow]]:
-    """Copies of the structures with per-atom LTAU arrays and per-structure aggregates (LTAU_INFO_KEYS)."""
-    per_atom = scored.prediction.per_atom()
+    """Copies of the structures with the LTAU values per atom and per structure (core.schema keys ltau_*), the
+    model's energy and forces of `kind` (the ASE results), and eps_nc/eps_c where references exist."""
+    if scored.provenance is None or scored.energies is None:
+        raise ValueError("annotate needs the energies and provenance that predict_records records")
+    per_atom = {f"forces_{kind}": scored.forces, "forces": scored.forces}
+    per_structure: dict[str, np.ndarray] = {"energy": scored.energies}
+    error_name = "eps_nc" if kind == "direct" else "eps_c"
+    if scored.errors is not None:
+        counts = np.diff(scored.offsets)
+        per_atom[error_name + "_atoms"] = scored.errors
+        per_structure[error_name] = np.sqrt(np.add.reduceat(scored.errors**2, scored.offsets[:-1]) / (3.0 * counts))
+    predicted_atoms, predicted_structures = scored.prediction.outputs()
+    values = split_outputs({**per_atom, **predicted_atoms}, {**per_structure, **predicted_structures}, scored.offsets)
     out_atoms, rows = [], []
-    for s, rec in enumerate(records):
-        sl = slice(scored.offsets[s], scored.offsets[s + 1])
-        atoms = detach_reference(rec.atoms)
-        for name, values in per_atom.items():
-            atoms.arrays[name] = values[sl]
-        atoms.arrays[f"forces_{kind}"] = scored.forces[sl]
+    for rec, result in zip(records, values):
+        result.update(source_file=rec.source, source_index=rec.index)
+        atoms = write_results(detach_reference(rec.atoms), result, scored.provenance)
         info = atoms.info
-        info["ltau_uncertainty"] = float(per_atom["ltau_uncertainty"][sl].mean())
-        info["ltau_uncertainty_max"] = float(per_atom["ltau_uncertainty"][sl].max())
-        info["ltau_expected_error"] = float(per_atom["ltau_expected_error"][sl].mean())
-        info["ltau_distance_max"] = float(per_atom["ltau_distance"][sl].max())
-        info["ltau_threshold"] = scored.prediction.threshold
-        error = None
-        if scored.errors is not None:
-            atoms.arrays["ltau_force_error"] = scored.errors[sl]
-            error = float(np.sqrt(np.mean(scored.errors[sl] ** 2) / 3.0))
-            info["eps_nc" if kind == "direct" else "eps_c"] = error
-        info["source_file"], info["source_index"] = rec.source, rec.index
         out_atoms.append(atoms)
         rows.append(LTAURow(rec.source, rec.index, structure_tag(rec.atoms), rec.atoms.get_chemical_formula(),
                             len(rec.atoms), info["ltau_uncertainty"], info["ltau_uncertainty_max"],
-                            info["ltau_expected_error"], info["ltau_distance_max"], error))
+                            info["ltau_expected_error"], info["ltau_distance_max"], info.get(error_name)))
     return out_atoms, rows
 
 

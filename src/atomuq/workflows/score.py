@@ -1,10 +1,13 @@
-"""Score many structures in batches: model outputs, Force Delta, confidence, errors against references."""
+"""Score many structures in batches: model outputs, Force Delta, confidence, errors against references.
+
+Every value is written through the output schema (core.schema): see docs/output_keys.md for the keys.
+`score_shard` is the unit of work an engine runs (engines.local; a Ray actor can call it the same way).
+"""
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -12,39 +15,21 @@ from ase import Atoms
 
 from atomuq.core.batch import Batch
 from atomuq.core.io import Record, detach_reference, reference_forces
+from atomuq.core.schema import Provenance, write_results
 from atomuq.core.validate import DEFAULT_MIN_DISTANCE, check_structure
-from atomuq.models.derivatives import evaluate, rotational_gradient_norm
+from atomuq.models.checkpoint import weights_fingerprint
+from atomuq.models.derivatives import Prediction, evaluate
 from atomuq.models.protocol import AtomisticModel
 from atomuq.uq.confidence import confidence
-from atomuq.uq.ensemble import Member, ensemble_uncertainty, evaluate_ensemble
+from atomuq.uq.ensemble import Member, ensemble_uncertainty, evaluate_ensemble, member_name
+from atomuq.uq.equigrad import rotational_gradient
 from atomuq.uq.force_delta import force_delta
+from atomuq.uq.result import UQResult, split_outputs
 
-#: per-structure info keys written by score, with units
-INFO_KEYS = {
-    "model_energy": "eV",
-    "force_delta": "eV/Å",
-    "force_delta_max": "eV/Å",
-    "force_delta_stress": "eV/Å³",
-    "confidence_error": "eV/Å",
-    "eps_nc": "eV/Å",
-    "eps_c": "eV/Å",
-    "rotational_gradient": "eV",
-    "ensemble_std": "eV/Å",
-    "ensemble_energy_std": "eV",
-    "eps_ensemble": "eV/Å",
-}
-#: per-atom arrays written by score, with units
-ARRAY_KEYS = {
-    "forces_direct": "eV/Å",
-    "forces_conservative": "eV/Å",
-    "force_delta": "eV/Å",
-    "confidence_error": "eV/Å",
-    "eps_nc": "eV/Å",
-    "eps_c": "eV/Å",
-    "ensemble_std": "eV/Å",
-    "forces_ensemble_mean": "eV/Å",
-}
-
+#: results that exist only for periodic structures
+PERIODIC_ONLY = ("stress", "stress_direct", "stress_virial", "force_delta_stress")
+#: results that exist only where reference forces do
+NEEDS_REFERENCE = ("eps_nc", "eps_c", "eps_ensemble", "eps_nc_atoms", "eps_c_atoms", "eps_ensemble_atoms")
 
 #: info keys whose values name a structure in the summary table, in order of preference
 TAG_KEYS = ("molecule", "name", "config_type", "demo_group", "temperature")
@@ -58,6 +43,13 @@ def structure_tag(atoms: Atoms, max_parts: int = 2) -> str:
             value = atoms.info[key]
             parts.append(f"{value:g} K" if key == "temperature" and isinstance(value, (int, float)) else str(value))
     return " ".join(parts)
+
+
+def model_provenance(model: Any, name: str | None = None) -> Provenance:
+    """Provenance of results made with model: its name (name, else its source file) and weights fingerprint."""
+    label = name or str(getattr(model, "source", None) or type(model).__name__)
+    fingerprint = weights_fingerprint(model) if isinstance(model, torch.nn.Module) else "none"
+    return Provenance(model=label, model_fingerprint=fingerprint)
 
 
 @dataclass
@@ -74,17 +66,144 @@ class ScoreRow:
     force_delta_max: float
     eps_nc: float | None
     eps_c: float | None
+    ensemble_std: float | None = None
 
 
-def _split_numpy(batch: Batch, values: torch.Tensor) -> list[np.ndarray]:
-    """Per-structure float64 numpy arrays of per-atom values."""
-    return [x.cpu().double().numpy() for x in batch.split(values)]
+def score_row(atoms: Atoms) -> ScoreRow:
+    """The summary row of a scored structure (from its written keys, so resumed shards give the same rows)."""
+    info = atoms.info
+    return ScoreRow(
+        source=str(info["source_file"]), index=int(info["source_index"]), tag=structure_tag(atoms),
+        formula=atoms.get_chemical_formula(), n_atoms=len(atoms),
+        energy_per_atom=float(info["model_energy"]) / len(atoms), force_delta=float(info["force_delta"]),
+        force_delta_max=float(info["force_delta_max"]), eps_nc=info.get("eps_nc"), eps_c=info.get("eps_c"),
+        ensemble_std=info.get("ensemble_std"),
+    )
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """What score computes; every field changes the output (an engine refuses to resume with other values)."""
+
+    batch_size: int = 16
+    rotational: bool = False
+    forces_key: str | None = None
+    ensemble_forces: str = "direct"
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able settings."""
+        return asdict(self)
 
 
 def validate_records(records: Sequence[Record], model: AtomisticModel, min_distance: float = DEFAULT_MIN_DISTANCE) -> None:
     """Check every structure before any work, so a bad one stops the run with nothing written."""
     for rec in records:
         check_structure(rec.atoms, rec.where, model.elements, min_distance)
+
+
+def prediction_results(
+    model: AtomisticModel,
+    batch: Batch,
+    pred: Prediction,
+    force_mode: str = "direct",
+    reference_forces: torch.Tensor | None = None,
+    has_reference: Sequence[bool] | None = None,
+    extra: Sequence[UQResult | None] = (),
+    exclude_fixed: bool = True,
+) -> list[dict[str, Any]]:
+    """Per structure, every result of one evaluation under its output key (energy eV, forces eV/Å, stress eV/Å³,
+    the Force Delta, confidence, rotational gradient, and the extra UQ results), as write_results takes them.
+
+    forces (the ASE property) are the direct or conservative forces (force_mode); stress-like values are kept
+    for periodic structures only, errors against references only where has_reference is true.
+    """
+    forces = pred.forces_direct if force_mode == "direct" else pred.forces_conservative
+    if forces is None:
+        raise ValueError(f"no {force_mode} forces in this evaluation")
+    per_atom: dict[str, Any] = {"forces": forces}
+    per_structure: dict[str, Any] = {"energy": pred.energy}
+    for name in ("forces_direct", "forces_conservative"):
+        if getattr(pred, name) is not None:
+            per_atom[name] = getattr(pred, name)
+    if pred.stress_virial is not None:
+        per_structure["stress_virial"] = pred.stress_virial
+        if pred.stress_direct is not None:
+            per_structure["stress_direct"] = pred.stress_direct
+        use_direct = force_mode == "direct" and pred.stress_direct is not None
+        per_structure["stress"] = pred.stress_direct if use_direct else pred.stress_virial
+    uq = UQResult()
+    if pred.forces_direct is not None and pred.forces_conservative is not None:
+        uq = uq.merged(force_delta(pred, batch, reference_forces, exclude_fixed))
+    if pred.confidence_logits is not None:
+        uq = uq.merged(confidence(pred.confidence_logits, model.confidence_bin_edges, batch))
+    if pred.rotational_gradient is not None:
+        uq = uq.merged(rotational_gradient(pred))
+    atom_values, structure_values = uq.merged(*extra).outputs()
+    per_atom.update(atom_values)
+    per_structure.update(structure_values)
+    values = split_outputs(per_atom, per_structure, batch.ptr.tolist())
+    periodic = pred.periodic.tolist() if pred.periodic is not None else batch.pbc.all(dim=1).tolist()
+    for b, structure in enumerate(values):
+        dropped = ([] if periodic[b] else list(PERIODIC_ONLY)) + (
+            list(NEEDS_REFERENCE) if has_reference is not None and not has_reference[b] else [])
+        for name in dropped:
+            structure.pop(name, None)
+    return values
+
+
+def _references(structures: Sequence[Atoms], forces_key: str | None, model: AtomisticModel
+                ) -> tuple[torch.Tensor | None, list[bool]]:
+    """Concatenated reference forces (zeros where a structure has none) and which structures have them."""
+    refs = [reference_forces(a, forces_key) for a in structures]
+    has_ref = [f is not None and f.shape == (len(a), 3) for f, a in zip(refs, structures)]
+    if not any(has_ref):
+        return None, has_ref
+    stacked = np.concatenate([f if ok else np.zeros((len(a), 3)) for f, ok, a in zip(refs, has_ref, structures)])
+    return torch.as_tensor(stacked, dtype=model.dtype, device=model.device), has_ref
+
+
+def score_shard(
+    records: Sequence[Record],
+    settings: ScoreSettings,
+    model: AtomisticModel,
+    ensemble: Sequence[Member] | None = None,
+    ensemble_names: Sequence[str] | None = None,
+    provenance: Provenance | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[Atoms]:
+    """Scored copies of the structures (model energy and direct forces as ASE results, every UQ value under its
+    schema key, reference labels as REF_*), in batches of settings.batch_size; with ensemble members also
+    ensemble_std, forces_ensemble_mean, ... (uq.ensemble, ddof=0)."""
+    if not model.has_direct_forces:
+        raise ValueError("atomuq score needs a model with a direct force head for the Force Delta")
+    provenance = provenance or model_provenance(model)
+    out: list[Atoms] = []
+    size = settings.batch_size
+    for start in range(0, len(records), size):
+        chunk = records[start : start + size]
+        structures = [r.atoms for r in chunk]
+        batch = Batch.from_atoms(structures, device=model.device, dtype=model.dtype)
+        ref_tensor, has_ref = _references(structures, settings.forces_key, model)
+        periodic = bool(batch.pbc.all(dim=1).any())
+        pred = evaluate(model, batch, conservative=True, stress=periodic, rotational=settings.rotational).detach()
+        extra = []
+        if ensemble:
+            ens_pred = evaluate_ensemble(ensemble, batch, settings.ensemble_forces, ensemble_names)
+            extra += [ensemble_uncertainty(ens_pred, batch, ref_tensor),
+                      UQResult(per_atom={"forces_ensemble_mean": ens_pred.mean_forces})]
+        values = prediction_results(model, batch, pred, "direct", ref_tensor, has_ref, extra)
+        for rec, result in zip(chunk, values):
+            result.update(source_file=rec.source, source_index=rec.index)
+            out.append(write_results(detach_reference(rec.atoms), result, provenance))
+        if progress is not None:
+            progress(len(chunk))
+    return out
+
+
+def ensemble_provenance(ensemble: Sequence[Member] | None, names: Sequence[str] | None) -> list[dict[str, str]]:
+    """Name and weights fingerprint of every ensemble member (for an engine's resume manifest)."""
+    return [{"name": member_name(m, names, k), "fingerprint": model_provenance(m).model_fingerprint}
+            for k, m in enumerate(ensemble or [])]
 
 
 def score_records(
@@ -98,81 +217,8 @@ def score_records(
     ensemble_forces: str = "direct",
     ensemble_names: Sequence[str] | None = None,
 ) -> tuple[list[Atoms], list[ScoreRow]]:
-    """Annotated copies of the structures (arrays and info as in ARRAY_KEYS / INFO_KEYS) and summary rows;
-    with ensemble members also ensemble_std, forces_ensemble_mean (uq.ensemble, ddof=0)."""
-    if not model.has_direct_forces:
-        raise ValueError("atomuq score needs a model with a direct force head for the Force Delta")
-    out_atoms: list[Atoms] = []
-    rows: list[ScoreRow] = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        structures = [r.atoms for r in chunk]
-        batch = Batch.from_atoms(structures, device=model.device, dtype=model.dtype)
-        refs = [reference_forces(a, forces_key) for a in structures]
-        has_ref = [f is not None and f.shape == (len(a), 3) for f, a in zip(refs, structures)]
-        ref_tensor = None
-        if any(has_ref):
-            ref_tensor = torch.as_tensor(
-                np.concatenate([f if ok else np.zeros((len(a), 3)) for f, ok, a in zip(refs, has_ref, structures)]),
-                dtype=model.dtype, device=model.device,
-            )
-        periodic = bool(batch.pbc.all(dim=1).any())
-        pred = evaluate(model, batch, conservative=True, stress=periodic, rotational=rotational).detach()
-        fd = force_delta(pred, batch, ref_tensor)
-        conf = (confidence(pred.confidence_logits, model.confidence_bin_edges, batch)
-                if pred.confidence_logits is not None else None)
-        rot = rotational_gradient_norm(pred) if rotational else None
-        ens = None
-        if ensemble:
-            ens_pred = evaluate_ensemble(ensemble, batch, ensemble_forces, ensemble_names)
-            ens = ensemble_uncertainty(ens_pred, batch, ref_tensor)
-        split = functools.partial(_split_numpy, batch)
-        per_atom = {
-            "forces_direct": split(pred.forces_direct),
-            "forces_conservative": split(pred.forces_conservative),
-            "force_delta": split(fd.per_atom["force_delta"]),
-        }
-        if conf is not None:
-            per_atom["confidence_error"] = split(conf.per_atom["confidence_error"])
-        for name in ("eps_nc", "eps_c"):
-            if name in fd.per_atom:
-                per_atom[name] = split(fd.per_atom[name])
-        if ens is not None:
-            per_atom["ensemble_std"] = split(ens.per_atom["ensemble_std"])
-            per_atom["forces_ensemble_mean"] = split(ens_pred.mean_forces)
-        for k, (rec, atoms) in enumerate(zip(chunk, structures)):
-            out = detach_reference(atoms)
-            for name, arrays in per_atom.items():
-                if name.startswith("eps") and not has_ref[k]:
-                    continue
-                out.arrays[name] = arrays[k]
-            info = out.info
-            info["model_energy"] = float(pred.energy[k])
-            info["force_delta"] = float(fd.per_structure["force_delta"][k])
-            info["force_delta_max"] = float(per_atom["force_delta"][k].max())
-            if "force_delta_stress" in fd.per_structure and bool(pred.periodic[k]):
-                info["force_delta_stress"] = float(fd.per_structure["force_delta_stress"][k])
-            if conf is not None:
-                info["confidence_error"] = float(conf.per_structure["confidence_error"][k])
-            if has_ref[k]:
-                info["eps_nc"] = float(fd.per_structure["eps_nc"][k])
-                info["eps_c"] = float(fd.per_structure["eps_c"][k])
-            if rot is not None:
-                info["rotational_gradient"] = float(rot[k])
-            if ens is not None:
-                info["ensemble_std"] = float(ens.per_structure["ensemble_std"][k])
-                info["ensemble_energy_std"] = float(ens.per_structure["ensemble_energy_std"][k])
-                if has_ref[k]:
-                    info["eps_ensemble"] = float(ens.per_structure["eps_ensemble"][k])
-            info["source_file"] = rec.source
-            info["source_index"] = rec.index
-            out_atoms.append(out)
-            rows.append(ScoreRow(
-                source=rec.source, index=rec.index, tag=structure_tag(atoms), formula=atoms.get_chemical_formula(),
-                n_atoms=len(atoms),
-                energy_per_atom=info["model_energy"] / len(atoms), force_delta=info["force_delta"],
-                force_delta_max=info["force_delta_max"], eps_nc=info.get("eps_nc"), eps_c=info.get("eps_c"),
-            ))
-        if progress is not None:
-            progress(len(chunk))
-    return out_atoms, rows
+    """Scored copies of the structures in memory (score_shard over all of them) and their summary rows."""
+    settings = ScoreSettings(batch_size=batch_size, rotational=rotational, forces_key=forces_key,
+                             ensemble_forces=ensemble_forces)
+    scored = score_shard(records, settings, model, ensemble, ensemble_names, progress=progress)
+    return scored, [score_row(a) for a in scored]

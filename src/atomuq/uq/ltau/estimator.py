@@ -10,6 +10,10 @@ find its k nearest training atoms N_j in descriptor space and report
   error distribution, read from the histograms (within one bin's resolution of the exact mean);
 - ltau_distance the mean L2 distance to the k neighbours (descriptor units); an out-of-distribution score.
 
+`predict` returns these as a UQResult (per_atom; written as ltau_confidence_atoms, ...), and given
+the structures' atom boundaries also per structure: ltau_uncertainty (mean of 1 − p_j),
+ltau_uncertainty_max, ltau_expected_error (mean), ltau_distance_max and ltau_threshold (s·atol).
+
 One estimator file (.npz, no pickles) holds everything; it loads without the training data and
 refuses a model whose weights fingerprint differs from the one it was fitted with.
 """
@@ -36,39 +40,64 @@ from atomuq.uq.ltau.distribution import (
     run_confidences,
 )
 from atomuq.uq.ltau.index import NeighbourIndex
+from atomuq.uq.result import UQResult
 
 FORMAT = "atomuq-ltau-estimator"
 FORMAT_VERSION = 1
 ARRAYS = ("index", "confidence", "spread", "histogram", "edges", "atom_numbers", "reference_force_norms")
 
-#: per-atom outputs with units
-ATOM_KEYS = {
-    "ltau_confidence": "1",
-    "ltau_uncertainty": "1",
-    "ltau_expected_error": "eV/Å",
-    "ltau_distance": "descriptor units",
-}
+#: per-atom quantities (UQResult names; written as <name>_atoms)
+ATOM_KEYS = ("ltau_confidence", "ltau_uncertainty", "ltau_expected_error", "ltau_distance")
+#: per-structure quantities, given the structures' atom boundaries
+STRUCTURE_KEYS = ("ltau_uncertainty", "ltau_uncertainty_max", "ltau_expected_error", "ltau_distance_max", "ltau_threshold")
 
 
 @dataclass
-class LTAUPrediction:
-    """Per-atom LTAU outputs for Q query atoms (see ATOM_KEYS for names and units)."""
+class LTAUPrediction(UQResult):
+    """LTAU outputs for Q query atoms as a UQResult (per_atom: ATOM_KEYS; per_structure: STRUCTURE_KEYS when the
+    structures' atom boundaries were given), with the neighbour ids (Q, k) and the tolerance s·atol (eV/Å)."""
 
-    confidence: np.ndarray
-    expected_error: np.ndarray
-    distance: np.ndarray
-    neighbours: np.ndarray
-    threshold: float
+    neighbours: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), dtype=np.int64))
+    threshold: float = float("nan")
+
+    @property
+    def confidence(self) -> np.ndarray:
+        """p_j per atom (dimensionless, higher = more trusted)."""
+        return self.per_atom["ltau_confidence"]
 
     @property
     def uncertainty(self) -> np.ndarray:
-        """1 − p_j."""
-        return 1.0 - self.confidence
+        """1 − p_j per atom."""
+        return self.per_atom["ltau_uncertainty"]
 
-    def per_atom(self) -> dict[str, np.ndarray]:
-        """The arrays under their output names."""
-        return {"ltau_confidence": self.confidence, "ltau_uncertainty": self.uncertainty,
-                "ltau_expected_error": self.expected_error, "ltau_distance": self.distance}
+    @property
+    def expected_error(self) -> np.ndarray:
+        """Expected force error per atom, eV/Å."""
+        return self.per_atom["ltau_expected_error"]
+
+    @property
+    def distance(self) -> np.ndarray:
+        """Mean descriptor distance to the k neighbours, per atom."""
+        return self.per_atom["ltau_distance"]
+
+
+def structure_reductions(confidence: np.ndarray, expected_error: np.ndarray, distance: np.ndarray,
+                         ptr: Sequence[int], threshold: float) -> dict[str, np.ndarray]:
+    """Per-structure LTAU values (STRUCTURE_KEYS) of per-atom values over structures with atoms ptr[b]:ptr[b+1]."""
+    bounds = np.asarray(ptr, dtype=np.int64)
+    counts = np.diff(bounds)
+    if len(bounds) < 2 or bounds[-1] != len(confidence) or (counts <= 0).any():
+        raise InputError(f"structure boundaries {bounds.tolist()[:6]}... do not split {len(confidence)} atoms into "
+                         "non-empty structures")
+    starts = bounds[:-1]
+    uncertainty = 1.0 - confidence
+    return {
+        "ltau_uncertainty": np.add.reduceat(uncertainty, starts) / counts,
+        "ltau_uncertainty_max": np.maximum.reduceat(uncertainty, starts),
+        "ltau_expected_error": np.add.reduceat(expected_error, starts) / counts,
+        "ltau_distance_max": np.maximum.reduceat(distance, starts),
+        "ltau_threshold": np.full(len(counts), float(threshold)),
+    }
 
 
 @dataclass
@@ -137,8 +166,10 @@ class LTAUEstimator:
             raise InputError(f"{where}: elements {unknown} never occur in the LTAU training set (elements "
                              f"{self.elements}); their neighbours would be atoms of other elements")
 
-    def predict(self, descriptors: np.ndarray, k: int = 1, atol: float | None = None) -> LTAUPrediction:
-        """Per-atom LTAU outputs for query descriptors (Q, d); atol (eV/Å) overrides the fitted one."""
+    def predict(self, descriptors: np.ndarray, k: int = 1, atol: float | None = None,
+                ptr: Sequence[int] | None = None) -> LTAUPrediction:
+        """LTAU outputs for query descriptors (Q, d): per atom, and per structure when ptr gives the structures'
+        atom boundaries (structure b: atoms ptr[b]:ptr[b+1]); atol (eV/Å) overrides the fitted one."""
         width = np.shape(descriptors)[-1]
         if width != self.index.dimension:
             raise InputError(f"{self.metadata.get('path', 'LTAU estimator')}: fitted on descriptors of width "
@@ -147,13 +178,14 @@ class LTAUEstimator:
         p_train = self.training_confidence(atol)
         _, means = self._distributions()
         threshold = self.scale * (self.atol if atol is None else float(atol))
-        return LTAUPrediction(
-            confidence=p_train[ids].mean(axis=1),
-            expected_error=self.scale * means[ids].mean(axis=1),
-            distance=distance.mean(axis=1),
-            neighbours=ids,
-            threshold=threshold,
-        )
+        confidence = p_train[ids].mean(axis=1)
+        expected_error = self.scale * means[ids].mean(axis=1)
+        mean_distance = distance.mean(axis=1)
+        per_atom = {"ltau_confidence": confidence, "ltau_uncertainty": 1.0 - confidence,
+                    "ltau_expected_error": expected_error, "ltau_distance": mean_distance}
+        per_structure = ({} if ptr is None else
+                         structure_reductions(confidence, expected_error, mean_distance, ptr, threshold))
+        return LTAUPrediction(per_atom=per_atom, per_structure=per_structure, neighbours=ids, threshold=threshold)
 
     def check_model(self, fingerprint: str, name: str) -> None:
         """Raise InputError unless the model's weights fingerprint is the one the estimator was fitted with."""
