@@ -214,7 +214,7 @@ def test_orb_members_through_the_model_resolver(tmp_path):
     result = runner.invoke(app, ["score", str(src), "-o", str(out), "--model", names[0], "--ensemble", ",".join(names)])
     assert result.exit_code == 0, result.output
     scored = read(out, ":")
-    assert np.allclose(np.concatenate([a.arrays["ensemble_std"] for a in scored]), std.numpy(), atol=1e-5)
+    assert np.allclose(np.concatenate([a.arrays["ensemble_std_atoms"] for a in scored]), std.numpy(), atol=1e-5)
 
 
 def test_metatomic_pet_members_through_the_model_resolver(tmp_path):
