@@ -703,8 +703,15 @@ def _config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = 
 
 
 def _comparable(config_dict: dict[str, Any]) -> dict[str, Any]:
-    # the device and the run folder's location may change between sessions without changing the run
-    return {k: v for k, v in config_dict.items() if k not in ("device", "run_dir")}
+    # the device and the run folder's location may change between sessions without changing the run, and so may
+    # the folder of the input files (a run copied to another machine with its data): files are compared by name,
+    # their contents by hash (the training data hash)
+    out = {k: v for k, v in config_dict.items() if k not in ("device", "run_dir")}
+    name = lambda p: None if p is None else Path(p).name  # noqa: E731
+    out["data"] = {**out["data"], "train": [name(p) for p in out["data"]["train"]],
+                   "validation": [name(p) for p in out["data"]["validation"]], "atom_weights": name(out["data"]["atom_weights"])}
+    out["init_from"] = name(out["init_from"])
+    return out
 
 
 def train_model(config: TrainConfig, resume: bool | None = None, callback: TrainCallback | None = None) -> TrainResult:
