@@ -26,6 +26,7 @@ from atomuq.core.errors import InputError
 from atomuq.models.checkpoint import load_model, weights_fingerprint
 from atomuq.models.derivatives import evaluate, rotational_gradient_norm
 from atomuq.workflows import train as train_module
+from atomuq.workflows.train import loop as train_loop
 from atomuq.workflows.error_log import load_error_log
 from atomuq.workflows.train import (
     ConfigError,
@@ -273,7 +274,18 @@ def test_bad_config_keys_give_clear_errors(tmp_path):
         "typo": (good.replace("conservative_stress = 1.0", "conservative_stres = 1.0"),
                  ["loss.conservative_stres", "did you mean 'loss.conservative_stress'"]),
         "top": (good.replace("seed = 0", "sed = 0"), ["unknown key 'sed'", "did you mean 'seed'"]),
-        "type": (good.replace("lr = 3e-3", 'lr = "fast"'), ["optimizer.lr", "expects float"]),
+        "type": (good.replace("lr = 3e-3", 'lr = "fast"'), ["optimizer.lr: expected float, got 'fast'"]),
+        "int": (good.replace("epochs = 4", 'epochs = "ten"'), ["epochs: expected int, got 'ten'"]),
+        "float int": (good.replace("epochs = 4", "epochs = 4.5"), ["epochs: expected int, got 4.5"]),
+        "bool": (good.replace("augment_rotations = true", "augment_rotations = 1"),
+                 ["augment_rotations: expected true or false, got 1"]),
+        "paths": (good.replace('train = ["tiny_train.extxyz"]', "train = 3"), ["data.train: expected a list of paths"]),
+        "model type": (good.replace("latent = 16", 'latent = "16"'), ["model.latent: expected int, got '16'"]),
+        "element": (good.replace("latent = 16", 'latent = 16\nelements = ["Cu", "Xx"]'),
+                    ["model.elements: 'Xx' is not an element symbol"]),
+        "nan": (good.replace("lr = 3e-3", "lr = nan"), ["optimizer.lr: must be finite"]),
+        "lr": (good.replace("lr = 3e-3", "lr = -1.0"), ["optimizer.lr must be positive, got -1.0"]),
+        "table": ("optimizer = 3\n" + good.split("[optimizer]")[0], ["optimizer: expected a table, got 3"]),
         "model": (good.replace("latent = 16", "latnt = 16"), ["model.latnt", "did you mean 'model.latent'"]),
         "missing": (good.replace('train = ["tiny_train.extxyz"]', ""), ["missing required key data.train"]),
         "value": (good.replace("epochs = 4", "epochs = 0"), ["epochs must be >= 1"]),
@@ -314,7 +326,7 @@ def test_error_log_reader_names_truncated_and_empty_files(baseline, tmp_path):
 
 
 def test_nan_loss_stops_naming_epoch_and_batch(data_dir, monkeypatch):
-    real = train_module.compute_losses
+    real = train_loop.compute_losses
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -322,7 +334,7 @@ def test_nan_loss_stops_naming_epoch_and_batch(data_dir, monkeypatch):
         calls["n"] += 1
         return (total * float("nan"), terms) if calls["n"] == 2 else (total, terms)
 
-    monkeypatch.setattr(train_module, "compute_losses", poisoned)
+    monkeypatch.setattr(train_loop, "compute_losses", poisoned)
     config = _config(data_dir, "nan", epochs=1)
     with pytest.raises(TrainingError, match="epoch 1, batch 2 of 3"):
         train_model(config)
