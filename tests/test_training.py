@@ -37,6 +37,7 @@ from atomuq.workflows.train import (
     fit_reference_energies,
     random_rotations,
     rotate,
+    split_validation,
     train_model,
 )
 
@@ -384,7 +385,6 @@ def test_cli_trains_resumes_and_reports_errors(data_dir):
 
 def test_validation_fraction_holds_out_a_fixed_subset(data_dir, tmp_path):
     from atomuq.core.io import read_structures
-    from atomuq.workflows.train import split_validation
 
     records = read_structures([data_dir / "tiny_train.extxyz"])
     train_a, val_a = split_validation(records, 0.25, seed=0)
@@ -410,3 +410,48 @@ def test_validation_fraction_holds_out_a_fixed_subset(data_dir, tmp_path):
     (data_dir / "both.toml").write_text(bad)
     with pytest.raises(ConfigError, match="not both"):
         TrainConfig.from_toml(data_dir / "both.toml")
+
+
+def _held_out_seed(records, fraction, in_validation: bool, index: int) -> int:
+    """A validation_seed that puts records[index] into the validation split (or keeps it for training)."""
+    return next(s for s in range(200)
+                if (records[index] in split_validation(records, fraction, s)[1]) == in_validation)
+
+
+@pytest.mark.parametrize("small_file_held_out", [True, False])
+def test_two_training_files_when_one_has_no_structure_in_a_split(data_dir, tmp_path, small_file_held_out):
+    """Issue 12 item 2: a file with no structure in the training (or the validation) split used to crash the run
+    ('records of 1 files for 2 paths'); per-file counts, the error log and the frame map must allow empty files."""
+    from atomuq.core.io import read_structures
+    from atomuq.workflows.ltau import training_records
+
+    big, small = tmp_path / "big.extxyz", tmp_path / "small.extxyz"
+    shutil.copy(data_dir / "tiny_train.extxyz", big)
+    write(small, read(data_dir / "tiny_val.extxyz", "0"))  # one structure
+    paths = [big, small]
+    records = read_structures(paths)
+    seed = _held_out_seed(records, 0.25, small_file_held_out, len(records) - 1)
+    base = _config(data_dir, "unused")
+    data = dataclasses.replace(base.data, train=tuple(paths), validation=(), validation_fraction=0.25,
+                               validation_seed=seed)
+    config = dataclasses.replace(base, run_dir=tmp_path / "run", data=data, epochs=1)
+    result = train_model(config)
+    assert result.epochs_completed == 1 and np.isfinite(result.history[0]["val_forces_mae"])
+    log = load_error_log(tmp_path / "run" / "error_log")
+    files = log.metadata["training_files"]
+    kept = [r for r in split_validation(records, 0.25, seed)[0]]
+    assert [f["path"] for f in files] == [str(big), str(small)]
+    assert [f["n_structures"] for f in files] == [sum(r.source == str(p) for r in kept) for p in paths]
+    assert files[1]["n_structures"] == (0 if small_file_held_out else 1)
+    assert sum(f["n_atoms"] for f in files) == log.n_atoms
+    # LTAU finds the logged structures again from the files
+    again = training_records(log, paths)
+    assert [(r.source, r.index) for r in again] == [(r.source, r.index) for r in kept]
+    # the same through the CLI
+    toml = tmp_path / "two.toml"
+    toml.write_text((data_dir / "tiny.toml").read_text()
+                    .replace('train = ["tiny_train.extxyz"]', f'train = ["{big}", "{small}"]')
+                    .replace('validation = ["tiny_val.extxyz"]', f"validation_fraction = 0.25\nvalidation_seed = {seed}")
+                    .replace("epochs = 4", "epochs = 1").replace('"tiny_run"', f'"{tmp_path / "cli_run"}"'))
+    out = CliRunner().invoke(app, ["train", str(toml)])
+    assert out.exit_code == 0, out.output
