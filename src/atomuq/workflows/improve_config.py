@@ -203,7 +203,7 @@ class ImproveConfig:
             if not isinstance(table, dict):
                 raise at.child(name).error(f"expected a table, got {table!r}")
         if not tables["search"]:
-            raise ConfigError("missing [search] table (at least search.starts)", source=source, field="search")
+            raise ConfigError("missing [search] table (at least search.starts)", source=source, field="search", separator=None)
         top = bind_at(_Top, data, at)
         search, attack = _split(tables["search"], (SearchConfig, AttackSettings), at.child("search"), skip={"seed"})
         label = dict(tables["label"])

@@ -40,17 +40,17 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 class ConfigError(AtomuqError):
     """A configuration that cannot be used; the message names the file and the key.
 
-    source: the file (None for a dict built in code); field: dotted key path or None; reason: what is wrong
-    with it, phrased to follow the key.
+    source: the file (None for a dict built in code: the message then starts with the key); field: dotted key path or None; reason: what is wrong
+    with it, phrased to follow the key (separator between them in the message; None: the reason names the key).
     """
 
     def __init__(self, reason: str, *, source: str | Path | None = None, field: str | None = None,
-                 separator: str = ": ") -> None:
+                 separator: str | None = ": ") -> None:
         self.source = None if source is None else str(source)
         self.field = field or None
         self.reason = reason
-        where = f"{self.field}{separator}" if self.field else ""
-        super().__init__(f"{self.source or 'config'}: {where}{reason}")
+        where = f"{self.field}{separator}" if self.field and separator is not None else ""
+        super().__init__(f"{self.source}: {where}{reason}" if self.source else f"{where}{reason}")
 
 
 class FieldError(ValueError):
@@ -96,7 +96,7 @@ def unknown_key(key: str, known: Sequence[str], at: At) -> ConfigError:
     hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
     section = f" in [{at.key}]" if at.key else ""
     return ConfigError(f"unknown key '{prefix}{key}'{hint}; known keys{section}: {', '.join(sorted(known))}",
-                       source=at.source, field=f"{prefix}{key}")
+                       source=at.source, field=f"{prefix}{key}", separator=None)
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -160,7 +160,7 @@ def bind_at(cls: type, table: Any, at: At, extra: Mapping[str, Any] | None = Non
     if missing:
         prefix = f"{at.key}." if at.key else ""
         raise ConfigError(f"missing required key{'s' if len(missing) > 1 else ''} {', '.join(prefix + m for m in missing)}",
-                          source=at.source, field=prefix + missing[0])
+                          source=at.source, field=prefix + missing[0], separator=None)
     kwargs.update(extra or {})
     try:
         return cls(**kwargs)
