@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from ase.io import read
+from single_thread import one_thread  # noqa: F401  (one torch thread in this module)
 
 from atomuq.core.batch import Batch
 from atomuq.models.checkpoint import load_model, weights_fingerprint
@@ -25,15 +26,6 @@ from atomuq.workflows.train import TrainCallback, TrainConfig, train_model
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "format_v1"
 EPOCHS_DONE, EPOCHS = 2, 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The fixture was recorded with one thread; the same reduction order makes bit-identity possible."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture()

@@ -14,6 +14,7 @@ import pytest
 import torch
 from ase.io import write
 from conftest import emt_structures
+from single_thread import one_thread  # noqa: F401  (one torch thread in this module)
 from typer.testing import CliRunner
 
 from atomuq.cli import train_commands
@@ -21,14 +22,6 @@ from atomuq.cli.main import app
 from atomuq.workflows.train import ConfigError, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

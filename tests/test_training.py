@@ -18,6 +18,7 @@ import torch
 from ase.calculators.emt import EMT
 from ase.io import read, write
 from conftest import emt_structures
+from single_thread import one_thread  # noqa: F401  (one torch thread in this module)
 from typer.testing import CliRunner
 
 from atomuq.cli.main import app
@@ -44,15 +45,6 @@ from atomuq.workflows.train import (
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "train_tiny.toml"
 EPOCHS = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster than two on a shared machine, and keeps runs comparable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Configuration of `atomuq improve CONFIG` (methods.md section 8), read by the one TOML binder (workflows/toml_config.py) like `atomuq train`'s.
+"""Configuration of `atomuq improve CONFIG` (methods.md section 8), read by the TOML binder of `atomuq train`.
 
 Top level: run_dir, model (bundled name or native model file to start from), generations,
 device, tolerance (relative increase of an evaluation metric over the previous generation that

@@ -40,8 +40,9 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 class ConfigError(AtomuqError):
     """A configuration that cannot be used; the message names the file and the key.
 
-    source: the file (None for a dict built in code: the message then starts with the key); field: dotted key path or None; reason: what is wrong
-    with it, phrased to follow the key (separator between them in the message; None: the reason names the key).
+    source: the file (None for a dict built in code: the message then starts with the key); field: dotted key
+    path or None; reason: what is wrong with it, phrased to follow the key (separator: between the two in the
+    message; None when the reason names the key itself).
     """
 
     def __init__(self, reason: str, *, source: str | Path | None = None, field: str | None = None,

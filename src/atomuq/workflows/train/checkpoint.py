@@ -3,7 +3,7 @@
 train_state.pt (format "atomuq-train-state") is a torch dict: run_id, epoch (completed), config
 (TrainConfig.to_dict()), model_config, the model's, optimiser's and scheduler's state dicts, the
 data-order generator's and torch's RNG states, history (metrics.csv rows), best_epoch, best_metric,
-wall_time_s, training_data_hash, scale_info; and since atomuq 0.x the optional input_hashes
+wall_time_s, training_data_hash, scale_info; and, added with the train package (atomuq 0.1.0), input_hashes
 (SHA-256 of the validation files and the atom weights). Keys are only ever added, so states of
 earlier versions keep loading (tests/test_formats.py holds one).
 """
