@@ -8,6 +8,7 @@ regenerated; a change that stops them loading or resuming breaks users' models a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -22,7 +23,7 @@ from atomuq.core.batch import Batch
 from atomuq.models.checkpoint import load_model, weights_fingerprint
 from atomuq.models.derivatives import evaluate
 from atomuq.workflows.error_log import load_error_log
-from atomuq.workflows.train import TrainCallback, TrainConfig, train_model
+from atomuq.workflows.train import TrainCallback, TrainConfig, config_changes, train_model
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "format_v1"
 EPOCHS_DONE, EPOCHS = 2, 4
@@ -105,3 +106,14 @@ def _toml(path: Path) -> dict:
     import tomllib
 
     return tomllib.loads(path.read_text())
+
+
+def test_a_state_without_a_key_added_later_counts_as_its_default(copy):
+    state = torch.load(copy / "run" / "train_state.pt", weights_only=True)
+    config = TrainConfig.from_toml(copy / "train.toml")
+    assert config_changes(state["config"], config) == []
+    older = {k: v for k, v in state["config"].items() if k != "select_best_by"}
+    older["loss"] = {k: v for k, v in older["loss"].items() if k != "equigrad"}
+    assert config_changes(older, config) == []  # both at their defaults
+    changed = dataclasses.replace(config, select_best_by="energy")
+    assert config_changes(older, changed) == ["select_best_by: 'forces' -> 'energy'"]

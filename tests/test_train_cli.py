@@ -160,3 +160,13 @@ def test_resume_refuses_a_changed_config_naming_the_keys(folder):
     refused(run(folder / "tiny.toml", "--epochs", 3), "epochs: 2 -> 3")
     again = run(folder / "tiny.toml", "--device", "cpu")  # the device may change
     assert again.exit_code == 0 and "already complete" in again.output
+    # so may the folders of the run and its files, not the contents of the files
+    moved = folder / "moved"
+    moved.mkdir()
+    for name in ("tiny.toml", "tiny_train.extxyz", "tiny_val.extxyz", "tiny_run"):
+        shutil.move(folder / name, moved / name)
+    assert "already complete" in run(moved / "tiny.toml").output
+    write(moved / "tiny_val.extxyz", emt_structures(2, n_cells=1, n_molecules=1))
+    refused(run(moved / "tiny.toml"), "data.validation files changed since the run")
+    write(moved / "tiny_train.extxyz", emt_structures(2, n_cells=3, n_molecules=3))
+    refused(run(moved / "tiny.toml"), "the training files changed since the run")

@@ -20,7 +20,8 @@ from atomuq.core.io import Record, file_sha256, read_structures, reference_energ
 from atomuq.core.validate import check_structure
 from atomuq.workflows.losses import Targets
 from atomuq.workflows.toml_config import ConfigError
-from atomuq.workflows.train.config import DataConfig
+from atomuq.models.native import NativeConfig
+from atomuq.workflows.train.config import DataConfig, TrainConfig, native_config
 
 
 @dataclass
@@ -211,3 +212,33 @@ def load_atom_weights(path: Path, n_atoms: int) -> np.ndarray:
     if not np.isfinite(weights).all() or (weights < 0).any() or not weights.sum() > 0:
         raise InputError(f"{path}: atom weights must be finite, >= 0 and not all zero")
     return weights.astype(np.float64)
+
+
+@dataclass
+class Sets:
+    """The labelled training set and the validation set (None without one), and the model's elements."""
+
+    train: LabelledData
+    val: LabelledData | None
+    elements: list[int]
+
+
+def load_sets(config: TrainConfig, model_config: NativeConfig | None) -> tuple[Sets, NativeConfig]:
+    """Read and check the training and validation structures (errors name file and structure); the model
+    config, its elements taken from the data when neither the model nor the [model] table gives them."""
+    where = str(config.source or "config")
+    train_files, val_files = read_sets(config.data, where)
+    if model_config is None:
+        settings = config.model_settings()
+        elements = settings["elements"] if "elements" in settings else elements_in(train_files, val_files)
+        model_config = native_config(config.model, elements=elements)
+    elements = list(model_config.elements)
+    need_energy = config.loss.energy > 0 or config.select_best_by == "energy"
+    train = labelled(train_files, config.data, elements, need_energy, "training")
+    val = labelled(val_files, config.data, elements, need_energy, "validation") if val_files is not None else None
+    if config.data.atom_weights is not None:
+        train.atom_weights = load_atom_weights(config.data.atom_weights, train.n_atoms)
+    if (config.loss.stress > 0 or config.loss.conservative_stress > 0) and not train.stress_mask.any():
+        raise ConfigError("loss.stress / loss.conservative_stress > 0 but no periodic training structure has a "
+                          "stress label", source=where)
+    return Sets(train, val, elements), model_config

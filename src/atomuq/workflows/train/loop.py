@@ -29,8 +29,8 @@ from atomuq.workflows.toml_config import ConfigError
 from atomuq.workflows.train.augment import rotate
 from atomuq.workflows.train.checkpoint import (Progress, Trainables, restore, save_models, save_state, write_config_copies,
                                                write_metrics)
-from atomuq.workflows.train.config import BEST_BY, OptimizerConfig, TrainConfig, native_config
-from atomuq.workflows.train.data import LabelledData, elements_in, labelled, load_atom_weights, read_sets
+from atomuq.workflows.train.config import BEST_BY, OptimizerConfig, TrainConfig
+from atomuq.workflows.train.data import LabelledData, Sets, load_sets
 from atomuq.workflows.train.error_logging import create_error_log, reopen_error_log
 from atomuq.workflows.train.evaluation import evaluate_set
 from atomuq.workflows.train.layout import STATE_FILE
@@ -74,15 +74,6 @@ class TrainResult:
     training_data_hash: str
 
 
-@dataclass
-class Sets:
-    """The labelled training set and the validation set (None without one), and the model's elements."""
-
-    train: LabelledData
-    val: LabelledData | None
-    elements: list[int]
-
-
 def _device(name: str, where: str) -> torch.device:
     try:
         return resolve_device(name)
@@ -97,27 +88,6 @@ def _scheduler(optimizer: torch.optim.Optimizer, config: OptimizerConfig, epochs
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=config.plateau_factor,
                                                           patience=config.plateau_patience, min_lr=config.min_lr)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-
-
-def load_sets(config: TrainConfig, model_config: NativeConfig | None) -> tuple[Sets, NativeConfig]:
-    """Read and check the training and validation structures (errors name file and structure); the model
-    config, its elements taken from the data when neither the model nor the [model] table gives them."""
-    where = str(config.source or "config")
-    train_files, val_files = read_sets(config.data, where)
-    if model_config is None:
-        settings = config.model_settings()
-        elements = settings["elements"] if "elements" in settings else elements_in(train_files, val_files)
-        model_config = native_config(config.model, elements=elements)
-    elements = list(model_config.elements)
-    need_energy = config.loss.energy > 0 or config.select_best_by == "energy"
-    train = labelled(train_files, config.data, elements, need_energy, "training")
-    val = labelled(val_files, config.data, elements, need_energy, "validation") if val_files is not None else None
-    if config.data.atom_weights is not None:
-        train.atom_weights = load_atom_weights(config.data.atom_weights, train.n_atoms)
-    if (config.loss.stress > 0 or config.loss.conservative_stress > 0) and not train.stress_mask.any():
-        raise ConfigError("loss.stress / loss.conservative_stress > 0 but no periodic training structure has a "
-                          "stress label", source=where)
-    return Sets(train, val, elements), model_config
 
 
 def _step_batches(model: NativeModel, parts: Trainables, config: TrainConfig, data: LabelledData, epoch: int,
