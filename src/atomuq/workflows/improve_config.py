@@ -216,6 +216,9 @@ class ImproveConfig:
                 raise ConfigError("is set by the improve loop; remove it", source=source, field=f"finetune.{key}",
                                   separator=" ")
         own, train = _split(finetune, (FinetuneConfig, TrainConfig), at.child("finetune"), skip=set(_LOOP_TRAIN_KEYS))
+        for name in ("loss", "optimizer"):  # read by the mode checks before the fine-tuning table is bound
+            if not isinstance(train.get(name, {}), dict):
+                raise at.child(f"finetune.{name}").error(f"expected a table, got {train[name]!r}")
         try:
             config = cls(
                 run_dir=top.run_dir,
@@ -242,8 +245,11 @@ class ImproveConfig:
 
     def check(self) -> None:
         """Raise InputError / ConfigError on settings that cannot work together, before any work is done."""
-        self.attack.check()
-        self.select.check()
+        for table, settings in (("search", self.attack), ("select", self.select)):
+            try:
+                settings.check()
+            except InputError as exc:  # their messages name the key within the table
+                raise ConfigError(str(exc), source=self.source, field=table) from None
         if self.finetune.mode == "direct" and self.train.get("loss", {}).get("conservative_forces", 0) > 0:
             raise InputError("finetune.mode = 'direct' trains energy + direct forces only; remove finetune.loss.conservative_forces")
         if self.finetune.mode == "conservative" and self.train.get("loss", {}).get("conservative_forces", 1.0) <= 0:

@@ -81,6 +81,11 @@ class At:
         """The location of key `name` inside this table."""
         return dataclasses.replace(self, path=self.path + (name,))
 
+    def item(self, index: int) -> "At":
+        """The location of element index of this array ('files[2]')."""
+        name = f"{self.path[-1]}[{index}]" if self.path else f"[{index}]"
+        return dataclasses.replace(self, path=self.path[:-1] + (name,))
+
     def error(self, reason: str, separator: str = ": ") -> ConfigError:
         """A ConfigError about this key."""
         return ConfigError(reason, source=self.source, field=self.key, separator=separator)
@@ -242,7 +247,7 @@ def coerce(value: Any, kind: Any, at: At) -> Any:
         items = [value] if args[0] is Path and isinstance(value, (str, Path)) else value
         if not isinstance(items, (list, tuple)):
             raise bad
-        return tuple(coerce(v, args[0], at) for v in items)
+        return tuple(coerce(v, args[0], at.item(k)) for k, v in enumerate(items))
     if origin is typing.Literal:
         if value not in args:
             raise bad
