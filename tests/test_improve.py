@@ -266,3 +266,21 @@ def test_evaluation_keeps_its_finished_parts(folder, tmp_path):
     assert evaluation["fresh"] == parts["fresh"] and evaluation["md"]["runs"] == 1
     assert not (gen0 / "evaluation.partial.json").exists()
     assert (config.run_dir / "gen_001" / SEARCH_FILE).is_file() and not (config.run_dir / "gen_001" / SELECTED_FILE).exists()
+
+
+def test_finetune_on_several_small_files_with_a_validation_split(folder, tmp_path):
+    """Issue 12 item 2: a later generation fine-tunes on several small labelled files (finetune.accumulate) plus the
+    replay subset; a file with no structure in the validation split (or none left for training) used to crash it."""
+    from atomuq.workflows.improve import finetune
+
+    config = dataclasses.replace(ImproveConfig.from_toml(folder / "improve.toml"), run_dir=tmp_path / "loop")
+    config = dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, accumulate=True))
+    cells = read(folder / "cu_train.extxyz", ":")
+    labelled = [tmp_path / "gen_001.extxyz", tmp_path / "gen_002.extxyz"]
+    write(labelled[0], cells[:1])  # one structure: in one of the two splits only
+    write(labelled[1], cells[1:4])
+    info = finetune(config, tmp_path, labelled, folder / "model.pt", 2, ImproveCallback())
+    assert info["epochs"] == 2 and info["new"] == 4 and info["replay"] == 4
+    files = json.loads((tmp_path / "finetune" / "error_log" / "error_log.json").read_text())["training_files"]
+    assert [Path(f["path"]).name for f in files] == ["gen_001.extxyz", "gen_002.extxyz", "replay.extxyz"]
+    assert sum(f["n_structures"] for f in files) == 6  # 8 structures, 2 held out for validation

@@ -18,6 +18,7 @@ import torch
 from ase.calculators.emt import EMT
 from ase.io import read, write
 from conftest import emt_structures
+from single_thread import one_thread  # noqa: F401  (one torch thread in this module)
 from typer.testing import CliRunner
 
 from atomuq.cli.main import app
@@ -26,6 +27,7 @@ from atomuq.core.errors import InputError
 from atomuq.models.checkpoint import load_model, weights_fingerprint
 from atomuq.models.derivatives import evaluate, rotational_gradient_norm
 from atomuq.workflows import train as train_module
+from atomuq.workflows.train import loop as train_loop
 from atomuq.workflows.error_log import load_error_log
 from atomuq.workflows.train import (
     ConfigError,
@@ -36,21 +38,13 @@ from atomuq.workflows.train import (
     fit_reference_energies,
     random_rotations,
     rotate,
+    split_validation,
     train_model,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "train_tiny.toml"
 EPOCHS = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster than two on a shared machine, and keeps runs comparable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +267,18 @@ def test_bad_config_keys_give_clear_errors(tmp_path):
         "typo": (good.replace("conservative_stress = 1.0", "conservative_stres = 1.0"),
                  ["loss.conservative_stres", "did you mean 'loss.conservative_stress'"]),
         "top": (good.replace("seed = 0", "sed = 0"), ["unknown key 'sed'", "did you mean 'seed'"]),
-        "type": (good.replace("lr = 3e-3", 'lr = "fast"'), ["optimizer.lr", "expects float"]),
+        "type": (good.replace("lr = 3e-3", 'lr = "fast"'), ["optimizer.lr: expected float, got 'fast'"]),
+        "int": (good.replace("epochs = 4", 'epochs = "ten"'), ["epochs: expected int, got 'ten'"]),
+        "float int": (good.replace("epochs = 4", "epochs = 4.5"), ["epochs: expected int, got 4.5"]),
+        "bool": (good.replace("augment_rotations = true", "augment_rotations = 1"),
+                 ["augment_rotations: expected true or false, got 1"]),
+        "paths": (good.replace('train = ["tiny_train.extxyz"]', "train = 3"), ["data.train: expected a list of paths"]),
+        "model type": (good.replace("latent = 16", 'latent = "16"'), ["model.latent: expected int, got '16'"]),
+        "element": (good.replace("latent = 16", 'latent = 16\nelements = ["Cu", "Xx"]'),
+                    ["model.elements: 'Xx' is not an element symbol"]),
+        "nan": (good.replace("lr = 3e-3", "lr = nan"), ["optimizer.lr: must be finite"]),
+        "lr": (good.replace("lr = 3e-3", "lr = -1.0"), ["optimizer.lr must be positive, got -1.0"]),
+        "table": ("optimizer = 3\n" + good.split("[optimizer]")[0], ["optimizer: expected a table, got 3"]),
         "model": (good.replace("latent = 16", "latnt = 16"), ["model.latnt", "did you mean 'model.latent'"]),
         "missing": (good.replace('train = ["tiny_train.extxyz"]', ""), ["missing required key data.train"]),
         "value": (good.replace("epochs = 4", "epochs = 0"), ["epochs must be >= 1"]),
@@ -314,7 +319,7 @@ def test_error_log_reader_names_truncated_and_empty_files(baseline, tmp_path):
 
 
 def test_nan_loss_stops_naming_epoch_and_batch(data_dir, monkeypatch):
-    real = train_module.compute_losses
+    real = train_loop.compute_losses
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -322,7 +327,7 @@ def test_nan_loss_stops_naming_epoch_and_batch(data_dir, monkeypatch):
         calls["n"] += 1
         return (total * float("nan"), terms) if calls["n"] == 2 else (total, terms)
 
-    monkeypatch.setattr(train_module, "compute_losses", poisoned)
+    monkeypatch.setattr(train_loop, "compute_losses", poisoned)
     config = _config(data_dir, "nan", epochs=1)
     with pytest.raises(TrainingError, match="epoch 1, batch 2 of 3"):
         train_model(config)
@@ -372,7 +377,6 @@ def test_cli_trains_resumes_and_reports_errors(data_dir):
 
 def test_validation_fraction_holds_out_a_fixed_subset(data_dir, tmp_path):
     from atomuq.core.io import read_structures
-    from atomuq.workflows.train import split_validation
 
     records = read_structures([data_dir / "tiny_train.extxyz"])
     train_a, val_a = split_validation(records, 0.25, seed=0)
@@ -398,3 +402,48 @@ def test_validation_fraction_holds_out_a_fixed_subset(data_dir, tmp_path):
     (data_dir / "both.toml").write_text(bad)
     with pytest.raises(ConfigError, match="not both"):
         TrainConfig.from_toml(data_dir / "both.toml")
+
+
+def _held_out_seed(records, fraction, in_validation: bool, index: int) -> int:
+    """A validation_seed that puts records[index] into the validation split (or keeps it for training)."""
+    return next(s for s in range(200)
+                if (records[index] in split_validation(records, fraction, s)[1]) == in_validation)
+
+
+@pytest.mark.parametrize("small_file_held_out", [True, False])
+def test_two_training_files_when_one_has_no_structure_in_a_split(data_dir, tmp_path, small_file_held_out):
+    """Issue 12 item 2: a file with no structure in the training (or the validation) split used to crash the run
+    ('records of 1 files for 2 paths'); per-file counts, the error log and the frame map must allow empty files."""
+    from atomuq.core.io import read_structures
+    from atomuq.workflows.ltau import training_records
+
+    big, small = tmp_path / "big.extxyz", tmp_path / "small.extxyz"
+    shutil.copy(data_dir / "tiny_train.extxyz", big)
+    write(small, read(data_dir / "tiny_val.extxyz", "0"))  # one structure
+    paths = [big, small]
+    records = read_structures(paths)
+    seed = _held_out_seed(records, 0.25, small_file_held_out, len(records) - 1)
+    base = _config(data_dir, "unused")
+    data = dataclasses.replace(base.data, train=tuple(paths), validation=(), validation_fraction=0.25,
+                               validation_seed=seed)
+    config = dataclasses.replace(base, run_dir=tmp_path / "run", data=data, epochs=1)
+    result = train_model(config)
+    assert result.epochs_completed == 1 and np.isfinite(result.history[0]["val_forces_mae"])
+    log = load_error_log(tmp_path / "run" / "error_log")
+    files = log.metadata["training_files"]
+    kept = [r for r in split_validation(records, 0.25, seed)[0]]
+    assert [f["path"] for f in files] == [str(big), str(small)]
+    assert [f["n_structures"] for f in files] == [sum(r.source == str(p) for r in kept) for p in paths]
+    assert files[1]["n_structures"] == (0 if small_file_held_out else 1)
+    assert sum(f["n_atoms"] for f in files) == log.n_atoms
+    # LTAU finds the logged structures again from the files
+    again = training_records(log, paths)
+    assert [(r.source, r.index) for r in again] == [(r.source, r.index) for r in kept]
+    # the same through the CLI
+    toml = tmp_path / "two.toml"
+    toml.write_text((data_dir / "tiny.toml").read_text()
+                    .replace('train = ["tiny_train.extxyz"]', f'train = ["{big}", "{small}"]')
+                    .replace('validation = ["tiny_val.extxyz"]', f"validation_fraction = 0.25\nvalidation_seed = {seed}")
+                    .replace("epochs = 4", "epochs = 1").replace('"tiny_run"', f'"{tmp_path / "cli_run"}"'))
+    out = CliRunner().invoke(app, ["train", str(toml)])
+    assert out.exit_code == 0, out.output

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
@@ -10,9 +9,12 @@ import typer
 from ase.data import chemical_symbols
 from rich.progress import Progress
 
-from atomuq.cli.common import check_device, console, fail, progress_bar, user_errors
+from atomuq.cli.common import EXIT_INTERRUPTED, check_device, console, fail, progress_bar, user_errors
+from atomuq.core.errors import AtomuqError, InputError
+from atomuq.core.paths import check_output_dir
 from atomuq.models.native import NativeModel
-from atomuq.workflows.train import STATE_FILE, TrainCallback, TrainConfig, train_model
+from atomuq.workflows.train import STATE_FILE, ConfigError, TrainCallback, TrainConfig, train_model
+from atomuq.workflows.train.checkpoint import load_state
 
 
 def _fmt(value: Any, scale: float = 1.0, digits: int = 4) -> str:
@@ -65,6 +67,29 @@ class RichTrainCallback(TrainCallback):
         self.bar.advance(self.epochs_task)
 
 
+#: TrainConfig keys the command's options override, and the option that sets each
+_FLAGS = {"device": "--device", "seed": "--seed", "run_dir": "--run-dir", "epochs": "--epochs"}
+
+
+def _flagged(exc: ConfigError, given: dict[str, Any]) -> AtomuqError:
+    """A configuration error about a key an option set, reworded to name the option."""
+    if exc.field in given:
+        return InputError(f"{_FLAGS[exc.field]} {given[exc.field]}: {exc.reason}")
+    return exc
+
+
+def _interrupted(run_dir: Path) -> str:
+    """What Ctrl-C left: the last completed epoch and how to resume, or that no epoch was completed."""
+    state = run_dir / STATE_FILE
+    try:
+        done = load_state(state, run_dir)["epoch"] if state.is_file() else 0
+    except AtomuqError:
+        done = 0
+    if done:
+        return f"interrupted; {state} holds epoch {done}: run the same command again to resume from there"
+    return "interrupted before the first epoch completed; run the same command again to start over"
+
+
 def train(
     config: Path = typer.Argument(..., help="TOML training configuration (paths in it are relative to its folder)."),
     resume: bool = typer.Option(False, "--resume", help=f"Require an existing run to resume (a run resumes "
@@ -75,22 +100,25 @@ def train(
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the config's number of epochs."),
 ) -> None:
     """Train or fine-tune the native model (energies eV, forces eV/Å); writes best.pt, last.pt, metrics.csv and the per-atom error log."""
+    given = {k: v for k, v in {"device": device, "seed": seed, "run_dir": run_dir, "epochs": epochs}.items()
+             if v is not None}
     with user_errors():
-        cfg = TrainConfig.from_toml(config)
         if device is not None:
-            cfg = dataclasses.replace(cfg, device=check_device(device))
-        if seed is not None:
-            cfg = dataclasses.replace(cfg, seed=seed)
-        if run_dir is not None:
-            cfg = dataclasses.replace(cfg, run_dir=run_dir)
-        if epochs is not None:
-            cfg = dataclasses.replace(cfg, epochs=epochs)
+            check_device(device)
+        if run_dir is not None:  # checked before the config, under the option's name
+            check_output_dir(run_dir, "--run-dir")
+        overrides = {**given, **({"run_dir": str(run_dir.resolve())} if run_dir is not None else {})}
+        try:
+            cfg = TrainConfig.from_toml(config, overrides=overrides)
+        except ConfigError as exc:
+            raise _flagged(exc, given) from None
         with progress_bar() as bar:
             try:
                 result = train_model(cfg, resume=True if resume else None, callback=RichTrainCallback(bar))
+            except ConfigError as exc:
+                raise _flagged(exc, given) from None
             except KeyboardInterrupt:
-                fail(f"interrupted; run the same command again to resume from the last completed epoch "
-                     f"({cfg.run_dir / STATE_FILE})", code=130)
+                fail(_interrupted(cfg.run_dir), code=EXIT_INTERRUPTED)
     if result.epochs_completed == result.start_epoch:
         console.print(f"{cfg.run_dir}: already complete ({result.epochs_completed} of {cfg.epochs} epochs)")
     console.print(f"best epoch {result.best_epoch} ({result.best_metric_name} {result.best_metric:.4g}); "

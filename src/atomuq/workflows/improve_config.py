@@ -1,4 +1,4 @@
-"""Configuration of `atomuq improve CONFIG` (methods.md section 8), read from TOML like `atomuq train`'s.
+"""Configuration of `atomuq improve CONFIG` (methods.md section 8), read by the TOML binder of `atomuq train`.
 
 Top level: run_dir, model (bundled name or native model file to start from), generations,
 device, tolerance (relative increase of an evaluation metric over the previous generation that
@@ -35,9 +35,11 @@ from atomuq.core.errors import InputError
 from atomuq.models.registry import bundled_models
 from atomuq.workflows.attack import AttackSettings
 from atomuq.workflows.selection import SelectionSettings
-from atomuq.workflows.train import ConfigError, TrainConfig, _jsonable, _unknown_key, config_section, read_toml
+from atomuq.workflows.toml_config import At, ConfigError, FieldError, bind_at, read_toml, to_jsonable, toml_fields
+from atomuq.workflows.train import TrainConfig
 
 MODES = ("direct", "conservative")
+_TABLES = ("search", "select", "label", "finetune", "evaluate")
 #: TrainConfig keys the loop sets itself
 _LOOP_TRAIN_KEYS = ("run_dir", "data", "init_from", "model")
 
@@ -53,9 +55,10 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         if not self.starts:
-            raise ValueError("search.starts must name at least one file")
-        if self.n_starts < 1 or self.batch_size < 1:
-            raise ValueError("search.n_starts and search.batch_size must be >= 1")
+            raise FieldError("starts", "must name at least one file")
+        for name in ("n_starts", "batch_size"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ class LabelConfig:
 
     def __post_init__(self) -> None:
         if self.workers < 1:
-            raise ValueError(f"label.workers must be >= 1, got {self.workers}")
+            raise FieldError("workers", f"must be >= 1, got {self.workers}")
 
 
 @dataclass(frozen=True)
@@ -82,13 +85,13 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"finetune.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+            raise FieldError("mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not 0.0 <= self.replay_fraction < 1.0:
-            raise ValueError(f"finetune.replay_fraction must be in [0, 1), got {self.replay_fraction}")
+            raise FieldError("replay_fraction", f"must be in [0, 1), got {self.replay_fraction}")
         if self.replay_fraction > 0 and not self.replay:
-            raise ValueError("finetune.replay_fraction > 0 needs finetune.replay (the original training files)")
+            raise FieldError("replay_fraction", "> 0 needs finetune.replay (the original training files)")
         if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError(f"finetune.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+            raise FieldError("validation_fraction", f"must be in [0, 1), got {self.validation_fraction}")
 
 
 @dataclass(frozen=True)
@@ -114,14 +117,14 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         for name in ("batch_size", "fresh_n", "md_n", "traj_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"evaluate.{name} must be >= 1, got {getattr(self, name)}")
+                raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.fresh_steps < 0:
-            raise ValueError(f"evaluate.fresh_steps must be >= 0, got {self.fresh_steps}")
+            raise FieldError("fresh_steps", f"must be >= 0, got {self.fresh_steps}")
         for name in ("temperature_K", "nve_ps", "timestep_fs", "max_temperature_K"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"evaluate.{name} must be positive, got {getattr(self, name)}")
+                raise FieldError(name, f"must be positive, got {getattr(self, name)}")
         if self.equilibration_ps < 0:
-            raise ValueError(f"evaluate.equilibration_ps must be >= 0, got {self.equilibration_ps}")
+            raise FieldError("equilibration_ps", f"must be >= 0, got {self.equilibration_ps}")
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,7 @@ class ImproveConfig:
             "data": {"train": [str(p) for p in train_files], "validation_fraction": self.finetune.validation_fraction},
         }
         table.setdefault("device", self.device)
-        return TrainConfig.from_dict(table, base_dir=self.base_dir, source=self.source)
+        return TrainConfig.from_dict(table, base_dir=self.base_dir, source=self.source, prefix="finetune.")
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "ImproveConfig":
@@ -193,30 +196,29 @@ class ImproveConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], base_dir: str | Path = ".", source: Path | None = None) -> "ImproveConfig":
         """Build from a nested dict (as TOML gives); relative paths are taken relative to base_dir."""
-        where = str(source) if source is not None else "config"
-        base = Path(base_dir).resolve()
+        at = At(None if source is None else str(source), Path(base_dir).resolve())
         data = dict(data)
-        tables = {name: _table(data.pop(name, {}), name, where) for name in ("search", "select", "label", "finetune", "evaluate")}
-        if "search" not in tables or not tables["search"]:
-            raise ConfigError(f"{where}: missing [search] table (at least search.starts)")
-        top = config_section(_Top, data, "", where, base)
-        search = dict(tables["search"])
-        search_keys = {f.name for f in dataclasses.fields(SearchConfig)}
-        attack_keys = {f.name for f in dataclasses.fields(AttackSettings)} - {"seed"}
-        for key in search:
-            if key not in search_keys | attack_keys:
-                raise _unknown_key(key, sorted(search_keys | attack_keys), where, "search.")
-        attack = config_section(AttackSettings, {k: v for k, v in search.items() if k in attack_keys}, "search.", where, base)
-        attack = dataclasses.replace(attack, seed=int(search.get("seed", 0)))
+        tables = {name: data.pop(name, {}) for name in _TABLES}
+        for name, table in tables.items():
+            if not isinstance(table, dict):
+                raise at.child(name).error(f"expected a table, got {table!r}")
+        if not tables["search"]:
+            raise ConfigError("missing [search] table (at least search.starts)", source=source, field="search", separator=None)
+        top = bind_at(_Top, data, at)
+        search, attack = _split(tables["search"], (SearchConfig, AttackSettings), at.child("search"), skip={"seed"})
         label = dict(tables["label"])
         options = label.pop("options", {})
         if not isinstance(options, dict):
-            raise ConfigError(f"{where}: 'label.options' must be a table")
+            raise at.child("label.options").error(f"expected a table, got {options!r}")
         finetune = dict(tables["finetune"])
-        own = {f.name for f in dataclasses.fields(FinetuneConfig)}
         for key in _LOOP_TRAIN_KEYS:
             if key in finetune:
-                raise ConfigError(f"{where}: 'finetune.{key}' is set by the improve loop; remove it")
+                raise ConfigError("is set by the improve loop; remove it", source=source, field=f"finetune.{key}",
+                                  separator=" ")
+        own, train = _split(finetune, (FinetuneConfig, TrainConfig), at.child("finetune"), skip=set(_LOOP_TRAIN_KEYS))
+        for name in ("loss", "optimizer"):  # read by the mode checks before the fine-tuning table is bound
+            if not isinstance(train.get(name, {}), dict):
+                raise at.child(f"finetune.{name}").error(f"expected a table, got {train[name]!r}")
         try:
             config = cls(
                 run_dir=top.run_dir,
@@ -224,34 +226,36 @@ class ImproveConfig:
                 generations=top.generations,
                 device=top.device,
                 tolerance=top.tolerance,
-                search=config_section(SearchConfig, {k: v for k, v in search.items() if k in search_keys}, "search.", where, base),
-                attack=attack,
-                select=config_section(SelectionSettings, tables["select"], "select.", where, base),
-                label=config_section(LabelConfig, label, "label.", where, base),
+                search=bind_at(SearchConfig, search, at.child("search")),
+                attack=dataclasses.replace(bind_at(AttackSettings, attack, at.child("search")),
+                                           seed=int(search.get("seed", 0))),
+                select=bind_at(SelectionSettings, tables["select"], at.child("select")),
+                label=bind_at(LabelConfig, label, at.child("label")),
                 label_options=options,
-                finetune=config_section(FinetuneConfig, {k: v for k, v in finetune.items() if k in own}, "finetune.", where, base),
-                train={k: v for k, v in finetune.items() if k not in own},
-                evaluate=config_section(EvaluateConfig, tables["evaluate"], "evaluate.", where, base),
+                finetune=bind_at(FinetuneConfig, own, at.child("finetune")),
+                train=train,
+                evaluate=bind_at(EvaluateConfig, tables["evaluate"], at.child("evaluate")),
                 source=source,
-                base_dir=base,
+                base_dir=at.base,
             )
             config.check()
         except InputError as exc:
-            raise ConfigError(f"{where}: {exc}") from exc
+            raise ConfigError(str(exc), source=source) from exc
         return config
 
     def check(self) -> None:
         """Raise InputError / ConfigError on settings that cannot work together, before any work is done."""
-        self.attack.check()
-        self.select.check()
+        for table, settings in (("search", self.attack), ("select", self.select)):
+            try:
+                settings.check()
+            except InputError as exc:  # their messages name the key within the table
+                raise ConfigError(str(exc), source=self.source, field=table) from None
         if self.finetune.mode == "direct" and self.train.get("loss", {}).get("conservative_forces", 0) > 0:
             raise InputError("finetune.mode = 'direct' trains energy + direct forces only; remove finetune.loss.conservative_forces")
         if self.finetune.mode == "conservative" and self.train.get("loss", {}).get("conservative_forces", 1.0) <= 0:
             raise InputError("finetune.mode = 'conservative' needs finetune.loss.conservative_forces > 0")
-        try:  # the fine-tuning table is checked now, not after the first search and labelling
-            self.train_config(self.run_dir / "check", [self.run_dir / "check.extxyz"], self.run_dir / "check.pt")
-        except ConfigError as exc:
-            raise ConfigError(f"{exc} (in the [finetune] table)") from None
+        # the fine-tuning table is checked now, not after the first search and labelling
+        self.train_config(self.run_dir / "check", [self.run_dir / "check.extxyz"], self.run_dir / "check.pt")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict for the state file and resume checks (generations excluded: it may grow)."""
@@ -260,8 +264,8 @@ class ImproveConfig:
             if f.name in ("source", "base_dir", "generations"):
                 continue
             value = getattr(self, f.name)
-            out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-        return _jsonable(out)
+            out[f.name] = value
+        return to_jsonable(out)
 
 
 @dataclass(frozen=True)
@@ -276,12 +280,17 @@ class _Top:
 
     def __post_init__(self) -> None:
         if self.generations < 1:
-            raise ValueError(f"generations must be >= 1, got {self.generations}")
+            raise FieldError("generations", f"must be >= 1, got {self.generations}")
         if not (self.tolerance >= 0 and math.isfinite(self.tolerance)):
-            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+            raise FieldError("tolerance", f"must be >= 0, got {self.tolerance}")
 
 
-def _table(value: Any, name: str, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: '{name}' must be a table, got {type(value).__name__}")
-    return value
+def _split(table: dict[str, Any], classes: tuple[type, type], at: At, skip: set[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A table whose keys belong to two dataclasses, split into the first's keys and the second's (minus skip);
+    an unknown key names the table and the closest key of either."""
+    first = {f.name for f in toml_fields(classes[0])}
+    second = {f.name for f in toml_fields(classes[1])} - skip - first
+    for key in table:
+        if key not in first | second:
+            raise at.unknown(key, sorted(first | second))
+    return {k: v for k, v in table.items() if k in first}, {k: v for k, v in table.items() if k in second}

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from atomuq.models.derivatives import Prediction
 from atomuq.uq.confidence import error_bins
+from atomuq.workflows.toml_config import FieldError
 
 #: names of the loss terms, in the order they are reported
 TERMS = ("energy", "forces", "conservative_forces", "stress", "conservative_stress", "equigrad", "confidence")
@@ -42,13 +43,13 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         if not self.huber_delta > 0:
-            raise ValueError(f"loss.huber_delta must be positive, got {self.huber_delta}")
+            raise FieldError("huber_delta", f"must be positive, got {self.huber_delta}")
         for f in fields(self):
             if f.name != "huber_delta" and not getattr(self, f.name) >= 0:
-                raise ValueError(f"loss.{f.name} must be a weight >= 0, got {getattr(self, f.name)}")
+                raise FieldError(f.name, f"must be a weight >= 0, got {getattr(self, f.name)}")
         fitted = ("energy", "forces", "conservative_forces", "stress", "conservative_stress")
         if all(getattr(self, name) == 0 for name in fitted):
-            raise ValueError(f"at least one of loss.{', loss.'.join(fitted)} must be > 0")
+            raise FieldError("", f"at least one of the weights {', '.join(fitted)} must be > 0")
 
     @property
     def needs_conservative(self) -> bool:
