@@ -12,15 +12,15 @@ Frames get info 'temperature' (the target, K), 'source' (input file:index), 'md_
 Finished frames go to OUTPUT.partial at once; a rerun keeps the finished trajectories and runs the
 unfinished ones again from their start (same seed, so the same frames). The final file is written
 atomically. A trajectory whose calculation fails keeps the frames it produced; the failure (file,
-index, temperature, step) goes to OUTPUT.failures.jsonl.
+index, temperature, step) goes to OUTPUT.failures.jsonl. Inputs and output paths are checked before
+any MD step (atomuq.workflows.label.check_run); worker processes (atomuq.core.workers) run whole
+trajectories, stream their frames back as they come and die with the sampling process.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import contextlib
 import dataclasses
-import multiprocessing
-import queue as queue_module
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -34,13 +34,13 @@ from ase.md import velocitydistribution
 from ase.md.langevin import Langevin
 
 from atomuq.core.errors import InputError
-from atomuq.core.io import Record
-from atomuq.core.io import write_structures
-from atomuq.core.labelling import (
-    LabellingError, PartialFrames, ReferenceMethod, as_records, attach_labels, compute_labels, failures_path,
-    get_method, openmp_threads, partial_path, single_thread_env, structure_hash, write_failures,
-)
-from atomuq.core.validate import DEFAULT_MIN_DISTANCE, check_structure
+from atomuq.core.io import Record, write_structures
+from atomuq.core.validate import DEFAULT_MIN_DISTANCE
+from atomuq.core.workers import WorkerDied, run_tasks, send
+from atomuq.reference import ReferenceMethod, get_method
+from atomuq.reference.files import PartialFrames, failures_path, partial_path, structure_hash, write_failures
+from atomuq.reference.labels import attach_labels, compute_labels, error_text
+from atomuq.workflows.label import LabellingError, as_records, check_run, worker_died
 
 #: info keys of every sampled frame, with units
 FRAME_INFO = {
@@ -209,8 +209,7 @@ def run_trajectory(
     except _TrajectoryFailed:
         raise
     except Exception as exc:  # a calculator failure ends this trajectory, recorded by the caller
-        text = str(exc).strip().splitlines()
-        raise _TrajectoryFailed(step, f"{type(exc).__name__}: {text[0] if text else ''}"[:500]) from exc
+        raise _TrajectoryFailed(step, error_text(exc)) from exc
 
 
 def _chunks(total: int, size: int) -> list[int]:
@@ -218,29 +217,18 @@ def _chunks(total: int, size: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------
-# worker processes: each runs whole trajectories and streams frames back through a queue
-
-_WORKER: dict[str, Any] = {}
+# one trajectory as a task of atomuq.core.workers.run_tasks: frames and progress are sent as they come
 
 
-def _init_sample_worker(method: ReferenceMethod, settings: SampleSettings, queue: Any) -> None:
-    _WORKER.update(method=method, settings=settings, queue=queue)
-
-
-def _trajectory_task(record: Record, spec: TrajectorySpec) -> tuple[int, int, int | None, str | None]:
-    """(trajectory id, frames emitted, failed step or None, error or None), frames sent through the queue."""
-    q = _WORKER["queue"]
-    count = [0]
-
-    def emit(k: int, frame: Atoms) -> None:
-        q.put(("frame", spec.id, k, frame))
-        count[0] += 1
-
+def _trajectory_task(record: Record, spec: TrajectorySpec, method: ReferenceMethod,
+                     settings: SampleSettings) -> tuple[int | None, str | None]:
+    """(None, None), or (failed step, error); sends ('frame', trajectory id, k, frame) and ('steps', n)."""
     try:
-        run_trajectory(record, spec, _WORKER["method"], _WORKER["settings"], emit, lambda n: q.put(("steps", n)))
+        run_trajectory(record, spec, method, settings, lambda k, frame: send(("frame", spec.id, k, frame)),
+                       lambda n: send(("steps", n)))
     except _TrajectoryFailed as exc:
-        return spec.id, count[0], exc.step, exc.error
-    return spec.id, count[0], None, None
+        return exc.step, exc.error
+    return None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,12 +257,9 @@ def sample_structures(
     records = as_records(structures)
     if not records:
         raise InputError("no structures to sample from")
-    ref = get_method(method, options)
-    for rec in records:
-        check_structure(rec.atoms, rec.where, None, min_distance)
-        ref.check(rec.atoms, rec.where)
-    ref.make_calculator()  # fail now if the package or an option is wrong
+    ref = get_method(method, options, log)
     output = Path(output)
+    check_run(records, ref, output, min_distance)
     settings_repr = dataclasses.astuple(dataclasses.replace(settings, temperatures=()))
     specs: list[TrajectorySpec] = []
     for pos, rec in enumerate(records):
@@ -328,17 +313,20 @@ def sample_structures(
         if progress:  # the rest of this trajectory will not run
             progress(settings.steps_per_trajectory - step)
 
-    try:
-        if min(workers, len(todo)) <= 1:
-            with openmp_threads(1):
-                for spec in todo:
-                    try:
-                        run_trajectory(records[spec.position], spec, ref, settings,
-                                       lambda k, f, tid=spec.id: keep(tid, k, f), advance)
-                    except _TrajectoryFailed as exc:
-                        failed(spec, exc.step, exc.error)
+    def handle(message: tuple) -> None:
+        if message[0] == "frame":
+            keep(*message[1:])
         else:
-            _run_in_pool(records, todo, ref, settings, min(workers, len(todo)), keep, advance, failed)
+            advance(message[1])
+
+    try:
+        tasks = [(records[s.position], s, ref, settings) for s in todo]
+        with contextlib.closing(run_tasks(_trajectory_task, tasks, workers, on_message=handle)) as outcomes:
+            for k, (step, error) in outcomes:
+                if error is not None:
+                    failed(todo[k], step, error)
+    except WorkerDied as exc:
+        raise worker_died(exc, "finished trajectories") from exc
     finally:
         partial.close()
         failures.sort(key=lambda f: (f.position, f.temperature))
@@ -360,51 +348,3 @@ def sample_structures(
     return SampleReport(output, len(specs), len(frames), len(finished), failures,
                         time.perf_counter() - t_start, steps_done[0], flog)
 
-
-def _run_in_pool(records: Sequence[Record], todo: Sequence[TrajectorySpec], method: ReferenceMethod,
-                 settings: SampleSettings, workers: int, keep: Callable[[int, int, Atoms], None],
-                 advance: Callable[[int], None], failed: Callable[[TrajectorySpec, int, str], None]) -> None:
-    """Run trajectories in worker processes, writing their frames here as they arrive."""
-    ctx = multiprocessing.get_context("spawn")
-    q = ctx.Queue()
-    received: dict[int, int] = defaultdict(int)
-    expected: dict[int, int] = {}
-    by_id = {s.id: s for s in todo}
-
-    def handle(msg: tuple) -> None:
-        if msg[0] == "frame":
-            _, tid, k, frame = msg
-            keep(tid, k, frame)
-            received[tid] += 1
-        else:
-            advance(msg[1])
-
-    with single_thread_env(), cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
-                                                      initializer=_init_sample_worker,
-                                                      initargs=(method, settings, q)) as pool:
-        futures = {pool.submit(_trajectory_task, records[s.position], s) for s in todo}
-        try:
-            while futures or any(received[t] < n for t, n in expected.items()):
-                try:
-                    handle(q.get(timeout=0.2))
-                    continue
-                except queue_module.Empty:
-                    pass
-                done = {f for f in futures if f.done()}
-                for fut in done:
-                    tid, n_emitted, step, error = fut.result()
-                    expected[tid] = n_emitted
-                    if error is not None:
-                        failed(by_id[tid], step, error)
-                futures -= done
-        except cf.process.BrokenProcessPool as exc:
-            raise LabellingError(f"a sampling worker process died ({exc}); finished trajectories are kept: rerun "
-                                 "the same command to resume, or use --workers 1 to see the crash") from exc
-        finally:
-            for fut in futures:
-                fut.cancel()
-        while True:  # progress messages still in the queue
-            try:
-                handle(q.get_nowait())
-            except queue_module.Empty:
-                break
