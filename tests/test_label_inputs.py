@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import atomuq.workflows.label as label_module
 import atomuq.workflows.sample as sample_module
+import atomuq.workflows.sample_trajectory as trajectory_module
 from atomuq.cli.main import app
 from atomuq.core.errors import InputError
 from atomuq.reference import INSTALL_HINT, ReferenceMethod, available_methods, get_method
@@ -224,7 +225,7 @@ def test_ctrl_c_exits_130_keeps_the_finished_frames_and_the_rerun_resumes(tmp_pa
 def test_sample_ctrl_c_exits_130_and_keeps_its_frames(tmp_path, monkeypatch):
     inp, out = tmp_path / "in.extxyz", tmp_path / "out.extxyz"
     write(inp, copper(2))
-    real = sample_module.compute_labels
+    real = trajectory_module.compute_labels
     calls = []
 
     def interrupted(atoms, calc):
@@ -233,11 +234,11 @@ def test_sample_ctrl_c_exits_130_and_keeps_its_frames(tmp_path, monkeypatch):
         calls.append(1)
         return real(atoms, calc)
 
-    monkeypatch.setattr(sample_module, "compute_labels", interrupted)
+    monkeypatch.setattr(trajectory_module, "compute_labels", interrupted)
     res = run("sample", inp, "-o", out, "--method", "emt", *SAMPLE_ARGS)
     assert res.exit_code == 130 and "rerun the same command to resume" in res.output, res.output
     assert not out.exists() and len(PartialFrames(partial_path(out)).load()) == 3
-    monkeypatch.setattr(sample_module, "compute_labels", real)
+    monkeypatch.setattr(trajectory_module, "compute_labels", real)
     res = run("sample", inp, "-o", out, "--method", "emt", *SAMPLE_ARGS)
     assert res.exit_code == 0 and "(1 resumed)" in res.output, res.output
     assert len(read(out, ":")) == 4

@@ -9,6 +9,7 @@ and looks for survivors by process group (workers keep the group of the command 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -238,3 +239,34 @@ def test_sigkill_of_label_with_workers_leaves_no_worker_and_the_rerun_resumes(tm
         np.testing.assert_allclose(frames[k].positions, cells[k].positions, atol=1e-7)
         assert frames[k].get_potential_energy() == pytest.approx(ref.get_potential_energy(), abs=1e-6)
         np.testing.assert_allclose(frames[k].get_forces(), ref.get_forces(), atol=1e-6)  # extxyz keeps ~8 decimals
+
+
+def test_sampling_in_workers_gives_the_frames_of_sampling_here(tmp_path):
+    from atomuq.workflows.sample import SampleSettings, sample_structures
+
+    cells = _copper_cells(2)
+    for a in cells:
+        del a[16:]  # 48-atom cells: cheap
+    settings = SampleSettings((300.0, 900.0), steps=6, interval=3, seed=4)
+    steps_here: list[int] = []
+    steps_pool: list[int] = []
+    here = sample_structures(cells, "emt", tmp_path / "here.extxyz", settings, workers=1, progress=steps_here.append)
+    pool = sample_structures(cells, "emt", tmp_path / "pool.extxyz", settings, workers=2, progress=steps_pool.append)
+    assert here.n_frames == pool.n_frames == 4 * 2 and sum(steps_here) == sum(steps_pool) == 4 * 6
+    a, b = read(here.output, ":"), read(pool.output, ":")
+    for x, y in zip(a, b):
+        assert (x.info["md_trajectory"], x.info["md_frame"]) == (y.info["md_trajectory"], y.info["md_frame"])
+        np.testing.assert_array_equal(x.positions, y.positions)
+        np.testing.assert_array_equal(x.get_forces(), y.get_forces())
+
+
+def test_what_a_worker_imports_is_light_and_core_needs_no_reference_package():
+    code = ("import sys, atomuq.core.workers, atomuq.reference, atomuq.reference.labels, atomuq.reference.files, "
+            "atomuq.workflows.sample_trajectory; print(sorted(m for m in ('torch', 'tblite', 'pyscf') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(SRC)},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"  # a labelling or sampling worker starts without torch; packages load when used
+    core = Path(SRC, "atomuq", "core")
+    imports = re.compile(r"^\s*(from|import)\s+(tblite|pyscf|atomuq\.reference|atomuq\.workflows)\b", re.MULTILINE)
+    for path in core.glob("*.py"):
+        assert not imports.search(path.read_text()), path
