@@ -29,12 +29,12 @@ runner = CliRunner()
 SAMPLE_ARGS = ["--steps", "4", "--interval", "2", "--workers", "1", "--temperature", "300"]
 
 
-def copper(n: int = 3, seed: int = 0) -> list[Atoms]:
-    """n rattled 32-atom copper cells."""
+def copper(n: int = 3, seed: int = 0, repeat: int = 2) -> list[Atoms]:
+    """n rattled copper cells of 4 repeat³ atoms."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        a = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
+        a = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((repeat, repeat, repeat))
         a.positions += rng.normal(scale=0.05, size=a.positions.shape)
         out.append(a)
     return out
@@ -198,47 +198,37 @@ def test_ase_calculator_spec_matches_model_syntax_and_the_dotted_form_still_work
         assert fa.get_potential_energy() == fb.get_potential_energy() == pytest.approx(ref.get_potential_energy(), abs=1e-6)
 
 
-def test_ctrl_c_exits_130_keeps_the_finished_frames_and_the_rerun_resumes(tmp_path, monkeypatch):
-    inp, out = tmp_path / "in.extxyz", tmp_path / "out.extxyz"
-    write(inp, copper(4))
-    real = label_module.label_one
+def interrupt_after(n: int, real):
+    """`real` wrapped to raise KeyboardInterrupt (a Ctrl-C) on its call after the first n."""
     calls = []
 
-    def interrupted_after_two(method, atoms):
-        if len(calls) == 2:
+    def wrapped(*args):
+        if len(calls) == n:
             raise KeyboardInterrupt
         calls.append(1)
-        return real(method, atoms)
+        return real(*args)
 
-    monkeypatch.setattr(label_module, "label_one", interrupted_after_two)
-    res = run("label", inp, "-o", out, "--method", "emt", "--workers", "1")
-    assert res.exit_code == 130
-    assert f"interrupted: finished structures are kept in {partial_path(out)}; rerun the same command to resume" in \
+    return wrapped
+
+
+@pytest.mark.parametrize("command, module, name, n, kept, resumed, total", [
+    ("label", label_module, "label_one", 2, 2, "2 resumed, 2 new", 4),  # 4 structures, 2 labelled
+    ("sample", trajectory_module, "compute_labels", 3, 3, "(1 resumed)", 4),  # 2 trajectories of 2 frames, 3 written
+])
+def test_ctrl_c_exits_130_keeps_the_finished_frames_and_the_rerun_resumes(tmp_path, monkeypatch, command, module, name,
+                                                                          n, kept, resumed, total):
+    inp, out = tmp_path / "in.extxyz", tmp_path / "out.extxyz"
+    write(inp, copper(4 if command == "label" else 2))
+    args = [command, inp, "-o", out, "--method", "emt", *(SAMPLE_ARGS if command == "sample" else ["--workers", "1"])]
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, interrupt_after(n, real))
+    res = run(*args)
+    what = "structures" if command == "label" else "trajectories"
+    assert res.exit_code == 130, res.output
+    assert f"interrupted: finished {what} are kept in {partial_path(out)}; rerun the same command to resume" in \
         res.output.replace("\n", "")
-    assert not out.exists() and len(PartialFrames(partial_path(out)).load()) == 2
-    monkeypatch.setattr(label_module, "label_one", real)
-    res = run("label", inp, "-o", out, "--method", "emt", "--workers", "1")
-    assert res.exit_code == 0 and "2 resumed, 2 new" in res.output, res.output
-    assert len(read(out, ":")) == 4 and not partial_path(out).exists()
-
-
-def test_sample_ctrl_c_exits_130_and_keeps_its_frames(tmp_path, monkeypatch):
-    inp, out = tmp_path / "in.extxyz", tmp_path / "out.extxyz"
-    write(inp, copper(2))
-    real = trajectory_module.compute_labels
-    calls = []
-
-    def interrupted(atoms, calc):
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real(atoms, calc)
-
-    monkeypatch.setattr(trajectory_module, "compute_labels", interrupted)
-    res = run("sample", inp, "-o", out, "--method", "emt", *SAMPLE_ARGS)
-    assert res.exit_code == 130 and "rerun the same command to resume" in res.output, res.output
-    assert not out.exists() and len(PartialFrames(partial_path(out)).load()) == 3
-    monkeypatch.setattr(trajectory_module, "compute_labels", real)
-    res = run("sample", inp, "-o", out, "--method", "emt", *SAMPLE_ARGS)
-    assert res.exit_code == 0 and "(1 resumed)" in res.output, res.output
-    assert len(read(out, ":")) == 4
+    assert not out.exists() and len(PartialFrames(partial_path(out)).load()) == kept
+    monkeypatch.setattr(module, name, real)
+    res = run(*args)
+    assert res.exit_code == 0 and resumed in res.output, res.output
+    assert len(read(out, ":")) == total and not partial_path(out).exists()

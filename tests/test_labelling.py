@@ -272,7 +272,7 @@ def test_bad_methods_and_inputs_give_clear_errors(tmp_path):
         get_method("ase:ase.calculators.emt.Nope")
     with pytest.raises(InputError, match="ase:MODULE:CLASS"):
         get_method("ase:EMT")
-    assert get_method("ase:ase.calculators.emt.EMT").make_calculator().__class__.__name__ == "EMT"
+    assert get_method("ase:ase.calculators.emt:EMT").make_calculator().__class__.__name__ == "EMT"
     si = bulk("Si", "diamond", a=5.43)
     with pytest.raises(InputError, match="<input> structure 0: element.*Si.*not supported by method emt"):
         label_structures([si], "emt", tmp_path / "o.extxyz")

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.io import read, write
 from typer.testing import CliRunner
+from test_label_inputs import copper
 from worker_tasks import exit_hard, fail_on_three, pid_then_sleep, square_with_messages
 
 from atomuq.cli.main import app
@@ -187,19 +187,9 @@ def _atomuq_command() -> list[str]:
     return [sys.executable, "-c", "import sys; from atomuq.cli.main import app; sys.argv[0] = 'atomuq'; app()"]
 
 
-def _copper_cells(n: int) -> list:
-    rng = np.random.default_rng(0)
-    cells = []
-    for _ in range(n):
-        a = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((4, 4, 4))
-        a.positions += rng.normal(scale=0.05, size=a.positions.shape)
-        cells.append(a)
-    return cells
-
-
 @linux_only
 def test_sigkill_of_label_with_workers_leaves_no_worker_and_the_rerun_resumes(tmp_path):
-    cells = _copper_cells(48)
+    cells = copper(48, repeat=4)
     inp, out = tmp_path / "cells.extxyz", tmp_path / "labelled.extxyz"
     write(inp, cells)
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
@@ -244,7 +234,7 @@ def test_sigkill_of_label_with_workers_leaves_no_worker_and_the_rerun_resumes(tm
 def test_sampling_in_workers_gives_the_frames_of_sampling_here(tmp_path):
     from atomuq.workflows.sample import SampleSettings, sample_structures
 
-    cells = _copper_cells(2)
+    cells = copper(2, repeat=4)
     for a in cells:
         del a[16:]  # 48-atom cells: cheap
     settings = SampleSettings((300.0, 900.0), steps=6, interval=3, seed=4)
