@@ -9,9 +9,9 @@ caller's ``on_message`` before the task's result is yielded, in the order it was
 Workers never outlive the process that started them, even when it is killed with SIGKILL:
 
 - on Linux each worker asks the kernel for SIGKILL when its parent dies (``prctl(PR_SET_PDEATHSIG)``);
-  the kernel ties that to the parent *thread* that started the worker, so the pool is used from one
-  thread for its whole life (``run_tasks`` starts every worker from the thread that iterates it and shuts
-  the pool down before it returns);
+  the kernel ties that to the parent *thread* that started the worker: ``run_tasks`` starts every worker
+  at its first step (the first submissions), in the thread that iterates it, and shuts the pool down
+  before it returns, so the pool never outlives that thread;
 - elsewhere (or when prctl is unavailable, or ATOMUQ_WORKER_WATCHDOG=1) a watchdog thread in each worker
   exits it within ``WATCHDOG_INTERVAL`` seconds of its parent pid changing;
 - both re-check the parent right after they are set up, for a parent that died while the worker started;
@@ -20,7 +20,8 @@ Workers never outlive the process that started them, even when it is killed with
 
 Fresh 'spawn' processes are used rather than 'fork' (a forked child of a process holding threads or an
 OpenMP pool can deadlock) and rather than 'forkserver' (its workers are children of the server process,
-not of the caller, so the parent-death signal would follow the server).
+not of the caller, so the parent-death signal would follow the server). Workers started by the atomuq
+command do not re-import it (``_lean_main``): they load what their tasks need, without torch.
 """
 
 from __future__ import annotations
@@ -174,12 +175,10 @@ def send(message: Any) -> None:
     _STATE["sent"] += 1
 
 
-def _init_worker(parent_pid: int, q: Any, initializer: Callable[..., None] | None, initargs: tuple) -> None:
+def _init_worker(parent_pid: int, q: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     die_with_parent(parent_pid)
     _STATE.update(queue=q, sink=None)
-    if initializer is not None:
-        initializer(*initargs)
 
 
 def _run_in_worker(k: int, fn: Callable[..., Any], args: tuple) -> tuple[Any, int]:
@@ -197,29 +196,25 @@ def run_tasks(
     tasks: Sequence[tuple],
     workers: int = 1,
     *,
-    initializer: Callable[..., None] | None = None,
-    initargs: tuple = (),
     on_message: Callable[[Any], None] | None = None,
     window: int = 4,
 ) -> Iterator[tuple[int, R]]:
     """Yield (k, fn(*tasks[k])) as tasks finish: here for workers <= 1, else in a pool of fresh processes.
 
-    fn, initializer and the task arguments must be picklable (module-level functions) when workers >= 2;
+    fn and the task arguments must be picklable (module-level functions) when workers >= 2;
     the caller needs a __main__ guard then. At most window x workers tasks are queued at a time. A task's
     exception is raised here. WorkerDied if a worker process dies. Leaving the iteration early (an
     exception, Ctrl-C, closing the generator) kills the workers at once.
     """
     workers = min(int(workers), len(tasks))
     if workers <= 1:
-        yield from _run_here(fn, tasks, initializer, initargs, on_message)
+        yield from _run_here(fn, tasks, on_message)
         return
-    yield from _run_in_pool(fn, tasks, workers, initializer, initargs, on_message, max(1, window) * workers)
+    yield from _run_in_pool(fn, tasks, workers, on_message, max(1, window) * workers)
 
 
-def _run_here(fn: Callable[..., R], tasks: Sequence[tuple], initializer: Callable[..., None] | None,
-              initargs: tuple, on_message: Callable[[Any], None] | None) -> Iterator[tuple[int, R]]:
-    if initializer is not None:
-        initializer(*initargs)
+def _run_here(fn: Callable[..., R], tasks: Sequence[tuple],
+              on_message: Callable[[Any], None] | None) -> Iterator[tuple[int, R]]:
     with openmp_threads(1):
         for k, args in enumerate(tasks):
             saved = _STATE["sink"]
@@ -252,12 +247,11 @@ def _deliver(q: Any, on_message: Callable[[Any], None], received: Counter, limit
 
 
 def _run_in_pool(fn: Callable[..., R], tasks: Sequence[tuple], workers: int,
-                 initializer: Callable[..., None] | None, initargs: tuple,
                  on_message: Callable[[Any], None] | None, window: int) -> Iterator[tuple[int, R]]:
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue() if on_message is not None else None
     pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                  initargs=(os.getpid(), q, initializer, initargs))
+                                  initargs=(os.getpid(), q))
     pending: dict[cf.Future, int] = {}
     waiting: dict[int, tuple[R, int]] = {}  # finished tasks whose messages are still on the way
     received: Counter = Counter()
