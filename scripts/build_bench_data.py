@@ -35,7 +35,7 @@ from scipy.spatial.transform import Rotation
 import atomuq
 from atomuq.core.errors import InputError
 from atomuq.core.io import file_sha256, read_structures
-from atomuq.core.labelling import label_structures
+from atomuq.workflows.label import label_structures
 from atomuq.core.validate import DEFAULT_MIN_DISTANCE, check_structure
 from atomuq.models.registry import resolve_model
 from atomuq.workflows.attack import AttackSettings, attack

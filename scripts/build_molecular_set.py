@@ -43,7 +43,7 @@ from ase.optimize import BFGS
 
 from atomuq.core.io import Record
 from atomuq.core.io import write_structures
-from atomuq.core.labelling import get_method
+from atomuq.reference import get_method
 from atomuq.workflows.sample import SampleSettings, sample_structures
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -32,7 +32,7 @@ import numpy as np
 from ase.io import read
 
 from atomuq.core.io import write_structures
-from atomuq.core.labelling import label_structures
+from atomuq.workflows.label import label_structures
 from atomuq.workflows.improve import (
     EVALUATION_FILE,
     FINETUNE_DIR,

@@ -31,7 +31,7 @@ from scipy.stats import spearmanr  # noqa: E402
 
 from atomuq.calculator import AtomuqCalculator  # noqa: E402
 from atomuq.core.io import read_structures  # noqa: E402
-from atomuq.core.labelling import get_method  # noqa: E402
+from atomuq.reference import get_method  # noqa: E402
 from atomuq.core.memory import reuse_freed_memory  # noqa: E402
 from atomuq.models.registry import resolve_model  # noqa: E402
 from atomuq.workflows.ltau import fit_from_logs  # noqa: E402

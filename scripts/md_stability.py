@@ -29,7 +29,7 @@ from scipy.stats import spearmanr
 from atomuq.core.batch import Batch
 from atomuq.core.errors import InputError
 from atomuq.core.io import reference_forces, write_structures
-from atomuq.core.labelling import label_structures
+from atomuq.workflows.label import label_structures
 from atomuq.core.validate import check_structure
 from atomuq.models.derivatives import evaluate
 from atomuq.models.registry import resolve_model

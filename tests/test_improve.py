@@ -17,7 +17,7 @@ from ase.io import read, write
 from typer.testing import CliRunner
 
 from atomuq.cli.main import app
-from atomuq.core.labelling import get_method
+from atomuq.reference import get_method
 from atomuq.workflows.improve import EVALUATION_FILE, LABELLED_FILE, SEARCH_FILE, SELECTED_FILE, STATE_FILE, ImproveCallback, run_improve
 from atomuq.workflows.improve_config import ImproveConfig
 from atomuq.workflows.improve_eval import compare

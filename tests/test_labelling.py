@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 from atomuq.cli.main import app
 from atomuq.core.errors import InputError
 from atomuq.core.io import Record, write_structures
-from atomuq.core.labelling import (
-    LabellingError, PartialFrames, ReferenceMethod, failures_path, get_method, label_structures, openmp_threads,
-    partial_path,
-)
+from atomuq.core.workers import openmp_threads
+from atomuq.reference import ReferenceMethod, get_method
+from atomuq.reference.files import PartialFrames, failures_path, partial_path
+from atomuq.workflows.label import LabellingError, label_structures
 from atomuq.workflows.sample import SampleSettings, sample_structures
 
 tblite = pytest.importorskip("tblite.ase")
@@ -270,9 +270,9 @@ def test_bad_methods_and_inputs_give_clear_errors(tmp_path):
         get_method("b3lyp")
     with pytest.raises(InputError, match="cannot import Nope from ase.calculators.emt"):
         get_method("ase:ase.calculators.emt.Nope")
-    with pytest.raises(InputError, match="ase:MODULE.CLASS"):
+    with pytest.raises(InputError, match="ase:MODULE:CLASS"):
         get_method("ase:EMT")
-    assert get_method("ase:ase.calculators.emt.EMT").make_calculator().__class__.__name__ == "EMT"
+    assert get_method("ase:ase.calculators.emt:EMT").make_calculator().__class__.__name__ == "EMT"
     si = bulk("Si", "diamond", a=5.43)
     with pytest.raises(InputError, match="<input> structure 0: element.*Si.*not supported by method emt"):
         label_structures([si], "emt", tmp_path / "o.extxyz")

@@ -8,11 +8,16 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
+from rich.console import Console
+from rich.markup import escape
 
-from atomuq.cli.common import console, fail, progress_bar, user_errors
+from atomuq.cli.common import EXIT_INTERRUPTED, console, fail, note, progress_bar, user_errors
 from atomuq.core.io import read_structures
-from atomuq.core.labelling import available_methods, get_method, label_structures, partial_path
+from atomuq.core.paths import check_output_file
 from atomuq.core.validate import DEFAULT_MIN_DISTANCE
+from atomuq.reference import ReferenceMethod, available_methods, get_method
+from atomuq.reference.files import partial_path
+from atomuq.workflows.label import label_structures
 from atomuq.workflows.sample import SampleSettings, sample_structures
 
 _METHODS_HELP = "; ".join(f"{k}: {v}" for k, v in available_methods().items())
@@ -36,6 +41,20 @@ def _workers(workers: Optional[int]) -> int:
     return max(1, workers if workers is not None else (os.cpu_count() or 1))
 
 
+def _start(method: str, options: dict[str, Any], output: Path) -> ReferenceMethod:
+    """Before reading any structure: the method resolves (notes for deprecated spellings) and `output` can be written."""
+    ref = get_method(method, options, log=note)
+    if check_output_file(output):
+        note(f"{output} exists and will be replaced when this run finishes")
+    return ref
+
+
+def _echo(out: Console, text: str, style: str | None = None) -> None:
+    """Print one line of user text escaped (so '[...]' in file names survives), optionally in a style."""
+    line = escape(text)
+    out.print(f"[{style}]{line}[/{style}]" if style else line, highlight=False, soft_wrap=True)
+
+
 def label(
     inputs: List[Path] = typer.Argument(..., help="Structure files ASE can read (extxyz, xyz, cif, POSCAR, traj, ...)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output extended XYZ file (.gz/.xz/.bz2 compress)."),
@@ -49,30 +68,30 @@ def label(
     options = parse_options(option)
     n_workers = _workers(workers)
     with user_errors():
-        get_method(method, options)
+        ref = _start(method, options, output)
         records = read_structures(inputs)
         with progress_bar() as bar:
-            task = bar.add_task(f"labelling ({method})", total=len(records))
+            task = bar.add_task(escape(f"labelling ({ref.name})"), total=len(records))
 
             def on_failure(f: Any) -> None:
-                bar.console.print(f"[yellow]failed:[/yellow] {f.where}: {f.error} (skipped, recorded)", highlight=False)
+                _echo(bar.console, f"failed: {f.where}: {f.error} (skipped, recorded)", "yellow")
 
             try:
-                report = label_structures(records, method, output, workers=n_workers, options=options,
+                report = label_structures(records, ref, output, workers=n_workers,
                                           progress=lambda n: bar.advance(task, n), on_failure=on_failure,
-                                          log=lambda m: bar.console.print(m, highlight=False), min_distance=min_distance)
+                                          log=lambda m: _echo(bar.console, m), min_distance=min_distance)
             except KeyboardInterrupt:
                 bar.stop()
                 fail(f"interrupted: finished structures are kept in {partial_path(output)}; rerun the same command to resume",
-                     code=130)
+                     code=EXIT_INTERRUPTED)
                 return
     per = report.calc_seconds / report.n_new if report.n_new else float("nan")
-    console.print(f"labelled {report.n_labelled} of {report.n_input} structures with {method} "
-                  f"({report.n_resumed} resumed, {report.n_new} new, {per:.3g} s each, {n_workers} worker(s), "
-                  f"{report.seconds:.1f} s wall); wrote {output}", highlight=False)
+    _echo(console, f"labelled {report.n_labelled} of {report.n_input} structures with {ref.name} "
+                   f"({report.n_resumed} resumed, {report.n_new} new, {per:.3g} s each, {n_workers} worker(s), "
+                   f"{report.seconds:.1f} s wall); wrote {output}")
     if report.failures:
-        console.print(f"[yellow]{len(report.failures)} structure(s) failed and are not in the output; "
-                      f"see {report.failures_log}[/yellow]", highlight=False)
+        _echo(console, f"{len(report.failures)} structure(s) failed and are not in the output; see {report.failures_log}",
+              "yellow")
         if strict:
             raise typer.Exit(2)
 
@@ -99,30 +118,28 @@ def sample(
     n_workers = _workers(workers)
     with user_errors():
         settings.check()
-        get_method(method, options)
+        ref = _start(method, options, output)
         records = read_structures(inputs)
         with progress_bar() as bar:
             total = len(records) * len(temperature) * settings.steps_per_trajectory
-            task = bar.add_task(f"MD steps ({method})", total=total)
+            task = bar.add_task(escape(f"MD steps ({ref.name})"), total=total)
 
             def on_failure(f: Any) -> None:
-                bar.console.print(f"[yellow]trajectory failed:[/yellow] {f.where}: {f.error} "
-                                  "(its earlier frames are kept; recorded)", highlight=False)
+                _echo(bar.console, f"trajectory failed: {f.where}: {f.error} (its earlier frames are kept; recorded)", "yellow")
 
             try:
-                report = sample_structures(records, method, output, settings, workers=n_workers, options=options,
+                report = sample_structures(records, ref, output, settings, workers=n_workers,
                                            progress=lambda n: bar.advance(task, n), on_failure=on_failure,
-                                           log=lambda m: bar.console.print(m, highlight=False), min_distance=min_distance)
+                                           log=lambda m: _echo(bar.console, m), min_distance=min_distance)
             except KeyboardInterrupt:
                 bar.stop()
                 fail(f"interrupted: finished trajectories are kept in {partial_path(output)}; rerun the same command "
-                     "to resume", code=130)
+                     "to resume", code=EXIT_INTERRUPTED)
                 return
-    console.print(f"sampled {report.n_frames} frames from {report.n_trajectories} trajectories "
-                  f"({report.n_resumed} resumed) with {method}, {report.seconds_per_step * 1000:.3g} ms per MD step, "
-                  f"{report.seconds:.1f} s wall; wrote {output}", highlight=False)
+    _echo(console, f"sampled {report.n_frames} frames from {report.n_trajectories} trajectories "
+                   f"({report.n_resumed} resumed) with {ref.name}, {report.seconds_per_step * 1000:.3g} ms per MD step, "
+                   f"{report.seconds:.1f} s wall; wrote {output}")
     if report.failures:
-        console.print(f"[yellow]{len(report.failures)} trajectory(ies) failed; see {report.failures_log}[/yellow]",
-                      highlight=False)
+        _echo(console, f"{len(report.failures)} trajectory(ies) failed; see {report.failures_log}", "yellow")
         if strict:
             raise typer.Exit(2)

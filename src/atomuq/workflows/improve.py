@@ -32,7 +32,7 @@ import numpy as np
 
 from atomuq.core.errors import AtomuqError
 from atomuq.core.io import atomic_path, read_structures, write_structures
-from atomuq.core.labelling import label_structures
+from atomuq.workflows.label import label_structures
 from atomuq.models.checkpoint import load_model
 from atomuq.models.protocol import AtomisticModel
 from atomuq.workflows.attack import attack

@@ -12,15 +12,15 @@ Frames get info 'temperature' (the target, K), 'source' (input file:index), 'md_
 Finished frames go to OUTPUT.partial at once; a rerun keeps the finished trajectories and runs the
 unfinished ones again from their start (same seed, so the same frames). The final file is written
 atomically. A trajectory whose calculation fails keeps the frames it produced; the failure (file,
-index, temperature, step) goes to OUTPUT.failures.jsonl.
+index, temperature, step) goes to OUTPUT.failures.jsonl. Inputs and output paths are checked before
+any MD step (atomuq.workflows.label.check_run); worker processes (atomuq.core.workers) run whole
+trajectories, stream their frames back as they come and die with the sampling process.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import contextlib
 import dataclasses
-import multiprocessing
-import queue as queue_module
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -28,19 +28,18 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-from ase import Atoms, units
-from ase.constraints import FixCom
-from ase.md import velocitydistribution
-from ase.md.langevin import Langevin
+from ase import Atoms
 
 from atomuq.core.errors import InputError
-from atomuq.core.io import Record
-from atomuq.core.io import write_structures
-from atomuq.core.labelling import (
-    LabellingError, PartialFrames, ReferenceMethod, as_records, attach_labels, compute_labels, failures_path,
-    get_method, openmp_threads, partial_path, single_thread_env, structure_hash, write_failures,
-)
-from atomuq.core.validate import DEFAULT_MIN_DISTANCE, check_structure
+from atomuq.core.io import Record, write_structures
+from atomuq.core.validate import DEFAULT_MIN_DISTANCE
+from atomuq.core.workers import WorkerDied, run_tasks
+from atomuq.reference import ReferenceMethod, get_method
+from atomuq.reference.files import PartialFrames, failures_path, partial_path, structure_hash, write_failures
+from atomuq.workflows.label import LabellingError, as_records, check_run, worker_died
+from atomuq.workflows.sample_trajectory import SampleSettings, TrajectorySpec, trajectory_task
+
+__all__ = ["FRAME_INFO", "SampleFailure", "SampleReport", "SampleSettings", "sample_structures"]
 
 #: info keys of every sampled frame, with units
 FRAME_INFO = {
@@ -50,54 +49,6 @@ FRAME_INFO = {
     "kinetic_temperature": "K (instantaneous)", "label_method": "reference method",
 }
 _PARTIAL_ONLY = ("sample_key",)
-
-
-@dataclass(frozen=True)
-class SampleSettings:
-    """Langevin settings: temperatures in K, timestep in fs, friction in 1/fs, step counts."""
-
-    temperatures: tuple[float, ...]
-    steps: int  # MD steps per trajectory after the burn-in
-    interval: int  # write every interval-th step
-    timestep: float = 0.5  # fs
-    friction: float = 0.01  # 1/fs
-    burn_in: int = 0  # steps before the first counted step
-    seed: int = 0
-
-    @property
-    def n_frames(self) -> int:
-        """Frames written per trajectory."""
-        return self.steps // self.interval
-
-    @property
-    def steps_per_trajectory(self) -> int:
-        """MD steps run per trajectory, burn-in included."""
-        return self.burn_in + self.n_frames * self.interval
-
-    def check(self) -> None:
-        """Raise InputError for settings that cannot work."""
-        if not self.temperatures:
-            raise InputError("give at least one --temperature")
-        if any(not np.isfinite(t) or t <= 0 for t in self.temperatures):
-            raise InputError(f"temperatures must be positive (K), got {list(self.temperatures)}")
-        if self.interval < 1 or self.steps < self.interval:
-            raise InputError(f"--steps ({self.steps}) must be at least --interval ({self.interval}) and --interval at least 1")
-        if self.burn_in < 0:
-            raise InputError(f"--burn-in must be zero or more, got {self.burn_in}")
-        if not 0 < self.timestep <= 10:
-            raise InputError(f"--timestep must be in (0, 10] fs, got {self.timestep}")
-        if self.friction < 0:
-            raise InputError(f"--friction must be zero or more (1/fs), got {self.friction}")
-
-
-@dataclass(frozen=True)
-class TrajectorySpec:
-    """One (structure, temperature) run."""
-
-    id: int
-    position: int  # structure position in the whole input
-    temperature: float  # K
-    key: str  # fingerprint of input structure, temperature, settings and method
 
 
 @dataclass
@@ -137,115 +88,6 @@ class SampleReport:
         return self.seconds / self.md_steps if self.md_steps else float("nan")
 
 
-class _TrajectoryFailed(Exception):
-    def __init__(self, step: int, error: str) -> None:
-        super().__init__(error)
-        self.step = step
-        self.error = error
-
-
-def _thermalize(atoms: Atoms, temperature: float, rng: np.random.Generator) -> None:
-    fn = getattr(velocitydistribution, "thermalize_momenta", None)  # ASE >= 3.29
-    if fn is not None:
-        fn(atoms, temperature, rng=rng)
-    else:  # pragma: no cover - older ASE
-        velocitydistribution.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
-
-
-def trajectory_rng(seed: int, position: int, temperature: float) -> np.random.Generator:
-    """The random generator of one trajectory, fixed by (seed, structure position, temperature in mK)."""
-    return np.random.default_rng(np.random.SeedSequence([int(seed), int(position), int(round(temperature * 1000))]))
-
-
-def run_trajectory(
-    record: Record,
-    spec: TrajectorySpec,
-    method: ReferenceMethod,
-    settings: SampleSettings,
-    emit: Callable[[int, Atoms], None],
-    advance: Callable[[int], None] | None = None,
-) -> None:
-    """Run one Langevin trajectory; emit(k, frame) for each labelled frame, advance(n) per n MD steps.
-
-    Raises _TrajectoryFailed (with the step) when the calculator fails or returns non-finite values.
-    """
-    atoms = record.atoms.copy()
-    original_constraints = [c.copy() for c in atoms.constraints]
-    rng = trajectory_rng(settings.seed, spec.position, spec.temperature)
-    _thermalize(atoms, spec.temperature, rng)
-    velocitydistribution.Stationary(atoms)
-    if not atoms.pbc.any():
-        velocitydistribution.ZeroRotation(atoms)
-    atoms.set_constraint(original_constraints + [FixCom()])
-    step = 0
-    try:
-        atoms.calc = method.make_calculator()
-        dyn = Langevin(atoms, settings.timestep * units.fs, temperature_K=spec.temperature,
-                       friction=settings.friction / units.fs, fixcm=False, rng=rng)
-        for chunk in _chunks(settings.burn_in, settings.interval):
-            dyn.run(chunk)
-            step += chunk
-            if advance:
-                advance(chunk)
-        for k in range(settings.n_frames):
-            dyn.run(settings.interval)
-            step += settings.interval
-            if not np.isfinite(atoms.positions).all():
-                raise _TrajectoryFailed(step, "positions became NaN or infinite")
-            results = compute_labels(atoms, atoms.calc)  # cached by the calculator: no new calculation
-            frame = atoms.copy()
-            frame.set_constraint([c.copy() for c in original_constraints])
-            frame.arrays.pop("momenta", None)
-            frame = attach_labels(frame, results, method.name)
-            frame.info.update(
-                temperature=float(spec.temperature), source=f"{record.source}:{record.index}",
-                md_trajectory=spec.id, md_frame=k, md_step=step, md_time_fs=step * settings.timestep,
-                md_seed=int(settings.seed), kinetic_temperature=float(atoms.get_temperature()),
-                sample_key=spec.key,
-            )
-            emit(k, frame)
-            if advance:
-                advance(settings.interval)
-    except _TrajectoryFailed:
-        raise
-    except Exception as exc:  # a calculator failure ends this trajectory, recorded by the caller
-        text = str(exc).strip().splitlines()
-        raise _TrajectoryFailed(step, f"{type(exc).__name__}: {text[0] if text else ''}"[:500]) from exc
-
-
-def _chunks(total: int, size: int) -> list[int]:
-    return [size] * (total // size) + ([total % size] if total % size else [])
-
-
-# --------------------------------------------------------------------------------------------
-# worker processes: each runs whole trajectories and streams frames back through a queue
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_sample_worker(method: ReferenceMethod, settings: SampleSettings, queue: Any) -> None:
-    _WORKER.update(method=method, settings=settings, queue=queue)
-
-
-def _trajectory_task(record: Record, spec: TrajectorySpec) -> tuple[int, int, int | None, str | None]:
-    """(trajectory id, frames emitted, failed step or None, error or None), frames sent through the queue."""
-    q = _WORKER["queue"]
-    count = [0]
-
-    def emit(k: int, frame: Atoms) -> None:
-        q.put(("frame", spec.id, k, frame))
-        count[0] += 1
-
-    try:
-        run_trajectory(record, spec, _WORKER["method"], _WORKER["settings"], emit, lambda n: q.put(("steps", n)))
-    except _TrajectoryFailed as exc:
-        return spec.id, count[0], exc.step, exc.error
-    return spec.id, count[0], None, None
-
-
-# --------------------------------------------------------------------------------------------
-
-
 def sample_structures(
     structures: Sequence[Record] | Sequence[Atoms],
     method: str | ReferenceMethod,
@@ -269,12 +111,9 @@ def sample_structures(
     records = as_records(structures)
     if not records:
         raise InputError("no structures to sample from")
-    ref = get_method(method, options)
-    for rec in records:
-        check_structure(rec.atoms, rec.where, None, min_distance)
-        ref.check(rec.atoms, rec.where)
-    ref.make_calculator()  # fail now if the package or an option is wrong
+    ref = get_method(method, options, log)
     output = Path(output)
+    check_run(records, ref, output, min_distance)
     settings_repr = dataclasses.astuple(dataclasses.replace(settings, temperatures=()))
     specs: list[TrajectorySpec] = []
     for pos, rec in enumerate(records):
@@ -328,17 +167,20 @@ def sample_structures(
         if progress:  # the rest of this trajectory will not run
             progress(settings.steps_per_trajectory - step)
 
-    try:
-        if min(workers, len(todo)) <= 1:
-            with openmp_threads(1):
-                for spec in todo:
-                    try:
-                        run_trajectory(records[spec.position], spec, ref, settings,
-                                       lambda k, f, tid=spec.id: keep(tid, k, f), advance)
-                    except _TrajectoryFailed as exc:
-                        failed(spec, exc.step, exc.error)
+    def handle(message: tuple) -> None:
+        if message[0] == "frame":
+            keep(*message[1:])
         else:
-            _run_in_pool(records, todo, ref, settings, min(workers, len(todo)), keep, advance, failed)
+            advance(message[1])
+
+    try:
+        tasks = [(records[s.position], s, ref, settings) for s in todo]
+        with contextlib.closing(run_tasks(trajectory_task, tasks, workers, on_message=handle)) as outcomes:
+            for k, (step, error) in outcomes:
+                if error is not None:
+                    failed(todo[k], step, error)
+    except WorkerDied as exc:
+        raise worker_died(exc, "finished trajectories") from exc
     finally:
         partial.close()
         failures.sort(key=lambda f: (f.position, f.temperature))
@@ -360,51 +202,3 @@ def sample_structures(
     return SampleReport(output, len(specs), len(frames), len(finished), failures,
                         time.perf_counter() - t_start, steps_done[0], flog)
 
-
-def _run_in_pool(records: Sequence[Record], todo: Sequence[TrajectorySpec], method: ReferenceMethod,
-                 settings: SampleSettings, workers: int, keep: Callable[[int, int, Atoms], None],
-                 advance: Callable[[int], None], failed: Callable[[TrajectorySpec, int, str], None]) -> None:
-    """Run trajectories in worker processes, writing their frames here as they arrive."""
-    ctx = multiprocessing.get_context("spawn")
-    q = ctx.Queue()
-    received: dict[int, int] = defaultdict(int)
-    expected: dict[int, int] = {}
-    by_id = {s.id: s for s in todo}
-
-    def handle(msg: tuple) -> None:
-        if msg[0] == "frame":
-            _, tid, k, frame = msg
-            keep(tid, k, frame)
-            received[tid] += 1
-        else:
-            advance(msg[1])
-
-    with single_thread_env(), cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
-                                                      initializer=_init_sample_worker,
-                                                      initargs=(method, settings, q)) as pool:
-        futures = {pool.submit(_trajectory_task, records[s.position], s) for s in todo}
-        try:
-            while futures or any(received[t] < n for t, n in expected.items()):
-                try:
-                    handle(q.get(timeout=0.2))
-                    continue
-                except queue_module.Empty:
-                    pass
-                done = {f for f in futures if f.done()}
-                for fut in done:
-                    tid, n_emitted, step, error = fut.result()
-                    expected[tid] = n_emitted
-                    if error is not None:
-                        failed(by_id[tid], step, error)
-                futures -= done
-        except cf.process.BrokenProcessPool as exc:
-            raise LabellingError(f"a sampling worker process died ({exc}); finished trajectories are kept: rerun "
-                                 "the same command to resume, or use --workers 1 to see the crash") from exc
-        finally:
-            for fut in futures:
-                fut.cancel()
-        while True:  # progress messages still in the queue
-            try:
-                handle(q.get_nowait())
-            except queue_module.Empty:
-                break

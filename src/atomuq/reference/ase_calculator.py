@@ -1,0 +1,60 @@
+"""Any ASE calculator class as a reference method: ``ase:MODULE:CLASS`` (the syntax of ``--model`` too).
+
+The older form ``ase:MODULE.CLASS`` (class after the last dot) is still read, with a note that it is
+deprecated; a method given that way is named by its new spelling, and an interrupted labelling run
+started under the old name still resumes.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Any, Callable, Mapping
+
+from ase.calculators.calculator import Calculator
+
+from atomuq.core.errors import InputError
+from atomuq.reference.method import ReferenceMethod
+
+PREFIX = "ase:"
+#: how an ASE calculator class is written, with an example
+SPEC_FORM = "ase:MODULE:CLASS, e.g. ase:ase.calculators.emt:EMT"
+
+
+def split_class_spec(spec: str) -> tuple[str, str, bool]:
+    """(module, class name, deprecated) of 'ase:MODULE:CLASS' (or the deprecated 'ase:MODULE.CLASS'); InputError if neither."""
+    rest = spec.strip()[len(PREFIX):] if spec.strip().startswith(PREFIX) else spec.strip()
+    module, sep, name = rest.partition(":")
+    deprecated = False
+    if not sep:  # the older dotted spelling
+        module, _, name = rest.rpartition(".")
+        deprecated = True
+    if not module or not name or ":" in name:
+        raise InputError(f"--method {spec}: write {SPEC_FORM}")
+    return module, name, deprecated
+
+
+def ase_class_calculator(module: str, name: str, **options: Any) -> Calculator:
+    """Import `name` from `module` and build it with keyword `options`."""
+    return getattr(importlib.import_module(module), name)(**options)
+
+
+def ase_method(spec: str, options: Mapping[str, Any] | None = None,
+               log: Callable[[str], None] | None = None) -> ReferenceMethod:
+    """The ReferenceMethod of an ASE calculator class spec; InputError if it cannot be imported.
+
+    log (if given) receives a note when the deprecated dotted spelling is used.
+    """
+    module, name, deprecated = split_class_spec(spec)
+    canonical = f"{PREFIX}{module}:{name}"
+    if deprecated and log is not None:
+        log(f"--method {spec.strip()}: the dotted form is deprecated; write {canonical}")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except Exception as exc:  # ImportError, AttributeError, or whatever the module raises while importing
+        raise InputError(f"--method {spec}: cannot import {name} from {module} ({type(exc).__name__}: {exc})") from exc
+    if not callable(cls):
+        raise InputError(f"--method {spec}: {module}:{name} is not a calculator class")
+    return ReferenceMethod(canonical, f"ASE calculator {module}:{name}", functools.partial(ase_class_calculator, module, name),
+                           options=dict(options or {}), package=module.split(".")[0], strict_options=False,
+                           aliases=(f"{PREFIX}{module}.{name}",))
