@@ -18,7 +18,7 @@ from atomuq.core.errors import InputError, ModelFileError
 from atomuq.models.checkpoint import save_model
 from atomuq.models.derivatives import evaluate
 from atomuq.models.adapters.ase_calculator import CalculatorModel
-from atomuq.models.adapters.ase_class import build_calculator
+from atomuq.reference.ase_class import build_calculator
 from atomuq.models.registry import resolve_model
 from atomuq.uq.ensemble import check_members, ensemble_uncertainty, evaluate_ensemble
 from conftest import copper_cell, ethanol, make_native

@@ -8,12 +8,12 @@ started under the old name still resumes.
 from __future__ import annotations
 
 import functools
-import importlib
 from typing import Any, Callable, Mapping
 
 from ase.calculators.calculator import Calculator
 
 from atomuq.core.errors import InputError
+from atomuq.reference.ase_class import import_calculator_class, split_ase_class
 from atomuq.reference.method import ReferenceMethod
 
 PREFIX = "ase:"
@@ -24,19 +24,15 @@ SPEC_FORM = "ase:MODULE:CLASS, e.g. ase:ase.calculators.emt:EMT"
 def split_class_spec(spec: str) -> tuple[str, str, bool]:
     """(module, class name, deprecated) of 'ase:MODULE:CLASS' (or the deprecated 'ase:MODULE.CLASS'); InputError if neither."""
     rest = spec.strip()[len(PREFIX):] if spec.strip().startswith(PREFIX) else spec.strip()
-    module, sep, name = rest.partition(":")
-    deprecated = False
-    if not sep:  # the older dotted spelling
-        module, _, name = rest.rpartition(".")
-        deprecated = True
-    if not module or not name or ":" in name:
-        raise InputError(f"--method {spec}: write {SPEC_FORM}")
-    return module, name, deprecated
+    try:
+        return split_ase_class(rest, f"--method {spec}", InputError)
+    except InputError:
+        raise InputError(f"--method {spec}: write {SPEC_FORM}") from None
 
 
 def ase_class_calculator(module: str, name: str, **options: Any) -> Calculator:
     """Import `name` from `module` and build it with keyword `options`."""
-    return getattr(importlib.import_module(module), name)(**options)
+    return import_calculator_class(f"{module}:{name}")(**options)
 
 
 def ase_method(spec: str, options: Mapping[str, Any] | None = None,
@@ -49,10 +45,7 @@ def ase_method(spec: str, options: Mapping[str, Any] | None = None,
     canonical = f"{PREFIX}{module}:{name}"
     if deprecated and log is not None:
         log(f"--method {spec.strip()}: the dotted form is deprecated; write {canonical}")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except Exception as exc:  # ImportError, AttributeError, or whatever the module raises while importing
-        raise InputError(f"--method {spec}: cannot import {name} from {module} ({type(exc).__name__}: {exc})") from exc
+    cls = import_calculator_class(f"{module}:{name}", f"--method {spec}", InputError)
     if not callable(cls):
         raise InputError(f"--method {spec}: {module}:{name} is not a calculator class")
     return ReferenceMethod(canonical, f"ASE calculator {module}:{name}", functools.partial(ase_class_calculator, module, name),

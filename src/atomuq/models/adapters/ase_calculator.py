@@ -24,7 +24,7 @@ from ase.calculators.calculator import BaseCalculator
 
 from atomuq.core.batch import Batch, scatter_sum
 from atomuq.core.errors import InputError
-from atomuq.models.adapters.ase_class import build_calculator
+from atomuq.reference.ase_class import build_calculator
 from atomuq.models.protocol import AtomisticModel, ModelOutput
 
 

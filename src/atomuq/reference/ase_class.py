@@ -3,7 +3,7 @@
 `--model ase:MODULE:CLASS`, `--ensemble ase:MODULE:CLASS` and `--method ase:MODULE:CLASS` all go
 through here. Older spellings are read with a deprecation note: MODULE.CLASS (labelling's
 `ase:MODULE.CLASS`) and a bare MODULE:CLASS (the old `--ensemble` form, see registry).
-No torch, no atomuq model code: only importlib and ASE, so the reference layer can use it too.
+No torch, no atomuq model code: only importlib and ASE (reference layer; models import it from here).
 """
 
 from __future__ import annotations
