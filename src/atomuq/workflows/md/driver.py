@@ -116,9 +116,9 @@ class RunFiles:
 def _check_outputs(files: RunFiles) -> None:
     """Output checks before any work, naming {trajectory}."""
     try:
-        trajectory_format(files.trajectory)
         for path in files.all():
             check_output_file(path, "{trajectory}")
+        trajectory_format(files.trajectory)
     except SettingError:
         raise
     except InputError as exc:
@@ -477,16 +477,17 @@ class MDRun:
         self._check_start_values()
         self._check_result_keys()
         action, readings = self._check_monitors()
+        stop = action in ("stop", "rollback")
         try:
             self._open_files()
             self._log_header(target_fs)
             self._log_readings(readings)
-            self._write_frame(trusted=self._trusted_now)
+            self._write_frame(trusted=self._trusted_now, event="stop" if stop else None)
         except BaseException:
             self._close()
             self._remove_files()
             raise
-        if action in ("stop", "rollback"):
+        if stop:
             self._log(f"step {self.step:>8d}  the start already breaches a threshold ({self.reason}); stopping",
                       {"event": "stop", "reason": self.reason})
             return True
