@@ -14,7 +14,7 @@ from atomuq.cli.main import app
 from atomuq.models.registry import resolve_model
 from atomuq.workflows.md import monitor_plan
 from atomuq.workflows.md.monitor_plan import MonitorPlan, log_monitors, plan_from_specs, safe_monitors
-from atomuq.workflows.md.monitors import Monitor, Threshold
+from atomuq.workflows.md.monitors import Threshold
 from atomuq.workflows.md.run import MDRun, MDSettings, SettingError, init_velocities
 
 runner = CliRunner()
@@ -86,30 +86,6 @@ def test_safe_limits_come_from_the_constants():
     assert [m.name for m in no_target] == ["temperature", "energy_drift"]  # no U_Δ without a direct head
     assert no_target[0].threshold.mode == "start" and no_target[0].threshold.floor == monitor_plan.TEMPERATURE_FLOOR_K
     assert safe_monitors(MDSettings(forces="conservative", fallback="conservative"), True)[0].action == "stop"
-
-
-class Values:
-    name, unit, needs_conservative = "v", "", False
-
-    def __init__(self, values):
-        self.values = iter(values)
-
-    def __call__(self, atoms, time_fs):
-        return next(self.values)
-
-
-@pytest.mark.parametrize(
-    "values,breached",
-    [
-        ([0.01, 0.3, 0.49, 0.51], [False, False, False, True]),  # tiny start: the floor 0.5 holds
-        ([0.2, 0.9, 1.01], [False, False, True]),  # 5 x start = 1.0
-        ([1.0, 1.9, 2.1], [False, False, True]),  # 5 x start = 5, capped at 2
-        ([2.5], [True]),  # the cap holds at the first reading
-    ],
-)
-def test_relative_limits_are_kept_within_floor_and_cap(values, breached):
-    mon = Monitor(Values(values), every=1, threshold=Threshold(5.0, "start", floor=0.5, cap=2.0), action="stop")
-    assert [mon.check(None, k, float(k)).breached for k in range(len(values))] == breached
 
 
 def test_plan_words_and_specs():

@@ -157,6 +157,12 @@ def test_the_run_record_holds_model_versions_settings_and_the_result(tmp_path):
     assert record["compare"]["timestep_fs"] == 0.5 and record["result"]["status"] == "completed"
     header = (tmp_path / "run.traj.log").read_text().splitlines()[:2]
     assert "monitors: safe defaults" in header[0] and "weights fingerprint" in header[1] and "atomuq" in header[1]
+    js = tmp_path / "drift.json"
+    res = runner.invoke(app, ["drift", str(out), "--json", str(js)])  # the analysis reads .traj too
+    assert res.exit_code == 0, res.output
+    assert json.loads(js.read_text())[0]["frames"] == 3
+    res = runner.invoke(app, ["drift", str(out), "--json", str(tmp_path)])
+    assert res.exit_code == 1 and "--json" in res.output and "is a directory" in res.output
 
 
 def test_a_stopped_run_is_not_continued_by_resume(tmp_path):

@@ -49,11 +49,12 @@ SAFE_DEFAULTS_HELP = (
     "instead when --fallback is given. 'log': the same quantities logged only, no limits (for studies whose runs "
     "must drift). 'none': no monitors. Any other --monitor replaces the defaults."
 )
-MONITOR_HELP = (
-    "NAME[,every=N][,max=X|Xxstart|Xxmedian][,floor=F][,cap=C][,window=W][,action=log|snapshot|stop|rollback]; "
-    "NAME is force_delta, temperature, energy_drift or key:RESULT[,reduce=max|mean|rms] (any calculator result, "
-    "e.g. key:confidence_error, or key:ltau_uncertainty with --ltau); a relative limit is kept within "
-    f"[floor, cap]. Repeatable. {SAFE_DEFAULTS_HELP}"
+MONITOR_HELP = escape(
+    "Comma-separated: NAME, then any of every=N, max=X (absolute) or max=Xxstart or max=Xxmedian (relative), "
+    "floor=F and cap=C (bounds of a relative limit), window=W, action=A (log, snapshot, stop or "
+    "rollback). NAME: force_delta, temperature, energy_drift, or key:RESULT for any "
+    "calculator result (e.g. key:confidence_error, or key:ltau_uncertainty with --ltau) with reduce=max|mean|rms. "
+    f"Repeatable. {SAFE_DEFAULTS_HELP}"
 )
 
 
