@@ -110,9 +110,16 @@ def test_kill_and_resume_gives_the_same_frames_and_no_repeated_readings(model, t
         MDRun(ethanol(), model, MDSettings(**settings), cut, monitors(), say=lambda m: None).run(killer(13.4))
     logged = reading_lines(cut.with_name(cut.name + ".log"))
     assert logged[-1].split()[1] == "26"  # readings of steps 21..26 were logged after the frame of step 20
+    with open(cut, "ab") as fh:  # a frame half-written when the process died
+        fh.write(b"\x00" * 333 if suffix == ".traj" else b"9\nProperties=species:S:1:pos:R:3 step=99\nC 0.1")
+    said = []
+    with pytest.raises(Killed):  # killed a second time, after frames written by the resumed process
+        MDRun(ethanol(seed=9), model, MDSettings(**settings), cut, monitors(), resume=True, say=said.append).run(
+            killer(16.4))
+    assert any("dropped" in m and "logged after the frame of step 20" in m for m in said)
     said = []
     MDRun(ethanol(seed=9), model, MDSettings(**settings), cut, monitors(), resume=True, say=said.append).run()
-    assert any("dropped" in m and "logged after the frame of step 20" in m for m in said)
+    assert any("dropped" in m and "logged after the frame of step 30" in m for m in said)
     a, b = read(full, ":"), read(cut, ":")
     assert [f.info["step"] for f in b] == [f.info["step"] for f in a] == [0, 10, 20, 30, 40]
     for x, y in zip(a, b):
