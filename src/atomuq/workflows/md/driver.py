@@ -98,14 +98,17 @@ class RunFiles:
 
     @property
     def log(self) -> Path:
+        """TRAJ.log (and TRAJ.log.jsonl beside it)."""
         return self.trajectory.with_name(self.trajectory.name + ".log")
 
     @property
     def snapshots(self) -> Path:
+        """TRAJ.snapshots.extxyz (frames written by action=snapshot)."""
         return self.trajectory.with_name(self.trajectory.name + ".snapshots.extxyz")
 
     @property
     def record(self) -> Path:
+        """TRAJ.run.json (run_record.py)."""
         return record_path(self.trajectory)
 
     def all(self) -> list[Path]:
