@@ -36,7 +36,9 @@ from atomuq.models.registry import resolve_model
 from atomuq.uq.force_delta import force_delta
 from atomuq.workflows.md.drift import analyse, load_md_frames, plot_drift, series
 from atomuq.workflows.md.monitors import parse_monitor
-from atomuq.workflows.md.run import MDRun, MDSettings, PaperPreset, relax
+from atomuq.workflows.md.driver import MDRun
+from atomuq.workflows.md.protocol import PaperPreset, relax
+from atomuq.workflows.md.settings import MDSettings
 from atomuq.workflows.md.trajectory import scan_trajectory
 
 matplotlib.use("Agg")
@@ -103,6 +105,9 @@ def starting_frames() -> dict[str, list]:
 
 
 def monitors(every: int):
+    """The study's own monitors: U_Δ logged, a stop above 2000 K as in the paper. Being given, they replace
+    atomuq md's safe defaults (which stop a direct-force run as soon as U_Δ or the temperature runs away),
+    so the runs drift as the study needs and its results stay what they were."""
     return [
         parse_monitor(f"force_delta,every={every}"),
         parse_monitor(f"temperature,every={every},max=2000,action=stop"),
@@ -139,7 +144,8 @@ def equilibrated(model, atoms, tag: str, seed: int):
         traj_every=100,
     )
     path = OUT / f"{tag}.equil.extxyz"
-    MDRun(relaxed, model, settings, path, resume=True, say=say).run()
+    # no monitors (an explicit empty list): this study lets its runs drift; None would give the safe defaults
+    MDRun(relaxed, model, settings, path, [], resume=True, say=say).run()
     frame = load_md_frames(path)[0][-1]
     frame.calc = None
     return frame

@@ -20,7 +20,7 @@ from atomuq.workflows.md.monitors import (
     parse_monitor,
 )
 from atomuq.workflows.md.mts import MultipleTimeStepping
-from atomuq.workflows.md.run import MDRun, MDSettings, init_velocities
+from atomuq.workflows.md.run import MDRun, MDSettings, SettingError, init_velocities
 from atomuq.workflows.md.trajectory import scan_trajectory
 
 
@@ -165,22 +165,14 @@ def test_killed_and_resumed_run_gives_the_same_frames(
         return [parse_monitor(f"force_delta,every={every}"), parse_monitor(f"energy_drift,every={every}")]
 
     run(model, tmp_path, "full.extxyz", mons(), **kw)
+    kill_after_fs = kw["steps"] * 0.6 * MDSettings(**kw).step_fs(forces)  # 60 % through the run
 
-    def kill(atoms, t):
-        if t > kw["steps"] * 0.6 * MDSettings(**kw).step_fs(
-            forces
-        ):  # 60 % through the run
+    def kill(t_fs):
+        if t_fs > kill_after_fs:
             raise Killed
-        return 0.0
 
     with pytest.raises(Killed):
-        run(
-            model,
-            tmp_path,
-            "cut.extxyz",
-            [*mons(), Monitor(FunctionQuantity(kill, "kill"), every=1)],
-            **kw,
-        )
+        MDRun(start(), model, MDSettings(**kw), tmp_path / "cut.extxyz", mons(), say=lambda m: None).run(kill)
     with open(
         tmp_path / "cut.extxyz", "a"
     ) as fh:  # a frame half-written when the process died
@@ -214,19 +206,39 @@ def test_killed_and_resumed_run_gives_the_same_frames(
 @pytest.mark.parametrize(
     "kw,match",
     [
-        ({"ensemble": "nvt"}, "needs --temperature"),
-        ({"ensemble": "npt"}, "--ensemble must be one of"),
-        ({"forces": "magic"}, "--forces must be one of"),
-        ({"timestep_fs": -1.0}, "--timestep must be a positive"),
+        ({"ensemble": "nvt"}, "needs temperature_K"),
+        ({"ensemble": "npt"}, "^ensemble must be one of"),
+        ({"forces": "magic"}, "^forces must be one of"),
+        ({"timestep_fs": -1.0}, "^timestep_fs must be a positive"),
+        ({"timestep_fs": 0.0}, "^timestep_fs must be a positive"),
+        ({"timestep_fs": float("nan")}, "^timestep_fs must be a positive"),
         ({"timestep_fs": 50.0}, "far too long"),
+        ({"steps": -1}, "^steps must be an integer >= 0"),
+        ({"temperature_K": -5.0}, "^temperature_K must be a number of K >= 0"),
+        ({"tdamp_fs": 0.0}, "^tdamp_fs must be a positive"),
+        ({"friction_per_fs": -0.1}, "^friction_per_fs must be a positive"),
+        ({"traj_every": 0}, "^traj_every must be a positive integer"),
+        ({"max_rollbacks": -1}, "^max_rollbacks must be an integer >= 0"),
+        ({"mts_outer_fs": 0.0, "forces": "mts"}, "^mts_outer_fs must be a positive"),
         ({"forces": "mts", "ensemble": "nvt", "temperature_K": 300.0}, "not with nvt"),
-        ({"fallback": "direct"}, "--fallback must be one of"),
-        ({"mts_inner": 0, "forces": "mts"}, "--mts-inner must be a positive"),
+        ({"fallback": "direct"}, "^fallback must be one of"),
+        ({"mts_inner": 0, "forces": "mts"}, "^mts_inner must be a positive"),
     ],
 )
-def test_bad_settings_give_clear_errors(kw, match):
-    with pytest.raises(InputError, match=match):
+def test_bad_settings_give_clear_errors_naming_the_field(kw, match):
+    with pytest.raises(SettingError, match=match) as info:
         MDSettings(**kw).validate()
+    assert isinstance(info.value, InputError)
+
+
+def test_setting_errors_render_with_the_command_line_flags():
+    from atomuq.cli.md_commands import FLAGS
+
+    with pytest.raises(SettingError) as info:
+        MDSettings(ensemble="langevin").validate()
+    assert str(info.value) == "ensemble langevin needs temperature_K K"
+    assert info.value.render(FLAGS) == "--ensemble langevin needs --temperature K"
+    assert set(FLAGS) >= {f for f in MDSettings.__dataclass_fields__}  # every setting has its flag
 
 
 @pytest.mark.parametrize(

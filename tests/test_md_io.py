@@ -140,6 +140,20 @@ def test_relative_thresholds_use_the_start_and_the_running_median():
     ]  # median of accepted values stays 1.0
 
 
+@pytest.mark.parametrize(
+    "values,breached",
+    [
+        ([0.01, 0.3, 0.49, 0.51], [False, False, False, True]),  # tiny start: the floor 0.5 holds
+        ([0.2, 0.9, 1.01], [False, False, True]),  # 5 x start = 1.0
+        ([1.0, 1.9, 2.1], [False, False, True]),  # 5 x start = 5, capped at 2
+        ([2.5], [True]),  # the cap holds at the first reading
+    ],
+)
+def test_relative_limits_are_kept_within_floor_and_cap(values, breached):
+    mon = Monitor(Sequence(values), every=1, threshold=Threshold(5.0, "start", floor=0.5, cap=2.0), action="stop")
+    assert [mon.check(None, k, float(k)).breached for k in range(len(values))] == breached
+
+
 def test_energy_drift_quantity_fits_the_window():
     q = EnergyDrift(window=3)
 

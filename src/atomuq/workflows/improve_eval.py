@@ -113,7 +113,7 @@ def equilibrate_starts(
             out.append(atoms)
             continue
         path = folder / f"equil_{k:03d}.extxyz"
-        MDRun(atoms, model, settings, path, resume=path.exists(), say=say).run()
+        MDRun(atoms, model, settings, path, [], resume=path.exists(), say=say).run()  # [] : unmonitored, as before
         frame = load_md_frames(path)[0][-1]
         frame.calc = None
         frame.info = {"md_start": k}

@@ -5,7 +5,10 @@ returning a float (or None while it has no value yet): a calculator result key (
 Delta, or any per-structure UQ scalar another estimator's calculator offers, e.g. an LTAU or
 ensemble score), the temperature, or the fitted energy drift. FunctionQuantity wraps any
 callable. Thresholds are absolute, or relative to the first value ("start") or to the running
-median of the last values ("median"). Actions: log, snapshot, stop, rollback (run.py acts).
+median of the last values ("median"), optionally kept within [floor, cap] (the cap also applies
+before a relative limit has its reference). Actions: log, snapshot, stop, rollback (driver.py
+acts). Every monitor has a canonical spec string (Monitor.spec), parse_monitor's syntax, which
+run records and resume checks compare.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Protocol
 import numpy as np
 from ase import Atoms
 
-from atomuq.core.errors import InputError
+from atomuq.workflows.md.settings import SettingError
 
 ACTIONS = ("log", "snapshot", "stop", "rollback")
 REDUCTIONS = {"max": np.max, "mean": np.mean, "rms": lambda x: np.sqrt(np.mean(x**2))}
@@ -50,13 +53,18 @@ class ResultKey:
 
     def __post_init__(self) -> None:
         if self.reduce not in REDUCTIONS:
-            raise InputError(
-                f"reduce must be one of {', '.join(REDUCTIONS)}, got {self.reduce!r}"
+            raise SettingError(
+                f"{{monitors}} key:{self.key}: reduce must be one of {', '.join(REDUCTIONS)}, got {self.reduce!r}"
             )
 
     @property
     def name(self) -> str:
         return self.key if self.key == "force_delta" else f"{self.key}_{self.reduce}"
+
+    @property
+    def spec(self) -> str:
+        """The quantity part of parse_monitor's syntax."""
+        return "force_delta" if self.key == "force_delta" else f"key:{self.key},reduce={self.reduce}"
 
     def __call__(self, atoms: Atoms, time_fs: float) -> float:
         """The value of `key` at the current positions (computed if the cached evaluation lacks it)."""
@@ -88,6 +96,7 @@ class Temperature:
     name: str = "temperature"
     unit: str = "K"
     needs_conservative: bool = False
+    spec: str = "temperature"
 
     def __call__(self, atoms: Atoms, time_fs: float) -> float:
         return float(atoms.get_temperature())
@@ -101,6 +110,7 @@ class EnergyDrift:
     name: str = "energy_drift"
     unit: str = "meV/atom/ps"
     needs_conservative: bool = False
+    spec: str = "energy_drift"
     times: deque = field(default_factory=deque)
     energies: deque = field(default_factory=deque)
 
@@ -133,28 +143,63 @@ def drift_slope(time_fs: np.ndarray, energy_per_atom: np.ndarray) -> float:
 
 @dataclass
 class Threshold:
-    """A limit: `value` itself (absolute), or value × the first reading (start) or × the running median."""
+    """A limit: `value` itself (absolute), or value × the first reading (start) or × the running median,
+    kept within [floor, cap] when those are given (relative modes only)."""
 
     value: float
     mode: str = "absolute"
     window: int = 25
+    floor: float | None = None
+    cap: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in THRESHOLD_MODES:
-            raise InputError(
-                f"threshold mode must be one of {', '.join(THRESHOLD_MODES)}, got {self.mode!r}"
+            raise SettingError(
+                f"{{monitors}}: threshold mode must be one of {', '.join(THRESHOLD_MODES)}, got {self.mode!r}"
             )
         if not np.isfinite(self.value) or (self.mode != "absolute" and self.value <= 0):
-            raise InputError(
-                f"threshold {self.value!r} must be finite (and positive when relative)"
-            )
+            raise SettingError(f"{{monitors}}: threshold {self.value!r} must be finite (and positive when relative)")
+        if int(self.window) != self.window or self.window < 1:
+            raise SettingError(f"{{monitors}}: window must be a positive integer, got {self.window!r}")
+        if self.mode == "absolute" and (self.floor is not None or self.cap is not None):
+            raise SettingError("{monitors}: floor and cap apply to relative limits (max=Xxstart or Xxmedian)")
+        for name, bound in (("floor", self.floor), ("cap", self.cap)):
+            if bound is not None and not np.isfinite(bound):
+                raise SettingError(f"{{monitors}}: {name} must be a finite number, got {bound!r}")
+        if self.floor is not None and self.cap is not None and self.floor > self.cap:
+            raise SettingError(f"{{monitors}}: floor {self.floor:g} is above cap {self.cap:g}")
+
+    def bound(self, relative: float | None) -> float | None:
+        """The limit from the relative part (None while unknown), kept within [floor, cap]."""
+        if relative is None:
+            return self.cap
+        if self.floor is not None:
+            relative = max(relative, self.floor)
+        return relative if self.cap is None else min(relative, self.cap)
 
     def describe(self) -> str:
-        return {
+        """Human-readable form, e.g. '5 x start within [0.5, 2]'."""
+        text = {
             "absolute": f"{self.value:g}",
             "start": f"{self.value:g} x start",
             "median": f"{self.value:g} x running median of {self.window}",
         }[self.mode]
+        if self.floor is not None or self.cap is not None:
+            low = "-inf" if self.floor is None else f"{self.floor:g}"
+            high = "inf" if self.cap is None else f"{self.cap:g}"
+            text += f" within [{low}, {high}]"
+        return text
+
+    def spec(self) -> str:
+        """The max=... (and floor=, cap=, window=) options of parse_monitor's syntax."""
+        parts = [f"max={self.value:g}" + ("" if self.mode == "absolute" else f"x{self.mode}")]
+        if self.mode == "median":
+            parts.append(f"window={self.window}")
+        if self.floor is not None:
+            parts.append(f"floor={self.floor:g}")
+        if self.cap is not None:
+            parts.append(f"cap={self.cap:g}")
+        return ",".join(parts)
 
 
 @dataclass
@@ -181,6 +226,14 @@ class Reading:
         status = f"BREACH -> {self.action}" if self.breached else "ok"
         return f"step {self.step:>8d}  t={self.time_fs:10.2f} fs  {self.monitor} = {value}{limit}  {status}"
 
+    def reason(self) -> str:
+        """Why a breached reading breached, e.g. 'temperature = 1244 K, above its limit 900 K at t = 320 fs'."""
+        unit = f" {self.unit}" if self.unit else ""
+        return (
+            f"{self.monitor} = {self.value:.4g}{unit}, above its limit {self.limit:.4g}{unit} "
+            f"at step {self.step} (t = {self.time_fs:g} fs)"
+        )
+
 
 @dataclass
 class Monitor:
@@ -195,21 +248,32 @@ class Monitor:
 
     def __post_init__(self) -> None:
         if int(self.every) != self.every or self.every < 1:
-            raise InputError(
-                f"monitor {self.name}: every must be a positive integer, got {self.every!r}"
-            )
+            raise SettingError(f"{{monitors}} {self.name}: every must be a positive integer, got {self.every!r}")
         if self.action not in ACTIONS:
-            raise InputError(
-                f"monitor {self.name}: action must be one of {', '.join(ACTIONS)}, got {self.action!r}"
+            raise SettingError(
+                f"{{monitors}} {self.name}: action must be one of {', '.join(ACTIONS)}, got {self.action!r}"
             )
         if self.action != "log" and self.threshold is None:
-            raise InputError(
-                f"monitor {self.name}: action {self.action!r} needs a threshold (max=...)"
-            )
+            raise SettingError(f"{{monitors}} {self.name}: action {self.action!r} needs a threshold (max=...)")
 
     @property
     def name(self) -> str:
         return self.quantity.name
+
+    def spec(self) -> str:
+        """Canonical parse_monitor string of this monitor (what run records store and resume compares)."""
+        parts = [getattr(self.quantity, "spec", self.name), f"every={self.every}"]
+        if self.threshold is not None:
+            parts.append(self.threshold.spec())
+        parts.append(f"action={self.action}")
+        return ",".join(parts)
+
+    def describe(self) -> str:
+        """Human-readable form for log headers, e.g. 'force_delta every 10 max 5 x start -> stop'."""
+        text = f"{self.name} every {self.every}"
+        if self.threshold is not None:
+            text += f" max {self.threshold.describe()} -> {self.action}"
+        return text
 
     def due(self, step: int) -> bool:
         """True if the monitor runs at this step."""
@@ -223,8 +287,8 @@ class Monitor:
         if t.mode == "absolute":
             return t.value
         if t.mode == "start":
-            return None if self.reference is None else t.value * self.reference
-        return float(np.median(self.history)) * t.value if self.history else None
+            return t.bound(None if self.reference is None else t.value * self.reference)
+        return t.bound(float(np.median(self.history)) * t.value if self.history else None)
 
     def check(self, atoms: Atoms, step: int, time_fs: float) -> Reading:
         """Evaluate the quantity and compare it with the limit (the limit uses only earlier readings)."""
@@ -266,27 +330,32 @@ class Monitor:
             self.quantity.set_state(state["quantity"])
 
 
+MONITOR_OPTIONS = ("every", "max", "floor", "cap", "window", "action", "reduce")
+QUANTITY_NAMES = ("force_delta", "temperature", "energy_drift", "key:RESULT")
+
+
 def parse_monitor(spec: str) -> Monitor:
-    """Monitor from 'NAME[,every=N][,max=X|Xxstart|Xxmedian][,action=log|snapshot|stop|rollback]'.
+    """Monitor from 'NAME[,every=N][,max=X|Xxstart|Xxmedian][,floor=F][,cap=C][,window=W][,action=ACTION]'.
 
     NAME: force_delta, temperature, energy_drift, or key:RESULT[,reduce=max|mean|rms] for any
     result of the calculator (per-structure, or per-atom reduced; e.g. key:confidence_error).
+    A relative limit (Xxstart, Xxmedian) is kept within [floor, cap]; the cap also holds before
+    the reference exists. ACTION: log, snapshot, stop or rollback. Errors are SettingErrors
+    naming {monitors}.
     """
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if not parts:
-        raise InputError(
-            "--monitor: empty specification; example: force_delta,every=10,max=0.5,action=rollback"
-        )
+        raise SettingError("{monitors}: empty specification; example: force_delta,every=10,max=0.5,action=rollback")
     name, options = parts[0], {}
     for part in parts[1:]:
         if "=" not in part:
-            raise InputError(f"--monitor {spec!r}: expected key=value, got {part!r}")
+            raise SettingError(f"{{monitors}} {spec!r}: expected key=value, got {part!r}")
         key, value = part.split("=", 1)
         options[key.strip()] = value.strip()
-    unknown = set(options) - {"every", "max", "action", "window", "reduce"}
+    unknown = set(options) - set(MONITOR_OPTIONS)
     if unknown:
-        raise InputError(
-            f"--monitor {spec!r}: unknown option(s) {', '.join(sorted(unknown))}; use every, max, action, window, reduce"
+        raise SettingError(
+            f"{{monitors}} {spec!r}: unknown option(s) {', '.join(sorted(unknown))}; use {', '.join(MONITOR_OPTIONS)}"
         )
     if name == "force_delta":
         quantity: Quantity = ResultKey("force_delta", "eV/Å")
@@ -295,19 +364,18 @@ def parse_monitor(spec: str) -> Monitor:
     elif name == "energy_drift":
         quantity = EnergyDrift()
     elif name.startswith("key:") and len(name) > 4:
-        quantity = ResultKey(
-            name[4:],
-            unit="",
-            needs_conservative=False,
-            reduce=options.get("reduce", "max"),
-        )
+        quantity = ResultKey(name[4:], unit="", needs_conservative=False, reduce=options.get("reduce", "max"))
     else:
-        raise InputError(
-            f"--monitor {spec!r}: unknown quantity {name!r}; use force_delta, temperature, energy_drift or key:RESULT"
+        raise SettingError(
+            f"{{monitors}} {spec!r}: unknown quantity {name!r}; use {', '.join(QUANTITY_NAMES)}"
         )
+    if "reduce" in options and not name.startswith("key:"):
+        raise SettingError(f"{{monitors}} {spec!r}: reduce applies to key:RESULT monitors only")
     try:
         every = int(options.get("every", 10))
         window = int(options.get("window", 25))
+        floor = float(options["floor"]) if "floor" in options else None
+        cap = float(options["cap"]) if "cap" in options else None
         threshold = None
         if "max" in options:
             text = options["max"].lower()
@@ -315,9 +383,9 @@ def parse_monitor(spec: str) -> Monitor:
             for suffix in ("start", "median"):
                 if text.endswith("x" + suffix):
                     mode, text = suffix, text[: -len(suffix) - 1]
-            threshold = Threshold(float(text), mode, window)
+            threshold = Threshold(float(text), mode, window, floor, cap)
+        elif floor is not None or cap is not None:
+            raise SettingError(f"{{monitors}} {spec!r}: floor and cap need a relative max (Xxstart or Xxmedian)")
     except ValueError as exc:
-        raise InputError(f"--monitor {spec!r}: {exc}") from exc
-    return Monitor(
-        quantity, every=every, threshold=threshold, action=options.get("action", "log")
-    )
+        raise SettingError(f"{{monitors}} {spec!r}: {exc}") from exc
+    return Monitor(quantity, every=every, threshold=threshold, action=options.get("action", "log"))

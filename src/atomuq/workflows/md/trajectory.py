@@ -1,13 +1,17 @@
-"""Crash-safe MD trajectories: extended XYZ frames appended, flushed and fsynced one at a time.
+"""Crash-safe MD trajectories, frames appended and fsynced one at a time: extended XYZ or ASE .traj.
 
 Each frame holds positions (Å), momenta (amu Å / ASE time unit, so resuming restores the
-velocities exactly), the forces that moved the atoms (eV/Å) and, in the comment line, the step,
-time (fs), energies (eV), temperature (K), the monitored UQ values and a base64 JSON `md_state`
-with what the integrator needs beyond positions and momenta (thermostat variables, random
-stream, force mode after a rollback). Numbers are written with 17 significant digits, so a
-resumed run starts from bit-identical positions and momenta. A frame is complete when all its
-N + 2 lines end in a newline; a half-written last frame (a run killed while writing) is
-detected and cut off on --resume.
+velocities exactly), the forces that moved the atoms (eV/Å) and the potential energy (eV) the
+ASE way (`ase.io.read(frame).get_potential_energy()` and `.get_forces()` work), and in its info
+the step, time (fs), energies epot/ekin/etot (eV), temperature (K), the monitored UQ values and
+a base64 JSON `md_state` with what the integrator needs beyond positions and momenta
+(thermostat variables, random stream, force mode after a rollback).
+
+Extended XYZ (.extxyz, .xyz): numbers with 17 significant digits, so a resumed run starts from
+bit-identical positions and momenta. A frame is complete when all its N + 2 lines end in a
+newline; a half-written last frame (a run killed while writing) is detected and cut off on
+--resume. ASE trajectory (.traj, ase.io.Trajectory appended): binary doubles; a frame counts
+once ASE's item counter is updated, which is written last, so a half-written frame is never read.
 """
 
 from __future__ import annotations
@@ -21,9 +25,26 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
-from ase.io import read
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import Trajectory, read
 
 from atomuq.core.errors import InputError
+
+#: output name endings and the trajectory format each one writes
+TRAJECTORY_SUFFIXES = {".extxyz": "extxyz", ".xyz": "extxyz", ".traj": "traj"}
+
+
+def trajectory_format(path: str | Path, strict: bool = True) -> str:
+    """'extxyz' or 'traj' from the file name; InputError for another ending when strict (else extxyz)."""
+    path = Path(path)
+    fmt = TRAJECTORY_SUFFIXES.get(path.suffix.lower())
+    if fmt is None and strict:
+        raise InputError(
+            f"{path}: MD trajectories are written as extended XYZ (.extxyz, .xyz) or ASE trajectories (.traj), "
+            f"appended frame by frame; {path.suffix or 'a name without an ending'} is neither"
+            + (" (compressed files cannot be appended)" if path.suffix.lower() in (".gz", ".xz", ".bz2") else "")
+        )
+    return fmt or "extxyz"
 
 
 def encode_state(state: dict) -> str:
@@ -54,8 +75,9 @@ def _value(v) -> str:
     return text
 
 
-def frame_text(atoms: Atoms, info: dict, forces: np.ndarray | None = None) -> str:
-    """One extended XYZ frame (positions, momenta, forces) with `info` in the comment line, full precision."""
+def frame_text(atoms: Atoms, info: dict, forces: np.ndarray | None = None, energy: float | None = None) -> str:
+    """One extended XYZ frame (positions, momenta, forces) with `info` (and energy, eV, read by ASE into its
+    SinglePointCalculator) in the comment line, full precision."""
     n = len(atoms)
     cols = [atoms.get_positions(), atoms.get_momenta()]
     props = "species:S:1:pos:R:3:momenta:R:3"
@@ -70,6 +92,8 @@ def frame_text(atoms: Atoms, info: dict, forces: np.ndarray | None = None) -> st
             + '"'
         )
     header.append(f"Properties={props}")
+    if energy is not None:
+        header.append(f"energy={_value(float(energy))}")
     header += [f"{k}={_value(v)}" for k, v in info.items()]
     header.append('pbc="' + " ".join("T" if b else "F" for b in atoms.pbc) + '"')
     data = np.hstack(cols)
@@ -89,15 +113,44 @@ class FrameWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 (kept open for appends)
 
-    def write(self, atoms: Atoms, info: dict, forces: np.ndarray | None = None) -> None:
-        """Append one frame and make it durable."""
-        self._file.write(frame_text(atoms, info, forces))
+    def write(self, atoms: Atoms, info: dict, forces: np.ndarray | None = None, energy: float | None = None) -> None:
+        """Append one frame (forces eV/Å, energy eV) and make it durable."""
+        self._file.write(frame_text(atoms, info, forces, energy))
         self._file.flush()
         os.fsync(self._file.fileno())
 
     def close(self) -> None:
         """Close the file (frames are already on disk)."""
         self._file.close()
+
+
+class TrajFrameWriter:
+    """Appends frames to an ASE trajectory (ase.io.Trajectory); every frame is fsynced before write() returns."""
+
+    def __init__(self, path: str | Path, append: bool = False) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._traj = Trajectory(str(self.path), "a" if append else "w")
+
+    def write(self, atoms: Atoms, info: dict, forces: np.ndarray | None = None, energy: float | None = None) -> None:
+        """Append one frame: positions, momenta, cell, info, and energy (eV) / forces (eV/Å) as calculator results."""
+        frame = atoms.copy()
+        frame.info = dict(info)
+        results = {k: v for k, v in (("energy", energy), ("forces", forces)) if v is not None}
+        frame.calc = SinglePointCalculator(frame, **results) if results else None
+        self._traj.write(frame)
+        fd = self._traj.backend.fd
+        fd.flush()
+        os.fsync(fd.fileno())
+
+    def close(self) -> None:
+        """Close the file (frames are already on disk)."""
+        self._traj.close()
+
+
+def open_frame_writer(path: str | Path, append: bool = False) -> FrameWriter | TrajFrameWriter:
+    """The writer for the trajectory format the name asks for (trajectory_format)."""
+    return TrajFrameWriter(path, append) if trajectory_format(path) == "traj" else FrameWriter(path, append)
 
 
 @dataclass
@@ -116,10 +169,13 @@ class TrajectoryScan:
 
 
 def scan_trajectory(path: str | Path) -> TrajectoryScan:
-    """Read every complete frame of an MD trajectory; a half-written last frame is reported, not read."""
+    """Read every complete frame of an MD trajectory (.traj: ASE trajectory; else extended XYZ);
+    a half-written last frame is reported, not read."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: trajectory not found")
+    if trajectory_format(path, strict=False) == "traj":
+        return _scan_traj(path)
     raw = path.read_bytes()
     lines = raw.splitlines(keepends=True)
     pos = end = 0
@@ -141,11 +197,32 @@ def scan_trajectory(path: str | Path) -> TrajectoryScan:
         end = pos
         i += n + 2
     dropped = len(lines) - i
-    text = raw[:end].decode("utf-8")
-    frames = read(io.StringIO(text), index=":", format="extxyz") if text else []
+    try:
+        text = raw[:end].decode("utf-8")
+        frames = read(io.StringIO(text), index=":", format="extxyz") if text else []
+    except Exception as exc:  # ase.io raises many exception types for malformed files
+        raise InputError(f"{path}: not a readable extended XYZ trajectory ({type(exc).__name__}: {exc})") from exc
     return TrajectoryScan(
         frames=frames, complete_bytes=end, dropped_lines=dropped, total_bytes=len(raw)
     )
+
+
+#: bytes of an ASE trajectory file before its first frame (ULM header)
+_TRAJ_HEADER_BYTES = 48
+
+
+def _scan_traj(path: Path) -> TrajectoryScan:
+    """The frames of an ASE trajectory; an empty or header-only file (a run killed at once) has none."""
+    size = path.stat().st_size
+    try:
+        with Trajectory(str(path)) as traj:
+            frames = [traj[i] for i in range(len(traj))]
+    except Exception as exc:  # ase.io.ulm raises several types on damaged files
+        if size <= _TRAJ_HEADER_BYTES:
+            frames = []
+        else:
+            raise InputError(f"{path}: cannot read as an ASE trajectory ({type(exc).__name__}: {exc})") from exc
+    return TrajectoryScan(frames=frames, complete_bytes=size, dropped_lines=0, total_bytes=size)
 
 
 def cut_partial_frame(path: str | Path, scan: TrajectoryScan) -> str | None:
@@ -160,37 +237,3 @@ def cut_partial_frame(path: str | Path, scan: TrajectoryScan) -> str | None:
         f"{path}: dropped a half-written last frame ({scan.dropped_lines} lines, "
         f"{scan.total_bytes - scan.complete_bytes} bytes) after {len(scan.frames)} complete frames"
     )
-
-
-class LineLog:
-    """An append-only text log and its JSON-lines twin (PATH.jsonl), flushed per entry."""
-
-    def __init__(self, path: str | Path, append: bool = False) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._text = open(self.path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 (kept open for appends)
-        self._json = open(  # noqa: SIM115
-            self.path.with_suffix(self.path.suffix + ".jsonl"),
-            "a" if append else "w",
-            encoding="utf-8",
-        )
-
-    def write(self, line: str, record: dict | None = None, sync: bool = True) -> None:
-        """Append one human-readable line (and its JSON record); flushed, and fsynced if sync."""
-        self._text.write(line.rstrip("\n") + "\n")
-        if record is not None:
-            self._json.write(json.dumps(record, sort_keys=True, default=str) + "\n")
-        self._text.flush()
-        self._json.flush()
-        if sync:
-            self.sync()
-
-    def sync(self) -> None:
-        """fsync both files (flushed lines survive a killed process; fsync also a power cut)."""
-        os.fsync(self._text.fileno())
-        os.fsync(self._json.fileno())
-
-    def close(self) -> None:
-        """Close both files."""
-        self._text.close()
-        self._json.close()
