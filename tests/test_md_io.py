@@ -364,3 +364,28 @@ def test_preset_paper_can_equilibrate_on_conservative_forces(tmp_path):
         ],
     )
     assert res.exit_code == 1 and "only with --preset paper" in res.output
+
+
+def test_md_frames_carry_provenance_through_the_schema_and_read_back_the_ase_way(tmp_path):
+    """Frames are written through core.schema: model name (a path with spaces survives), fingerprint, versions."""
+    from ase.io import read
+
+    from atomuq.core.schema import SCHEMA_VERSION
+    from atomuq.models.checkpoint import weights_fingerprint
+    from atomuq.models.registry import resolve_model
+    from atomuq.workflows.md.run import MDRun, MDSettings
+
+    model = resolve_model(None)
+    out = tmp_path / "with space" / "r.extxyz"
+    MDRun(molecule("H2O"), model, MDSettings(steps=4, temperature_K=100, traj_every=2), out,
+          say=lambda m: None, model_name="my models/a model.pt").run()
+    frames = read(out, ":")
+    assert len(frames) == 3
+    for frame in frames:
+        assert frame.info["atomuq_model"] == "my models/a model.pt"
+        assert frame.info["atomuq_model_fingerprint"] == weights_fingerprint(model)
+        assert frame.info["atomuq_schema_version"] == SCHEMA_VERSION
+        assert frame.get_potential_energy() == pytest.approx(frame.info["epot"])
+        assert frame.info["model_energy"] == pytest.approx(frame.info["epot"])
+        assert frame.get_forces().shape == (3, 3)
+    assert len(scan_trajectory(out).frames) == 3  # atomuq's own reader agrees

@@ -65,10 +65,10 @@ def test_every_key_the_code_writes_is_registered():
     for path in [*src.glob("workflows/**/*.py"), src / "calculator.py"]:
         text = path.read_text()
         written |= set(re.findall(r'\.(?:info|arrays)\["([a-z_]+)"\]\s*=', text))
-    md = (src / "workflows" / "md" / "run.py").read_text()
+    md = (src / "workflows" / "md" / "driver.py").read_text()
     frame = md[md.index("def _write_frame"):]
-    written |= set(re.findall(r'"([a-z_]+)":', frame[: frame.index("(writer or self.writer)")]))
-    written |= set(re.findall(r'info\["([a-z_]+)"\]', frame[: frame.index("(writer or self.writer)")]))
+    frame = frame[: frame.index("prepare_results(")]
+    written |= set(re.findall(r'"([a-z_]+)":', frame)) | set(re.findall(r'info\["([a-z_]+)"\]', frame))
     unregistered = sorted(k for k in written if k not in REGISTRY and not k.startswith("REF_"))
     assert not unregistered, f"write these through core.schema (register them): {unregistered}"
     assert {"epot", "etot", "temperature", "md_state", "step", "time_fs"} <= written  # the scan saw the md frames

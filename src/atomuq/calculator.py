@@ -15,7 +15,8 @@ from atomuq.models.derivatives import evaluate
 from atomuq.models.protocol import AtomisticModel
 from atomuq.models.registry import resolve_model
 from atomuq.uq.ltau.estimator import LTAUEstimator
-from atomuq.workflows.score import model_provenance, prediction_results
+from atomuq.models.provenance import model_provenance
+from atomuq.workflows.score import prediction_results
 
 
 class AtomuqCalculator(Calculator):

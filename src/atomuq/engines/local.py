@@ -29,12 +29,12 @@ from atomuq.core.paths import check_output_dir, check_output_file
 from atomuq.core.schema import SCHEMA_VERSION
 from atomuq.core.validate import DEFAULT_MIN_DISTANCE
 from atomuq.models.protocol import AtomisticModel
+from atomuq.models.provenance import model_provenance
 from atomuq.uq.ensemble import Member
 from atomuq.workflows.score import (
     ScoreRow,
     ScoreSettings,
     ensemble_provenance,
-    model_provenance,
     score_row,
     score_shard,
     validate_records,

@@ -40,7 +40,7 @@ from atomuq.core.schema import Provenance, clear_results, write_results
 from atomuq.models.derivatives import evaluate
 from atomuq.models.protocol import AtomisticModel
 from atomuq.uq.force_delta import force_delta
-from atomuq.workflows.score import model_provenance
+from atomuq.models.provenance import model_provenance
 
 OBJECTIVES = ("delta", "delta-boltzmann")
 

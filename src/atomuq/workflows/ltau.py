@@ -24,15 +24,11 @@ from atomuq.uq.ltau.estimator import LTAUEstimator, LTAUPrediction, fit_estimato
 from atomuq.uq.ltau.index import build_index
 from atomuq.uq.result import split_outputs
 from atomuq.workflows.error_log import ErrorLog, load_error_log
-from atomuq.workflows.score import model_provenance, structure_tag
+from atomuq.models.provenance import model_name, model_provenance
+from atomuq.workflows.score import structure_tag
 
 FORCE_KINDS = ("direct", "conservative")
 Progress = Callable[[int], None] | None
-
-
-def model_name(model: AtomisticModel, fallback: str = "model") -> str:
-    """Where a model came from, for messages (its file, or fallback)."""
-    return str(getattr(model, "source", None) or fallback)
 
 
 def load_runs(log_dirs: Sequence[str | Path], kind: str = "direct", skip_epochs: int = 0
@@ -210,7 +206,7 @@ def predict_records(records: Sequence[Record], model: AtomisticModel, estimator:
         errors = np.linalg.norm(forces_all - np.concatenate(refs), axis=1)
     prediction = estimator.predict(descriptors_all, k, atol, ptr=offsets)
     return ScoredAtoms(prediction, errors, offsets, forces_all, descriptors_all, np.concatenate(energies),
-                       model_provenance(model, model_name(model)))
+                       model_provenance(model))
 
 
 def annotate(records: Sequence[Record], scored: ScoredAtoms, kind: str) -> tuple[list[Atoms], list[LTAURow]]:

@@ -17,9 +17,9 @@ from atomuq.core.batch import Batch
 from atomuq.core.io import Record, detach_reference, reference_forces
 from atomuq.core.schema import Provenance, write_results
 from atomuq.core.validate import DEFAULT_MIN_DISTANCE, check_structure
-from atomuq.models.checkpoint import weights_fingerprint
 from atomuq.models.derivatives import Prediction, evaluate
 from atomuq.models.protocol import AtomisticModel
+from atomuq.models.provenance import model_provenance
 from atomuq.uq.confidence import confidence
 from atomuq.uq.ensemble import Member, ensemble_uncertainty, evaluate_ensemble, member_name
 from atomuq.uq.equigrad import rotational_gradient
@@ -43,13 +43,6 @@ def structure_tag(atoms: Atoms, max_parts: int = 2) -> str:
             value = atoms.info[key]
             parts.append(f"{value:g} K" if key == "temperature" and isinstance(value, (int, float)) else str(value))
     return " ".join(parts)
-
-
-def model_provenance(model: Any, name: str | None = None) -> Provenance:
-    """Provenance of results made with model: its name (name, else its source file) and weights fingerprint."""
-    label = name or str(getattr(model, "source", None) or type(model).__name__)
-    fingerprint = weights_fingerprint(model) if isinstance(model, torch.nn.Module) else "none"
-    return Provenance(model=label, model_fingerprint=fingerprint)
 
 
 @dataclass

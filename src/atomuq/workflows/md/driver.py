@@ -32,10 +32,12 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import PropertyNotImplementedError
 
-from atomuq.core.errors import InputError
+from atomuq.core.errors import AtomuqError, InputError
+from atomuq.core.schema import NonFiniteResult, prepare_results
 from atomuq.core.paths import check_output_file
 from atomuq.core.validate import DEFAULT_MIN_DISTANCE, check_structure
 from atomuq.models.protocol import AtomisticModel
+from atomuq.models.provenance import model_provenance
 from atomuq.uq.ltau.estimator import LTAUEstimator
 from atomuq.workflows.md.integrators import (
     dynamics_state,
@@ -171,6 +173,7 @@ class MDRun:
                     "{monitors} force_delta needs a model with a direct force head; this one is conservative-only"
                 )
         self.record = build_record(settings, self.plan, model, model_name, where, ltau, ltau_k)
+        self.provenance = model_provenance(model, model_name)
         self.atoms = atoms.copy()
         self.atoms.calc = None
         self.step, self.time_fs = 0, 0.0
@@ -325,8 +328,12 @@ class MDRun:
             if self.files.snapshots.is_file():
                 state["snapshot_bytes"] = self.files.snapshots.stat().st_size
         info["md_state"] = encode_state(state)
+        try:  # one writer of result keys (core.schema): registered names, finite values, provenance
+            prepared = prepare_results({"energy": epot, "forces": r["forces"], **info}, self.provenance, len(atoms))
+        except NonFiniteResult as exc:
+            raise AtomuqError(f"{self.where}: step {self.step}: {exc}; the run is stopped (frames so far are kept)") from None
         writer = self._snapshot_writer() if snapshot else self.writer
-        writer.write(atoms, info, forces=r["forces"], energy=epot)
+        writer.write(atoms, prepared.info, forces=prepared.calculator["forces"], energy=epot)
         self.log.sync()
         if not snapshot:
             self.frames_written += 1

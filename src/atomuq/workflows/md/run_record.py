@@ -15,6 +15,7 @@ import atomuq
 from atomuq.core.errors import InputError
 from atomuq.core.io import atomic_path
 from atomuq.models.checkpoint import weights_fingerprint
+from atomuq.models.provenance import model_name
 from atomuq.models.protocol import AtomisticModel
 from atomuq.uq.ltau.estimator import LTAUEstimator
 from atomuq.workflows.md.monitor_plan import MonitorPlan
@@ -28,11 +29,6 @@ def record_path(trajectory: str | Path) -> Path:
     """TRAJ.run.json beside the trajectory."""
     trajectory = Path(trajectory)
     return trajectory.with_name(trajectory.name + ".run.json")
-
-
-def model_name(model: AtomisticModel, name: str | None = None) -> str:
-    """The name a run records for its model: the one given, else the model's source file or class."""
-    return name or str(getattr(model, "source", None) or type(model).__name__)
 
 
 def ltau_identity(ltau: LTAUEstimator | None) -> str | None:

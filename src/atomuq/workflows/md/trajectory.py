@@ -70,9 +70,11 @@ def _value(v) -> str:
     if isinstance(v, (float, np.floating)):
         return repr(float(v))
     text = str(v)
-    if not text or any(c in text for c in ' ="\n'):
-        raise ValueError(f"info value {text!r} cannot be written unquoted")
-    return text
+    if "\n" in text:
+        raise ValueError(f"info value {text!r} spans lines; extended XYZ cannot hold it")
+    if text and not any(c in text for c in ' ="\\'):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'  # extended XYZ quoting
 
 
 def frame_text(atoms: Atoms, info: dict, forces: np.ndarray | None = None, energy: float | None = None) -> str:
