@@ -258,7 +258,7 @@ def evaluate_generation(
             callback.advance(1)
 
         nve_runs(model, md_starts, ev, md_folder, runs, saved, say=callback.log)
-    evaluation: dict[str, Any] = {"generation": generation, "model": str(getattr(model, "source", "")) or None}
+    evaluation: dict[str, Any] = {"generation": generation, "model": model.source or None}
     evaluation.update({k: v for k, v in parts.items() if k != "md_runs"})
     if md_starts:
         ordered = [parts["md_runs"][f"start_{k:03d}"] for k in range(n_md)]
