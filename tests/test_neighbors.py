@@ -40,7 +40,7 @@ def test_batched_graph_offsets_indices():
     structures = [molecule("H2O"), bulk("Cu", "fcc", a=3.6), molecule("CH4")]
     batch = Batch.from_atoms(structures, dtype=torch.float64)
     graph = build_graph(batch, 4.0)
-    owner = batch.batch
+    owner = batch.structure_index
     assert torch.equal(owner[graph.centers], graph.edge_batch)
     assert torch.equal(owner[graph.neighbors], graph.edge_batch)
     for b, atoms in enumerate(structures):

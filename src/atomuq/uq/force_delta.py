@@ -46,7 +46,7 @@ def force_delta(
     result.per_atom["force_delta"] = u
     result.per_structure["force_delta"] = structure_rms(diff_sq, batch, mask)
     result.per_structure["force_delta_max"] = u.new_zeros(batch.num_structures).scatter_reduce(
-        0, batch.batch, u, reduce="amax", include_self=False)
+        0, batch.structure_index, u, reduce="amax", include_self=False)
     if prediction.stress_direct is not None and prediction.stress_virial is not None:
         delta = prediction.stress_direct - prediction.stress_virial
         result.per_structure["force_delta_stress"] = torch.sqrt((delta**2).mean(-1))

@@ -171,7 +171,7 @@ def frame_atoms(template: Atoms, positions: np.ndarray) -> Atoms:
 def _per_structure(values: torch.Tensor, batch: Batch) -> torch.Tensor:
     """(B,) True where every per-atom value of the structure is finite."""
     bad = (~torch.isfinite(values)).reshape(values.shape[0], -1).any(dim=1).to(values.dtype)
-    return scatter_sum(bad, batch.batch, batch.num_structures) == 0
+    return scatter_sum(bad, batch.structure_index, batch.num_structures) == 0
 
 
 def _wrap(x0: torch.Tensor, delta: torch.Tensor, batch: Batch) -> None:
@@ -179,10 +179,10 @@ def _wrap(x0: torch.Tensor, delta: torch.Tensor, batch: Batch) -> None:
     periodic = batch.pbc.any(dim=1) & (torch.linalg.det(batch.cell).abs() > 1e-9)
     if not bool(periodic.any()):
         return
-    atoms = periodic[batch.batch]
-    cell = batch.cell[batch.batch[atoms]]
+    atoms = periodic[batch.structure_index]
+    cell = batch.cell[batch.structure_index[atoms]]
     frac = torch.linalg.solve(cell.transpose(1, 2), (x0[atoms] + delta[atoms]).unsqueeze(-1)).squeeze(-1)
-    shift = torch.floor(frac) * batch.pbc[batch.batch[atoms]].to(frac.dtype)
+    shift = torch.floor(frac) * batch.pbc[batch.structure_index[atoms]].to(frac.dtype)
     x0[atoms] -= torch.einsum("nk,nkl->nl", shift, cell)
 
 
@@ -209,7 +209,7 @@ class _Search:
         self.batch = Batch.from_atoms(structures, device=model.device, dtype=model.dtype)
         self.first_index = first_index
         b = self.batch
-        self.n_atoms = b.n_atoms.to(b.dtype)
+        self.n_atoms = b.atoms_per_structure.to(b.dtype)
         self.active = torch.ones(b.num_structures, dtype=torch.bool, device=b.device)
         self.x0 = b.positions.detach().clone()
         generator = torch.Generator().manual_seed(settings.seed + first_index)
@@ -387,7 +387,7 @@ class _Search:
         for k in moving.tolist():
             if not bool(good[k]):
                 self.stop(k, f"non-finite gradient at step {step}", step, failed=True)
-        mask = self.active[b.batch][:, None] & self.movable
+        mask = self.active[b.structure_index][:, None] & self.movable
         before = self.delta.detach().clone()
         grad.masked_fill_(~mask, 0.0)
         self.optimizer.step()

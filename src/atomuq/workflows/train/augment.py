@@ -26,7 +26,7 @@ def voigt_to_matrix(voigt: torch.Tensor) -> torch.Tensor:
 def rotate(batch: Batch, targets: Targets, rotations: torch.Tensor) -> tuple[Batch, Targets]:
     """Rotate positions, cell rows, reference forces and stress of each structure by its matrix (B, 3, 3)."""
     rot = rotations.to(device=batch.device, dtype=batch.dtype)
-    per_atom = rot[batch.batch]
+    per_atom = rot[batch.structure_index]
     positions = torch.einsum("nij,nj->ni", per_atom, batch.positions)
     cell = torch.einsum("bij,bkj->bki", rot, batch.cell)
     forces = torch.einsum("nij,nj->ni", per_atom, targets.forces)

@@ -124,7 +124,7 @@ class LabelledData:
         energy = self.energy[idx] if self.energy is not None else np.zeros(len(idx))
         targets = Targets(
             energy=t(energy), has_energy=self.energy is not None, forces=t(self.forces[atom_index]),
-            stress=t(self.stress[idx]), stress_mask=t(self.stress_mask[idx], torch.bool), n_atoms=batch.n_atoms,
+            stress=t(self.stress[idx]), stress_mask=t(self.stress_mask[idx], torch.bool), n_atoms=batch.atoms_per_structure,
             force_weights=None if self.atom_weights is None else t(self.atom_weights[atom_index]),
         )
         return batch, targets

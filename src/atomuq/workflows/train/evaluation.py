@@ -32,7 +32,7 @@ def evaluate_set(model: NativeModel, data: LabelledData, batch_size: int, writer
             sums["conservative"] += float((conservative - targets.forces).abs().sum())
             sums["rot"] += float(rotational_gradient_norm(pred).detach().sum())
             if targets.has_energy:
-                sums["energy"] += float(((pred.energy.detach() - targets.energy) / batch.n_atoms).abs().sum())
+                sums["energy"] += float(((pred.energy.detach() - targets.energy) / batch.atoms_per_structure).abs().sum())
     finally:
         model.train(was_training)
     components = 3 * data.n_atoms
