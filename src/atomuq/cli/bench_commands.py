@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from atomuq.cli.common import check_device, console, progress_bar, user_errors
+from atomuq.cli.common import cell, check_device, console, model_help, output_folder, progress_bar, say, user_errors
 from atomuq.cli.ensemble_options import split_specs
 from atomuq.models.members import resolve_member
 from atomuq.models.registry import DEFAULT_MODEL, resolve_model
@@ -26,14 +25,14 @@ def summary(report: dict) -> Table:
     for name in ("system", "n", *(f"r_s({pair_label(k)})" for k in keys)):
         table.add_column(name, justify="left" if name == "system" else "right")
     for name, g in {**report["systems"], "all (pooled)": report["all"]}.items():
-        table.add_row(escape(name), str(g["n"]), *(ci_text(g["spearman"].get(k)) for k in keys))
+        table.add_row(cell(name), str(g["n"]), *(ci_text(g["spearman"].get(k)) for k in keys))
     return table
 
 
 def bench(
     inputs: List[Path] = typer.Argument(..., help="Labelled structure files (reference forces required)."),
     output: Path = typer.Option(..., "-o", "--output", help="Report directory: bench.json, bench.md, PNG figures."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Bundled model name or model file (default {DEFAULT_MODEL})."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=model_help()),
     ensemble: Optional[List[str]] = typer.Option(
         None, "--ensemble", help="Ensemble members (bundled names, model files, module:Class; repeat or comma-separate)."
     ),
@@ -62,6 +61,7 @@ def bench(
     )
     with user_errors():
         settings.check()
+        output_folder(output)
         net = resolve_model(model, device=device)
         names = split_specs(ensemble) or None
         members = [resolve_member(spec, device=device) for spec in names] if names else None
@@ -87,11 +87,9 @@ def bench(
     console.print(summary(report))
     if "calibration" in report:
         level = settings.levels[-1]
-        console.print(f"coverage of the {level:g} conformal bounds ε_nc ≤ q̂·g(U_Δ) | ≤ q̂·U_Δ (fitted on {calibrate_on}):")
+        say(f"coverage of the {level:g} conformal bounds ε_nc ≤ q̂·g(U_Δ) | ≤ q̂·U_Δ (fitted on {calibrate_on}):")
         for name, f in report["calibration"]["coverage"].items():
             cov = " | ".join(f"{c[-1]['coverage']:.3f}" for c in f["coverage"].values())
             tag = " (in-sample)" if f["in_sample"] else ""
-            console.print(
-                escape(f"  {Path(name).name}{tag}: {cov} (n={f['n']}, ± {f['coverage']['U_Δ'][-1]['stderr']:.3f})"), highlight=False
-            )
-    console.print(f"wrote {len(paths)} files to {output}/ (bench.md, bench.json, figures)")
+            say(f"  {Path(name).name}{tag}: {cov} (n={f['n']}, ± {f['coverage']['U_Δ'][-1]['stderr']:.3f})")
+    say(f"wrote {len(paths)} files to {output}/ (bench.md, bench.json, figures)")

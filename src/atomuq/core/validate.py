@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -13,6 +13,7 @@ from vesin import NeighborList
 
 from atomuq.core.batch import Batch
 from atomuq.core.errors import InputError
+from atomuq.core.io import Record, reference_energy, reference_forces
 from atomuq.core.neighbors import build_graph, edge_vectors
 
 DEFAULT_MIN_DISTANCE = 0.3  # Å: closer than this, two atoms are taken as overlapping
@@ -55,6 +56,57 @@ def check_structure(
             raise InputError(
                 f"{where}: atoms {int(i[k])} and {int(j[k])} overlap ({d[k]:.3f} Å apart, minimum {min_distance} Å)"
             )
+
+
+def _atomic_numbers(elements: Any) -> Sequence[int] | None:
+    """Atomic numbers from a sequence of them, or from an object with an `elements` attribute (a model)."""
+    if elements is None:
+        return None
+    return [int(z) for z in getattr(elements, "elements", elements)]
+
+
+def check_records(
+    records: Sequence[Record],
+    elements: Sequence[int] | Any | None = None,
+    min_distance: float = DEFAULT_MIN_DISTANCE,
+) -> None:
+    """Check every structure before any work (check_structure: file and structure index named, elements as
+    symbols), so a bad one stops the run with nothing written. elements: atomic numbers the model knows (or a
+    model, whose .elements is used); None skips the element check. InputError also when there is no structure."""
+    if not records:
+        raise InputError("no structures given")
+    known = _atomic_numbers(elements)
+    for rec in records:
+        check_structure(rec.atoms, rec.where, known, min_distance)
+
+
+def _per_atom_names(atoms: Atoms) -> list[str]:
+    """Names of the per-atom (N, 3) float arrays of a structure: atoms.arrays and calculator results."""
+    n = len(atoms)
+    names = [k for k, v in atoms.arrays.items() if k not in ("numbers", "positions") and np.shape(v) == (n, 3)]
+    results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
+    names += [f"{k} (calculator)" for k, v in results.items() if np.shape(v) == (n, 3)]
+    return names
+
+
+def check_references(records: Sequence[Record], forces_key: str | None = None, flag: str = "--forces-key") -> None:
+    """Refuse reference labels that cannot be used, before any work: a forces_key that no structure has (the
+    message names the key and the per-atom arrays present), and reference forces (eV/Å) or energies (eV) that
+    are NaN or infinite (naming the file and structure). Structures without labels pass."""
+    if forces_key is not None and records and all(reference_forces(r.atoms, forces_key) is None for r in records):
+        present = sorted({name for r in records for name in _per_atom_names(r.atoms)})
+        files = ", ".join(dict.fromkeys(r.source for r in records))
+        raise InputError(f"{flag} {forces_key!r}: no structure in {files} has a per-atom array of that name "
+                         f"(present: {', '.join(present) or 'none'}); name one of them or omit {flag}")
+    for rec in records:
+        forces = reference_forces(rec.atoms, forces_key)
+        if forces is not None and not np.isfinite(forces).all():
+            bad = np.flatnonzero(~np.isfinite(forces).reshape(len(forces), -1).all(axis=1))
+            raise InputError(f"{rec.where}: reference forces of atoms {bad[:10].tolist()} are NaN or infinite; "
+                             "fix or drop the structure")
+        energy = reference_energy(rec.atoms)
+        if energy is not None and not np.isfinite(energy):
+            raise InputError(f"{rec.where}: the reference energy is {energy}; fix or drop the structure")
 
 
 #: a pair closer than this fraction of the sum of its covalent radii is taken as a broken geometry

@@ -12,7 +12,7 @@ from ase import Atoms
 
 from atomuq.core.batch import Batch
 from atomuq.core.io import Record, detach_reference, reference_forces
-from atomuq.core.validate import DEFAULT_MIN_DISTANCE, check_structure
+from atomuq.core.validate import check_records as validate_records  # noqa: F401 (moved to core.validate)
 from atomuq.models.derivatives import evaluate, rotational_gradient_norm
 from atomuq.models.protocol import AtomisticModel
 from atomuq.uq.confidence import confidence
@@ -79,12 +79,6 @@ class ScoreRow:
 def _split_numpy(batch: Batch, values: torch.Tensor) -> list[np.ndarray]:
     """Per-structure float64 numpy arrays of per-atom values."""
     return [x.cpu().double().numpy() for x in batch.split(values)]
-
-
-def validate_records(records: Sequence[Record], model: AtomisticModel, min_distance: float = DEFAULT_MIN_DISTANCE) -> None:
-    """Check every structure before any work, so a bad one stops the run with nothing written."""
-    for rec in records:
-        check_structure(rec.atoms, rec.where, model.elements, min_distance)
 
 
 def score_records(
