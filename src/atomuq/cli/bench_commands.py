@@ -34,7 +34,7 @@ def bench(
     output: Path = typer.Option(..., "-o", "--output", help="Report directory: bench.json, bench.md, PNG figures."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=model_help()),
     ensemble: Optional[List[str]] = typer.Option(
-        None, "--ensemble", help="Ensemble members (bundled names, model files, module:Class; repeat or comma-separate)."
+        None, "--ensemble", help="Ensemble members, each named like --model (repeat the option or separate by commas)."
     ),
     group_key: str = typer.Option("molecule", "--group-key", help="Info key naming each structure's system (else: its file)."),
     cluster_key: Optional[str] = typer.Option(

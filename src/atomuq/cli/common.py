@@ -15,7 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from atomuq.core.device import resolve_device
 from atomuq.core.errors import AtomuqError
 from atomuq.core.paths import check_output_dir, check_output_file
-from atomuq.models.registry import ADAPTER_SPECS, DEFAULT_MODEL
+from atomuq.models import registry
+from atomuq.models.registry import DEFAULT_MODEL
 
 # rich falls back to 80 columns when not on a terminal, which wraps the tables badly in logs
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -41,7 +42,7 @@ def note(message: str) -> None:
 
 def say(message: str, label: str = "", out: Console | None = None) -> None:
     """Print a result line on stdout with user text escaped; label is rich markup put before it (e.g. '[red]failed:[/red]')."""
-    (out or console).print(f"{label} {escape(message)}" if label else escape(message), highlight=False)
+    (out or console).print(f"{label} {escape(message)}" if label else escape(message), highlight=False, soft_wrap=True)
 
 
 def cell(value: object) -> str:
@@ -86,9 +87,11 @@ def check_device(device: str) -> str:
 
 
 def model_spec_forms() -> list[str]:
-    """Every form of a model spec, for help texts: a bundled name, a model file, then the adapters' specs."""
-    adapters = [value if isinstance(value, str) else str(getattr(value, "help", value)) for value in ADAPTER_SPECS.values()]
-    return ["a bundled name (atomuq models)", "a model file (.pt)", *adapters]
+    """Every form of a model spec the resolver (models.registry) accepts, one string each, for help texts."""
+    if hasattr(registry, "spec_forms"):  # the registry lists its forms as (syntax, description)
+        return [f"{syntax} ({text})" for syntax, text in registry.spec_forms()]
+    adapters = getattr(registry, "ADAPTER_SPECS", {})
+    return ["NAME (a bundled model, see atomuq models)", "PATH (an atomuq model file, .pt)", *map(str, adapters.values())]
 
 
 def model_help(what: str = "Model", default: str | None = DEFAULT_MODEL) -> str:

@@ -66,8 +66,8 @@ def score(
     min_distance: float = typer.Option(DEFAULT_MIN_DISTANCE, "--min-distance", help="Atoms closer (Å) are rejected as overlapping."),
     top: int = typer.Option(10, "--top", min=1, help="Rows in the summary table."),
     ensemble: Optional[List[str]] = typer.Option(
-        None, "--ensemble", help="Ensemble members: bundled names, model files, ASE calculators as module:Class "
-        "(repeat the option or separate by commas); adds ensemble_std and forces_ensemble_mean."),
+        None, "--ensemble", help="Ensemble members, each named like --model (repeat the option or separate by commas); "
+        "adds ensemble_std and forces_ensemble_mean."),
     ensemble_forces: str = typer.Option("direct", "--ensemble-forces", help="direct or conservative forces of atomuq members."),
 ) -> None:
     """Score structures: direct and conservative forces, Force Delta, errors against reference forces."""
