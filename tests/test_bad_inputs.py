@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import typer
 from ase import Atoms
 from ase.build import molecule
 from ase.calculators.singlepoint import SinglePointCalculator
@@ -384,6 +385,20 @@ def test_text_in_square_brackets_survives_in_messages_and_tables(shared, tmp_pat
     result = runner.invoke(app, ["score", str(bad), "-o", str(out)])
     assert_clean_failure(result, ["bad[x].extxyz"], structure=True)
 
+
+
+def test_install_hints_keep_their_brackets():
+    """Every error goes through cli.common.fail, which shows 'atomuq[label]' literally (rich would eat '[label]')."""
+    from atomuq.cli.common import fail
+
+    tiny = typer.Typer()
+
+    @tiny.command()
+    def run() -> None:
+        fail("method gfn2-xtb: cannot import tblite; install it with pip install 'atomuq[label]'")
+
+    result = runner.invoke(tiny, [])
+    assert result.exit_code == 1 and "pip install 'atomuq[label]'" in result.output
 
 # ------------------------------------------------------------------------------------------ the real process
 
