@@ -415,7 +415,8 @@ def test_subprocess_bad_structure_and_bad_output(shared, tmp_path):
     bad = write_input("unknown_element", tmp_path)
     proc = atomuq("score", str(bad), "-o", "out.extxyz", cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert error_lines(proc.stderr) == [f"error: {bad} structure 1: element(s) Cl not supported by the model (it knows H C N O)"]
+    (line,) = error_lines(proc.stderr)
+    assert line.startswith(f"error: {bad} structure 1: ") and "Cl" in line and "H C N O" in line
     proc = atomuq("attack", str(shared["good"]), "-o", "/proc/atomuq-nowhere/a.extxyz", "--steps", "1", cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert len(error_lines(proc.stderr)) == 1 and "--output /proc/atomuq-nowhere/a.extxyz" in proc.stderr
