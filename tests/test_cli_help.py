@@ -43,6 +43,7 @@ def test_help_at_80_columns_shows_every_option_name_whole(path, command):
     text = help_text(path)
     assert all(len(line) <= 80 for line in text.splitlines()), max(text.splitlines(), key=len)
     assert "…" not in text and "╭" not in text  # nothing cut, no rich panels
+    assert "\\[" not in text  # plain help: text escaped for rich markup would show its backslashes
     for param in command.params:
         for opt in (*param.opts, *param.secondary_opts):
             if opt.startswith("-"):
