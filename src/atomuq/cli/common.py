@@ -95,7 +95,7 @@ def model_spec_forms() -> list[str]:
 
 
 def model_help(what: str = "Model", default: str | None = DEFAULT_MODEL) -> str:
-    """Help text of a --model option, listing every spec form the resolver accepts (models.registry.ADAPTER_SPECS)."""
+    """Help text of a --model option (plain text), listing every spec form the resolver accepts (models.registry)."""
     tail = f" Default: {default}." if default else ""
     return f"{what}: {'; '.join(model_spec_forms())}.{tail}"
 
