@@ -46,8 +46,6 @@ def read_structures(paths: Sequence[str | Path], index: str = ":") -> list[Recor
             raise InputError(f"{path}: is a directory; give the structure files in it")
         if not path.is_file():
             raise InputError(f"{path}: file not found")
-        if path.stat().st_size == 0:
-            raise InputError(f"{path}: the file is empty")
         try:
             frames = read(path, index=index)
         except Exception as exc:  # ase.io raises many exception types for bad files
