@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from atomuq.models.members import resolve_member
 from atomuq.models.registry import resolve_model
 from atomuq.uq.evaluate import Coverage, plots
 from atomuq.workflows.bench import BenchSettings, bench_files
@@ -198,7 +197,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     model = resolve_model(None)
-    members = [resolve_member(name) for name in MEMBERS]
+    members = [resolve_model(name) for name in MEMBERS]
     settings = BenchSettings(n_boot=args.bootstrap)
     runs: dict[str, dict] = {}
     for run, inputs in RUNS.items():

@@ -15,7 +15,7 @@ from atomuq.core.schema import (
     CALCULATOR,
     CALCULATOR_RENAMES_V0,
     INFO_RENAMES_V0,
-    REGISTRY,
+    BUILTIN_KEYS,
     SCHEMA_VERSION,
 )
 
@@ -45,7 +45,7 @@ def table() -> str:
     ]
     for level, title in (("structure", "Per structure"), (ATOM, "Per atom")):
         lines += [f"## {title}", "", "| key | unit | orientation | written by | meaning |", "|---|---|---|---|---|"]
-        for key in REGISTRY.values():
+        for key in BUILTIN_KEYS.values():
             if key.level != level:
                 continue
             name = f"`{key.name}`" + (" (ASE)" if key.store == CALCULATOR else "")
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     args.out.write_text(table(), encoding="utf-8")
-    print(f"wrote {args.out} ({len(REGISTRY)} keys)")
+    print(f"wrote {args.out} ({len(BUILTIN_KEYS)} keys)")
 
 
 if __name__ == "__main__":

@@ -86,14 +86,12 @@ def test_every_form_resolves_to_a_model_with_its_source(tmp_path):
 
 
 def test_cli_help_and_option_use_the_one_resolver(capsys):
-    from rich.markup import render
+    from atomuq.cli.common import ensemble_help, model_help
+    from atomuq.cli.ensemble_options import load_model_option
 
-    from atomuq.cli.ensemble_options import ensemble_help, load_model_option, model_help
-
-    for text in (model_help(), ensemble_help()):
-        shown = render(text).plain  # what typer's rich help prints
+    for shown in (model_help(), ensemble_help()):  # plain text: the CLI's help is not rendered as markup
         assert "ase:MODULE:CLASS" in shown and "metatomic:PATH" in shown and "orb:PATH" in shown
-    assert "pip install 'atomuq[orb]'" in render(model_help()).plain
+    assert "pip install 'atomuq[orb]'" in model_help()
     assert f"Default: {registry.DEFAULT_MODEL}" in model_help()
     model = load_model_option("ase.calculators.emt:EMT", "cpu")
     assert isinstance(model, CalculatorModel)

@@ -298,3 +298,33 @@ def test_attack_stops_a_structure_whose_atoms_collide_and_keeps_no_such_frame(bu
     assert any(f.source == 1 for f in result.frames)
     off = attack(bundled, [squeezed], AttackSettings(steps=2, seed=0, min_contact_ratio=None))
     assert any(f.source == 0 for f in off.frames)
+
+
+def test_cli_attack_stopped_by_ctrl_c_exits_130_and_writes_what_it_found(tmp_path, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) in the middle of the search: the frames found so far are written, exit status 130."""
+    import atomuq.cli.attack_commands as commands
+
+    bundled = resolve_model("molecular-small")
+    # the first batch (methane: never sabotaged) runs to its end; the interrupt comes during the second (water)
+    monkeypatch.setattr(commands, "load_model_option", lambda *a, **k: Sabotaged(bundled, after=13, mode="interrupt"))
+    src, out = tmp_path / "in.extxyz", tmp_path / "traj.extxyz"
+    write(src, [molecule("CH4"), molecule("H2O")])
+    result = runner.invoke(app, ["attack", str(src), "-o", str(out), "--steps", "9", "--batch-size", "1",
+                                 "--percentile", "0"])
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.output and "Traceback" not in result.output
+    frames = read(out, ":")
+    steps = {k: [f.info["attack_step"] for f in frames if f.info["source_index"] == k] for k in (0, 1)}
+    assert steps[0] == list(range(10))
+    assert 0 < len(steps[1]) < 10 and steps[1] == list(range(len(steps[1])))
+    assert (tmp_path / "traj.selected.extxyz").is_file()
+
+
+def test_cli_attack_checks_its_outputs_before_searching(tmp_path):
+    src = tmp_path / "in.extxyz"
+    write(src, [molecule("CH4")])
+    result = runner.invoke(app, ["attack", str(src), "-o", str(tmp_path / "a.extxyz"), "--selected", str(tmp_path / "a.extxyz")])
+    assert result.exit_code == 1 and "--selected" in result.output and "the same file as --output" in result.output
+    result = runner.invoke(app, ["attack", str(src), "-o", str(tmp_path / "a.extxyz"), "--selected", str(tmp_path)])
+    assert result.exit_code == 1 and f"--selected {tmp_path}: is a directory" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.extxyz"]

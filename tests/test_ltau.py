@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from atomuq.cli.main import app
 from atomuq.core.errors import InputError
 from atomuq.core.io import read_structures
-from atomuq.models.checkpoint import load_model
+from atomuq.models.checkpoint import load_model, weights_fingerprint
 from atomuq.uq.ltau.calibration import brier_score, fit_scale, reliability_curve
 from atomuq.uq.ltau.distribution import (
     DEFAULT_EDGES,
@@ -269,6 +269,49 @@ def test_fit_from_real_logs_uses_the_logged_training_atoms(trained):
     assert np.allclose(pred.confidence, est.confidence)
     with pytest.raises(InputError, match="no --train file has that content"):
         fit_from_logs([runs[0] / "error_log"], model, [folder / "tiny_val.extxyz"])
+
+
+def test_fit_refuses_a_model_that_wrote_none_of_the_logs(trained, tmp_path):
+    folder, runs = trained
+    log, other = runs[0] / "error_log", runs[1] / "best.pt"
+    with pytest.raises(InputError, match="wrote none of these logs") as info:
+        fit_from_logs([log], load_model(other), [folder / "tiny_train.extxyz"])
+    message = str(info.value)
+    fingerprints = json.loads((log / "error_log.json").read_text())["model_fingerprints"]
+    assert str(log / "error_log.json") in message and fingerprints[-1] in message
+    assert str(runs[0] / "best.pt") in message and weights_fingerprint(load_model(other)) in message
+    # the model of either run fits from both logs; the last epoch's weights (last.pt) are a logged epoch too
+    fit_from_logs([log, runs[1] / "error_log"], load_model(other), [folder / "tiny_train.extxyz"])
+    fit_from_logs([log], load_model(runs[0] / "last.pt"), [folder / "tiny_train.extxyz"])
+    out = tmp_path / "est.npz"
+    res = runner.invoke(app, ["ltau", "fit", "--logs", str(log), "--train", str(folder / "tiny_train.extxyz"),
+                              "-m", str(other), "-o", str(out)])
+    assert res.exit_code == 1 and "wrote none of these logs" in res.output and "Traceback" not in res.output
+    assert str(other) in res.output and not out.exists()
+
+
+def test_fit_checks_its_output_and_training_structures_before_any_work(trained, tmp_path):
+    folder, runs = trained
+    model = str(runs[0] / "best.pt")
+    args = ["ltau", "fit", "--logs", str(runs[0] / "error_log"), "--train", str(folder / "tiny_train.extxyz"), "-m", model]
+    res = runner.invoke(app, [*args, "-o", str(tmp_path)])
+    assert res.exit_code == 1 and f"--output {tmp_path}: is a directory" in res.output
+    res = runner.invoke(app, [*args, "-o", "/proc/atomuq-nowhere/est.npz"])
+    assert res.exit_code == 1 and "--output /proc/atomuq-nowhere/est.npz: cannot write" in res.output
+    with pytest.raises(InputError, match=r"tiny_train.extxyz structure 0: element\(s\) Cu not supported"):
+        fit_from_logs([runs[0] / "error_log"], _Fewer(load_model(model)), [folder / "tiny_train.extxyz"])
+
+
+class _Fewer(torch.nn.Module):
+    """A model wrapper claiming fewer elements than the wrapped model (same weights, same fingerprint)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.elements = [z for z in model.elements if z != 29]  # no Cu
+
+    def state_dict(self, *args, **kwargs):
+        return self.model.state_dict(*args, **kwargs)
 
 
 def test_estimator_refuses_another_model_and_unknown_elements(trained, tmp_path):

@@ -8,13 +8,14 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from atomuq.cli.common import check_device, console, progress_bar, user_errors
+from atomuq.cli.ensemble_options import load_model_option
+from atomuq.cli.common import EXIT_INTERRUPTED, cell, check_device, console, model_help, output_file, progress_bar, say, user_errors
 from atomuq.core.io import read_structures, write_structures
-from atomuq.core.validate import DEFAULT_MIN_DISTANCE
-from atomuq.models.registry import DEFAULT_MODEL, resolve_model
+from atomuq.core.paths import check_distinct_outputs
+from atomuq.core.validate import DEFAULT_MIN_DISTANCE, check_records
 from atomuq.workflows.attack import OBJECTIVES, AttackResult, AttackSettings, attack as run_attack
 from atomuq.workflows.selection import SelectionSettings, select, threshold
-from atomuq.workflows.score import structure_tag, validate_records
+from atomuq.workflows.score import structure_tag
 
 COMPRESSED = (".gz", ".xz", ".bz2")
 
@@ -44,14 +45,14 @@ def outcome_table(result: AttackResult, records, top: int) -> Table:
         rec = records[o.index]
         table.add_row(
             str(o.index),
-            f"{Path(rec.source).name}:{rec.index}",
-            structure_tag(rec.atoms),
+            cell(f"{Path(rec.source).name}:{rec.index}"),
+            cell(structure_tag(rec.atoms)),
             rec.atoms.get_chemical_formula(),
             f"{o.force_delta_start:.4f}",
             f"{o.best_force_delta:.4f}",
             f"{o.best_energy_per_atom_rel:+.4f}",
             str(o.best_step),
-            ("[red]" if o.failed else "") + o.stop_reason,
+            ("[red]" if o.failed else "") + cell(o.stop_reason),
         )
     return table
 
@@ -64,7 +65,7 @@ def attack(
     selected: Optional[Path] = typer.Option(
         None, "--selected", help="Selected frames (default: OUTPUT with .selected before the extension)."
     ),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Bundled model name or model file (default {DEFAULT_MODEL})."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=model_help()),
     objective: str = typer.Option(
         "delta-boltzmann", "--objective", help=f"{' or '.join(OBJECTIVES)}: maximise U_Δ − β·Ē, or U_Δ²·exp(−Ē/kT)."
     ),
@@ -99,7 +100,7 @@ def attack(
         DEFAULT_MIN_DISTANCE, "--min-distance", help="Starting atoms closer than this (Å) are rejected as overlapping."
     ),
     strict: bool = typer.Option(False, "--strict", help="Exit with code 2 when the search of any structure failed (NaN or model error)."),
-    top: int = typer.Option(20, "--top", help="Rows in the summary table."),
+    top: int = typer.Option(20, "--top", min=1, help="Rows in the summary table."),
 ) -> None:
     """Raise the Force Delta at low predicted energy (methods.md 2); write the trajectory and a selection."""
     device = check_device(device)
@@ -124,9 +125,12 @@ def attack(
     with user_errors():
         settings.check()
         choose.check()
-        net = resolve_model(model, device=device)
+        check_distinct_outputs({"--output": output, "--selected": selected})
+        output_file(output)
+        output_file(selected, "--selected")
         records = read_structures(inputs)
-        validate_records(records, net, min_distance)
+        net = load_model_option(model, device)
+        check_records(records, net.elements, min_distance)
         structures = [r.atoms for r in records]
         rounds = -(-len(structures) // batch_size)
         with progress_bar() as bar:
@@ -142,17 +146,18 @@ def attack(
     console.print(outcome_table(result, records, top))
     failed = [o for o in result.outcomes if o.failed]
     for o in failed:
-        console.print(
-            f"[red]failed:[/red] input {o.index} ({records[o.index].where}) at step {o.failed_step}: "
-            f"{o.stop_reason}; its frames up to then are kept",
-            highlight=False,
-        )
-    if len(result.outcomes) < len(records):
-        console.print(f"[yellow]interrupted:[/yellow] {len(records) - len(result.outcomes)} structures not searched")
-    console.print(
+        say(f"input {o.index} ({records[o.index].where}) at step {o.failed_step}: {o.stop_reason}; its frames up to "
+            "then are kept", label="[red]failed:[/red]")
+    interrupted = len(result.outcomes) < len(records) or any(o.stop_reason.startswith("interrupted") for o in result.outcomes)
+    if interrupted:
+        say(f"{len(records) - len(result.outcomes)} structures not searched; the frames found before are written",
+            label="[yellow]interrupted:[/yellow]")
+    say(
         f"model {getattr(net, 'source', model)}; wrote {len(frames)} frames to {output}; selected "
         f"{len(chosen)} (U_Δ > {cut:.4f} eV/Å, the {percentile:g}th percentile of the start; Ē ≤ "
         f"{settings.energy_budget:.3g} eV/atom; RMSD ≥ {rmsd:g} Å; at most {max_selected}) to {selected}"
     )
+    if interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
     if strict and failed:
         raise typer.Exit(2)

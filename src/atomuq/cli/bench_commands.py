@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from atomuq.cli.common import check_device, console, progress_bar, user_errors
+from atomuq.cli.ensemble_options import load_model_option, resolve_members
+from atomuq.cli.common import cell, ensemble_help, check_device, console, model_help, output_folder, progress_bar, say, user_errors
 from atomuq.cli.ensemble_options import split_specs
-from atomuq.models.members import resolve_member
-from atomuq.models.registry import DEFAULT_MODEL, resolve_model
+from atomuq.models.registry import DEFAULT_MODEL
 from atomuq.workflows.bench import BenchSettings, bench_files
 from atomuq.workflows.bench_report import ci_text, pair_label, write_report
 
@@ -26,16 +25,16 @@ def summary(report: dict) -> Table:
     for name in ("system", "n", *(f"r_s({pair_label(k)})" for k in keys)):
         table.add_column(name, justify="left" if name == "system" else "right")
     for name, g in {**report["systems"], "all (pooled)": report["all"]}.items():
-        table.add_row(escape(name), str(g["n"]), *(ci_text(g["spearman"].get(k)) for k in keys))
+        table.add_row(cell(name), str(g["n"]), *(ci_text(g["spearman"].get(k)) for k in keys))
     return table
 
 
 def bench(
     inputs: List[Path] = typer.Argument(..., help="Labelled structure files (reference forces required)."),
     output: Path = typer.Option(..., "-o", "--output", help="Report directory: bench.json, bench.md, PNG figures."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Bundled model name or model file (default {DEFAULT_MODEL})."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=model_help()),
     ensemble: Optional[List[str]] = typer.Option(
-        None, "--ensemble", help="Ensemble members (bundled names, model files, module:Class; repeat or comma-separate)."
+        None, "--ensemble", help=ensemble_help()
     ),
     group_key: str = typer.Option("molecule", "--group-key", help="Info key naming each structure's system (else: its file)."),
     cluster_key: Optional[str] = typer.Option(
@@ -62,9 +61,10 @@ def bench(
     )
     with user_errors():
         settings.check()
-        net = resolve_model(model, device=device)
+        output_folder(output)
+        net = load_model_option(model, device)
         names = split_specs(ensemble) or None
-        members = [resolve_member(spec, device=device) for spec in names] if names else None
+        members = resolve_members(names, device) if names else None
         meta = {"command": shlex.join(["atomuq", *sys.argv[1:]]), "model": model or DEFAULT_MODEL, "ensemble": names}
         with progress_bar() as bar:
             task = bar.add_task("scoring", total=None)
@@ -87,11 +87,9 @@ def bench(
     console.print(summary(report))
     if "calibration" in report:
         level = settings.levels[-1]
-        console.print(f"coverage of the {level:g} conformal bounds ε_nc ≤ q̂·g(U_Δ) | ≤ q̂·U_Δ (fitted on {calibrate_on}):")
+        say(f"coverage of the {level:g} conformal bounds ε_nc ≤ q̂·g(U_Δ) | ≤ q̂·U_Δ (fitted on {calibrate_on}):")
         for name, f in report["calibration"]["coverage"].items():
             cov = " | ".join(f"{c[-1]['coverage']:.3f}" for c in f["coverage"].values())
             tag = " (in-sample)" if f["in_sample"] else ""
-            console.print(
-                escape(f"  {Path(name).name}{tag}: {cov} (n={f['n']}, ± {f['coverage']['U_Δ'][-1]['stderr']:.3f})"), highlight=False
-            )
-    console.print(f"wrote {len(paths)} files to {output}/ (bench.md, bench.json, figures)")
+            say(f"  {Path(name).name}{tag}: {cov} (n={f['n']}, ± {f['coverage']['U_Δ'][-1]['stderr']:.3f})")
+    say(f"wrote {len(paths)} files to {output}/ (bench.md, bench.json, figures)")

@@ -1,9 +1,10 @@
-"""Shared CLI helpers: error reporting, device choice, progress bars."""
+"""Shared CLI helpers: error reporting, escaped output, output-path checks, device choice, help text, progress bars."""
 
 from __future__ import annotations
 
 import contextlib
 import sys
+from pathlib import Path
 from typing import Iterator
 
 import typer
@@ -13,11 +14,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from atomuq.core.device import resolve_device
 from atomuq.core.errors import AtomuqError
+from atomuq.core.paths import check_output_dir, check_output_file
+from atomuq.models import registry
+from atomuq.models.registry import DEFAULT_MODEL
 
 # rich falls back to 80 columns when not on a terminal, which wraps the tables badly in logs
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
+#: help is plain text (click's formatter): rich's help panels cut option names and option syntax at 80 columns
+HELP_MARKUP = None
 
 #: exit status of a run stopped by Ctrl-C / SIGINT (128 + 2, the shell convention)
 EXIT_INTERRUPTED = 130
@@ -34,6 +40,16 @@ def note(message: str) -> None:
     err_console.print(f"[dim]note:[/dim] {escape(message)}", highlight=False, soft_wrap=True)
 
 
+def say(message: str, label: str = "", out: Console | None = None) -> None:
+    """Print a result line on stdout with user text escaped; label is rich markup put before it (e.g. '[red]failed:[/red]')."""
+    (out or console).print(f"{label} {escape(message)}" if label else escape(message), highlight=False, soft_wrap=True)
+
+
+def cell(value: object) -> str:
+    """A table cell showing user text literally (file names, info values: '[run1]' stays)."""
+    return escape(str(value))
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn atomuq's own errors into one-line messages (exit 1) and Ctrl-C into exit 130."""
@@ -45,6 +61,22 @@ def user_errors() -> Iterator[None]:
         fail("interrupted", code=EXIT_INTERRUPTED)
 
 
+def output_file(path: Path, flag: str = "--output", *, resume: bool = False) -> Path:
+    """Check an output file before any work (core.paths.check_output_file); an existing one is replaced with a note
+    unless the command resumes it. Raises InputError naming the flag and path."""
+    if check_output_file(path, flag) and not resume:
+        note(f"{flag} {path} exists; it will be replaced")
+    return path
+
+
+def output_folder(path: Path, flag: str = "--output", *, resume: bool = False) -> Path:
+    """Check an output folder before any work (core.paths.check_output_dir); files of an earlier run in it are
+    replaced with a note unless the command resumes. Raises InputError naming the flag and path."""
+    if check_output_dir(path, flag) and not resume and any(Path(path).iterdir()):
+        note(f"{flag} {path} exists; the files this command writes there will be replaced")
+    return path
+
+
 def check_device(device: str) -> str:
     """Validate a --device value ('cpu', 'cuda' or 'cuda:N'); one-line error and exit otherwise."""
     try:
@@ -52,6 +84,18 @@ def check_device(device: str) -> str:
     except AtomuqError as exc:
         fail(f"--device: {exc}")
     return device
+
+
+def model_help(what: str = "Model", default: str | None = DEFAULT_MODEL) -> str:
+    """Help text of a --model option (plain text), listing every spec form the resolver accepts (models.registry)."""
+    tail = f" Default: {default}." if default else ""
+    return f"{what}: {registry.spec_help(one_line=True)}.{tail}"
+
+
+def ensemble_help() -> str:
+    """Help text of an --ensemble option (plain text): members are named like --model."""
+    forms = ", ".join(syntax for syntax, _ in registry.spec_forms())
+    return f"Ensemble members, each named like --model ({forms}); repeat the option or separate by commas."
 
 
 def progress_bar() -> Progress:

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from rich.markup import escape
 
 from atomuq.cli.common import note
 from atomuq.core.io import Record
 from atomuq.models.protocol import AtomisticModel
-from atomuq.models.registry import DEFAULT_MODEL, normalise_spec, resolve_model, spec_forms, spec_help
+from atomuq.models.registry import DEFAULT_MODEL, normalise_spec, resolve_model
 from atomuq.uq.ensemble import check_members
-
-
-def model_help(default: str | None = DEFAULT_MODEL) -> str:
-    """Help text of --model listing every model-spec form (escaped for typer's rich markup)."""
-    tail = f" Default: {default}." if default else ""
-    return escape(f"The model: {spec_help(one_line=True)}.{tail}")
 
 
 def load_model_option(spec: str | None, device: str) -> AtomisticModel:
@@ -25,12 +18,6 @@ def load_model_option(spec: str | None, device: str) -> AtomisticModel:
     if deprecation:
         note(deprecation)
     return resolve_model(canonical, device=device)
-
-
-def ensemble_help() -> str:
-    """Help text of --ensemble listing every model-spec form (escaped for typer's rich markup)."""
-    forms = ", ".join(syntax for syntax, _ in spec_forms())
-    return escape(f"Ensemble members, each named like --model ({forms}); repeat the option or separate by commas.")
 
 
 def split_specs(values: Sequence[str] | None) -> list[str]:

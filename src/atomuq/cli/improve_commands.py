@@ -12,8 +12,12 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from atomuq.cli.common import check_device, console, progress_bar, user_errors
+from atomuq.cli.common import cell, check_device, console, output_folder, progress_bar, say, user_errors
 from atomuq.cli.train_commands import RichTrainCallback
+from atomuq.core.errors import InputError
+from atomuq.core.io import read_structures
+from atomuq.core.validate import check_records
+from atomuq.models.checkpoint import load_model
 from atomuq.workflows.improve import STAGES, STATE_FILE, ImproveCallback, run_improve
 from atomuq.workflows.improve_config import ImproveConfig
 
@@ -55,20 +59,20 @@ class RichImproveCallback(ImproveCallback):
             self.task = None
         done = "done earlier" if info.get("skipped") else "done"
         details = ", ".join(f"{k} {_num(info[k])}" for k in _SHOWN.get(stage, ()) if k in info)
-        self.bar.console.print(f"generation {generation} {stage}: {done}" + (f" ({details})" if details else ""), highlight=False)
+        say(f"generation {generation} {stage}: {done}" + (f" ({details})" if details else ""), out=self.bar.console)
         if stage == "evaluate" and "file" in info:
             self.bar.console.print(comparison_table(generation, Path(info["file"])))
 
     def log(self, message: str) -> None:
         """Print a note."""
-        self.bar.console.print(message, highlight=False)
+        say(message, out=self.bar.console)
 
 
 def comparison_table(generation: int, path: Path) -> Table:
     """Every metric of an evaluation.json with generation 0's and the previous generation's value and the change;
     worse ones (than the previous generation or than generation 0, beyond the tolerance) in red."""
     rows = json.loads(path.read_text())["comparison"]
-    table = Table(title=f"generation {generation} evaluation ({path})")
+    table = Table(title=cell(f"generation {generation} evaluation ({path})"))
     for name in ("metric", "generation 0", "previous", "value", "change", ""):
         table.add_column(name, justify="left" if name == "metric" else "right")
     for r in rows:
@@ -76,7 +80,7 @@ def comparison_table(generation: int, path: Path) -> Table:
         flag = ", ".join(f for f in flags if f)
         change = "-" if r["change"] is None else f"{r['change']:+.4g}"
         table.add_row(
-            r["metric"], _num(r.get("start")), _num(r["previous"]), _num(r["value"]), change, f"[red]{flag}[/red]" if flag else ""
+            cell(r["metric"]), _num(r.get("start")), _num(r["previous"]), _num(r["value"]), change, f"[red]{flag}[/red]" if flag else ""
         )
     return table
 
@@ -116,6 +120,32 @@ def summary_table(evaluations: list[dict[str, Any]], state: dict[str, Any]) -> T
     return table
 
 
+def input_files(config: ImproveConfig) -> dict[str, tuple[Path, ...]]:
+    """The structure files a loop reads, by config key (replay only when replay_fraction > 0)."""
+    files = {
+        "search.starts": config.search.starts,
+        "evaluate.test": config.evaluate.test,
+        "evaluate.fresh_starts": config.evaluate.fresh_starts,
+        "evaluate.md_starts": config.evaluate.md_starts,
+    }
+    if config.finetune.replay_fraction > 0:
+        files["finetune.replay"] = config.finetune.replay
+    return {key: tuple(paths) for key, paths in files.items() if paths}
+
+
+def check_inputs(config: ImproveConfig) -> None:
+    """Read and check every input structure of the loop (core.validate.check_records against the starting model's
+    elements) and the run folder, before any work; errors name the config key, the file and the structure."""
+    where = config.source or "config"
+    output_folder(Path(config.run_dir), f"{where}: run_dir", resume=True)
+    elements = load_model(config.model_file).elements
+    for key, paths in input_files(config).items():
+        try:
+            check_records(read_structures(list(paths)), elements)
+        except InputError as exc:
+            raise InputError(f"{where}: {key}: {exc}") from None
+
+
 def improve(
     config: Path = typer.Argument(..., help="TOML file (see configs/improve_molecular.toml)."),
     device: Optional[str] = typer.Option(None, "--device", help="Override the config's device (cpu, cuda)."),
@@ -129,11 +159,12 @@ def improve(
             cfg = dataclasses.replace(cfg, device=check_device(device))
         if generations is not None:
             cfg = dataclasses.replace(cfg, generations=generations)
+        check_inputs(cfg)
         with progress_bar() as bar:
             evaluations = run_improve(cfg, RichImproveCallback(bar))
         state = json.loads((cfg.run_dir / STATE_FILE).read_text())["done"]
     console.print(summary_table(evaluations, state))
-    console.print(
+    say(
         f"run folder {cfg.run_dir}: gen_000 (starting model) .. gen_{cfg.generations:03d}; "
         f"model of the last generation: {cfg.run_dir / f'gen_{cfg.generations:03d}' / 'finetune' / 'best.pt'}"
     )

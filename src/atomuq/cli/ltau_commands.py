@@ -10,23 +10,36 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from atomuq.cli.common import check_device, console, fail, progress_bar, user_errors
+from atomuq.cli.ensemble_options import load_model_option
+from atomuq.cli.common import (
+    HELP_MARKUP,
+    cell,
+    check_device,
+    console,
+    fail,
+    model_help,
+    output_file,
+    progress_bar,
+    say,
+    user_errors,
+)
 from atomuq.core.errors import InputError
 from atomuq.core.io import Record, atomic_path, read_structures, write_structures
-from atomuq.models.registry import DEFAULT_MODEL, resolve_model
+from atomuq.core.paths import check_distinct_outputs
+from atomuq.core.validate import check_records, check_references
+from atomuq.models.registry import DEFAULT_MODEL
 from atomuq.uq.ltau.estimator import LTAUEstimator
 from atomuq.uq.ltau.index import KINDS
 from atomuq.uq.ltau.plots import reliability_figure
 from atomuq.uq.ltau.reweight import SCHEMES, loss_weights
 from atomuq.workflows.ltau import ScoredAtoms, annotate, calibrate, fit_from_logs, predict_records
-from atomuq.workflows.score import validate_records
 
-ltau_app = typer.Typer(no_args_is_help=True, add_completion=False,
+ltau_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=HELP_MARKUP,
                        help="LTAU-FF: uncertainty from training-error trajectories and latent nearest neighbours.")
 
 
 # options shared by score and calibrate
-_MODEL = typer.Option(None, "--model", "-m", help="Model (default: the one the estimator was fitted with).")
+_MODEL = typer.Option(None, "--model", "-m", help=model_help("Model", None) + " Default: the one the estimator was fitted with.")
 _K = typer.Option(1, "-k", "--neighbours", min=1, help="Training neighbours averaged per atom.")
 _BATCH = typer.Option(16, "--batch-size", min=1, help="Structures per batch.")
 _FORCES_KEY = typer.Option(None, "--forces-key", help="Array holding reference forces (default: REF_forces or calculator results).")
@@ -49,9 +62,10 @@ def _parameters(items: List[str]) -> dict[str, int]:
 def _predict(inputs: List[Path], estimator: LTAUEstimator, model: Optional[str], device: str, k: int,
              atol: Optional[float], batch_size: int, forces_key: Optional[str]) -> tuple[list[Record], ScoredAtoms]:
     """Read and check the structures, then LTAU per atom with a progress bar (model default: the fitted one)."""
-    net = resolve_model(model or estimator.metadata.get("model_name") or DEFAULT_MODEL, device=device)
     records = read_structures(inputs)
-    validate_records(records, net)
+    net = load_model_option(model or estimator.metadata.get("model_name") or DEFAULT_MODEL, device)
+    check_records(records, net.elements)
+    check_references(records, forces_key)
     with progress_bar() as bar:
         task = bar.add_task("LTAU", total=len(records))
         scored = predict_records(records, net, estimator, k, atol, batch_size, forces_key,
@@ -64,7 +78,9 @@ def fit(
     logs: List[Path] = typer.Option(..., "--logs", help="Error-log folder(s) <run_dir>/error_log; several runs give μ_M and σ_M."),
     train: List[Path] = typer.Option(..., "--train", help="The training file(s) of those runs (matched by SHA-256)."),
     output: Path = typer.Option(..., "-o", "--output", help="Estimator file to write (.npz)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Model giving the descriptors (default {DEFAULT_MODEL})."),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help=model_help("Model giving the descriptors; it must be the model of one of the --logs runs")
+    ),
     errors: str = typer.Option("direct", "--errors", help="Which logged errors: direct or conservative forces."),
     atol: Optional[float] = typer.Option(None, "--atol", help="Tolerance in eV/Å (default: mean final-epoch error norm)."),
     rtol: float = typer.Option(0.0, "--rtol", min=0.0, help="Relative tolerance: threshold atol + rtol·|F_ref|."),
@@ -79,7 +95,8 @@ def fit(
     if errors not in ("direct", "conservative"):
         fail(f"--errors {errors!r}: use direct or conservative")
     with user_errors():
-        net = resolve_model(model, device=device)
+        output_file(output)
+        net = load_model_option(model, device)
         start = time.perf_counter()
         with progress_bar() as bar:
             task = bar.add_task("descriptors", total=None)
@@ -90,7 +107,7 @@ def fit(
         estimator.metadata["model_name"] = model or DEFAULT_MODEL
         estimator.save(output)
     p = estimator.confidence
-    table = Table(title=f"LTAU estimator {output}")
+    table = Table(title=cell(f"LTAU estimator {output}"))
     table.add_column("quantity")
     table.add_column("value", justify="right")
     rows = [
@@ -108,7 +125,7 @@ def fit(
         ("time (s)", f"{time.perf_counter() - start:.1f}"),
     ]
     for name, value in rows:
-        table.add_row(name, value)
+        table.add_row(name, cell(value))
     console.print(table)
 
 
@@ -123,11 +140,12 @@ def score(
     batch_size: int = _BATCH,
     forces_key: Optional[str] = _FORCES_KEY,
     device: str = _DEVICE,
-    top: int = typer.Option(10, "--top", help="Rows in the summary table."),
+    top: int = typer.Option(10, "--top", min=1, help="Rows in the summary table."),
 ) -> None:
     """Per-atom ltau_confidence, ltau_uncertainty, ltau_expected_error (eV/Å), ltau_distance; per-structure aggregates."""
     device = check_device(device)
     with user_errors():
+        output_file(output)
         estimator = LTAUEstimator.load(estimator_path)
         records, scored = _predict(inputs, estimator, model, device, k, atol, batch_size, forces_key)
         atoms, rows = annotate(records, scored, estimator.metadata.get("force_kind", "direct"))
@@ -138,11 +156,11 @@ def score(
     for name in ("rank", *text, "atoms", "mean 1-p_j", "max 1-p_j", "expected error eV/Å", "max distance", "error eV/Å"):
         table.add_column(name, justify="left" if name in text else "right")
     for rank, r in enumerate(sorted(rows, key=lambda r: r.uncertainty, reverse=True)[:top], 1):
-        table.add_row(str(rank), f"{Path(r.source).name}:{r.index}", r.tag, r.formula, str(r.n_atoms),
+        table.add_row(str(rank), cell(f"{Path(r.source).name}:{r.index}"), cell(r.tag), r.formula, str(r.n_atoms),
                       f"{r.uncertainty:.3f}", f"{r.uncertainty_max:.3f}", f"{r.expected_error:.4f}",
                       f"{r.distance_max:.3g}", "-" if r.error is None else f"{r.error:.4f}")
     console.print(table)
-    console.print(f"wrote {len(atoms)} structures to {output}")
+    say(f"wrote {len(atoms)} structures to {output}")
 
 
 @ltau_app.command("calibrate")
@@ -161,6 +179,10 @@ def calibrate_command(
     """Fit the scale s (p_j then refers to error ≤ s·atol) on held-out atoms; report miscalibration area and Brier score."""
     device = check_device(device)
     with user_errors():
+        check_distinct_outputs({"--output": output, **({"--plot": plot} if plot is not None else {})})
+        output_file(output)
+        if plot is not None:
+            output_file(plot, "--plot")
         estimator = LTAUEstimator.load(estimator_path)
         if estimator.scale != 1.0:
             raise InputError(f"{estimator_path}: already calibrated (s = {estimator.scale:.4g}); calibrate the "
@@ -179,7 +201,7 @@ def calibrate_command(
     table.add_row("before", "1", f"{f.area_before:.4f}", f"{f.brier_before:.4f}")
     table.add_row("after", f"{f.scale:.3f}", f"{f.area_after:.4f}", f"{f.brier_after:.4f}")
     console.print(table)
-    console.print(f"wrote {output}" + (f" and {plot}" if plot else ""))
+    say(f"wrote {output}" + (f" and {plot}" if plot else ""))
 
 
 @ltau_app.command("weights")
@@ -189,12 +211,14 @@ def weights(
     lam: float = typer.Option(..., "--lambda", help="Strength λ of the exponential weights (paper: 2.0 easy, 4.5 hard)."),
     output: Path = typer.Option(..., "-o", "--output", help="Per-atom loss weights (.npy), training-atom order, mean 1."),
 ) -> None:
-    """Per-atom training loss weights from μ_M(p_i) and σ_M(p_i) (LTAU-FF appendix E) for `loss.atom_weights`."""
+    """Per-atom training loss weights from μ_M(p_i) and σ_M(p_i) (LTAU-FF appendix E) for `data.atom_weights`
+    of a training configuration."""
     with user_errors():
+        output_file(output)
         estimator = LTAUEstimator.load(estimator_path)
         w = loss_weights(estimator.confidence, estimator.spread, scheme, lam)
         output.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(output) as tmp, open(tmp, "wb") as handle:
             np.save(handle, w.astype(np.float32))
-    console.print(f"{len(w):,} weights ({scheme}, λ = {lam:g}): min {w.min():.3f}, median {np.median(w):.3f}, "
-                  f"max {w.max():.3f}; wrote {output}")
+    say(f"{len(w):,} weights ({scheme}, λ = {lam:g}): min {w.min():.3f}, median {np.median(w):.3f}, "
+        f"max {w.max():.3f}; wrote {output} (set data.atom_weights in the training configuration)")

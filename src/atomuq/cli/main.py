@@ -12,21 +12,24 @@ from rich.table import Table
 import atomuq
 from atomuq.cli.attack_commands import attack
 from atomuq.cli.bench_commands import bench
-from atomuq.cli.ensemble_options import load_ensemble
+from atomuq.cli.ensemble_options import load_ensemble, load_model_option
 from atomuq.cli.improve_commands import improve
-from atomuq.cli.common import check_device, console, progress_bar, user_errors
+from atomuq.cli.common import (
+    HELP_MARKUP, cell, check_device, console, ensemble_help, model_help, output_file, progress_bar, say, user_errors,
+)
 from atomuq.cli.data_commands import label, sample
 from atomuq.cli.ltau_commands import ltau_app
 from atomuq.cli.md_commands import drift, md
 from atomuq.cli.train_commands import train
-from atomuq.core.io import read_structures, write_structures
+from atomuq.core.io import read_structures
 from atomuq.core.memory import reuse_freed_memory
-from atomuq.core.validate import DEFAULT_MIN_DISTANCE
+from atomuq.core.validate import DEFAULT_MIN_DISTANCE, check_records, check_references
 from atomuq.models.checkpoint import load_model
-from atomuq.models.registry import DEFAULT_MODEL, bundled_models, resolve_model
-from atomuq.workflows.score import ScoreRow, score_records, validate_records
+from atomuq.models.registry import DEFAULT_MODEL, bundled_models
+from atomuq.engines.local import score_file
+from atomuq.workflows.score import ScoreRow, ScoreSettings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=HELP_MARKUP,
                   help="atomuq: when can a machine-learned interatomic potential be trusted?")
 
 
@@ -48,7 +51,7 @@ def summary_table(rows: list[ScoreRow], top: int) -> Table:
         table.add_column(name, justify="left" if name in text_columns else "right")
     ordered = sorted(rows, key=lambda r: r.force_delta, reverse=True)[:top]
     for rank, r in enumerate(ordered, 1):
-        table.add_row(str(rank), f"{Path(r.source).name}:{r.index}", r.tag, r.formula, str(r.n_atoms),
+        table.add_row(str(rank), cell(f"{Path(r.source).name}:{r.index}"), cell(r.tag), r.formula, str(r.n_atoms),
                       _fmt(r.energy_per_atom, 3), _fmt(r.force_delta), _fmt(r.force_delta_max),
                       _fmt(r.eps_nc), _fmt(r.eps_c))
     return table
@@ -58,36 +61,37 @@ def summary_table(rows: list[ScoreRow], top: int) -> Table:
 def score(
     inputs: List[Path] = typer.Argument(..., help="Structure files ASE can read (extxyz, xyz, cif, POSCAR, traj, ...)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output extended XYZ file."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=f"Bundled model name or model file (default {DEFAULT_MODEL})."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=model_help()),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Structures per batch."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     rotational: bool = typer.Option(False, "--rotational", help="Also compute the rotational gradient |Δ_rot| (eV)."),
     forces_key: Optional[str] = typer.Option(None, "--forces-key", help="Reference-forces array (default: REF_forces, else calculator)."),
     min_distance: float = typer.Option(DEFAULT_MIN_DISTANCE, "--min-distance", help="Atoms closer (Å) are rejected as overlapping."),
-    top: int = typer.Option(10, "--top", help="Rows in the summary table."),
+    top: int = typer.Option(10, "--top", min=1, help="Rows in the summary table."),
     ensemble: Optional[List[str]] = typer.Option(
-        None, "--ensemble", help="Ensemble members: bundled names, model files, ASE calculators as module:Class "
-        "(repeat the option or separate by commas); adds ensemble_std and forces_ensemble_mean."),
+        None, "--ensemble", help=ensemble_help() + " Adds ensemble_std and forces_ensemble_mean."),
     ensemble_forces: str = typer.Option("direct", "--ensemble-forces", help="direct or conservative forces of atomuq members."),
 ) -> None:
     """Score structures: direct and conservative forces, Force Delta, errors against reference forces."""
     device = check_device(device)
     with user_errors():
-        net = resolve_model(model, device=device)
+        output_file(output)
         records = read_structures(inputs)
-        validate_records(records, net, min_distance)
+        net = load_model_option(model, device)
+        check_records(records, net.elements, min_distance)
+        check_references(records, forces_key)
         members, names = load_ensemble(ensemble, records, ensemble_forces, device)
         with progress_bar() as bar:
             task = bar.add_task("scoring", total=len(records))
-            scored, rows = score_records(records, net, batch_size, rotational, forces_key,
-                                         progress=lambda n: bar.advance(task, n), ensemble=members,
-                                         ensemble_forces=ensemble_forces, ensemble_names=names)
-        write_structures(output, scored)
+            run = score_file(records, net, output, ScoreSettings(batch_size, rotational, forces_key, ensemble_forces),
+                             members, names, min_distance, progress=lambda n: bar.advance(task, n))
+    rows = run.rows
     console.print(summary_table(rows, top))
-    console.print(f"model {getattr(net, 'source', model)}; wrote {len(scored)} structures to {output}")
+    resumed = f" (resumed {run.resumed} of {run.n_shards} shards)" if run.resumed else ""
+    say(f"model {net.source or model}; wrote {len(rows)} structures to {output}{resumed}")
     if members:
-        mean_std = sum(a.info["ensemble_std"] for a in scored) / len(scored)
-        console.print(f"ensemble of {len(members)} ({ensemble_forces} forces, ddof=0): mean ensemble_std {mean_std:.4f} eV/Å")
+        mean_std = sum(r.ensemble_std for r in rows) / len(rows)
+        say(f"ensemble of {len(members)} ({ensemble_forces} forces, ddof=0): mean ensemble_std {mean_std:.4f} eV/Å")
 
 
 @app.command()
@@ -104,7 +108,7 @@ def models() -> None:
                 name + (" (default)" if name == DEFAULT_MODEL else ""),
                 " ".join(chemical_symbols[z] for z in cfg.elements), f"{cfg.cutoff:g}", str(cfg.num_layers),
                 str(cfg.latent), f"{sum(p.numel() for p in m.parameters()):,}",
-                str(m.metadata.get("trained_on", "-")), path.name,
+                cell(m.metadata.get("trained_on", "-")), cell(path.name),
             )
     console.print(table)
 

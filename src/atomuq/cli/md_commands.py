@@ -11,11 +11,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from atomuq.cli.common import EXIT_INTERRUPTED, check_device, console, fail, progress_bar, user_errors
+from atomuq.cli.ensemble_options import load_model_option
+from atomuq.cli.common import model_help, EXIT_INTERRUPTED, check_device, console, fail, progress_bar, user_errors
 from atomuq.core.errors import InputError
 from atomuq.core.io import atomic_path, read_structures
 from atomuq.core.paths import check_output_file
-from atomuq.models.registry import DEFAULT_MODEL, resolve_model
+from atomuq.models.registry import DEFAULT_MODEL
 from atomuq.uq.ltau.estimator import LTAUEstimator
 from atomuq.workflows.md.drift import analyse, plot_drift
 from atomuq.workflows.md.driver import MDRun, RunResult
@@ -125,7 +126,7 @@ def md(
         help="direct or conservative forces for the NVT stage of --preset paper (default: as --forces; conservative for mts).",
     ),
     index: int = typer.Option(0, "--index", help="Which frame of INPUT to start from (negative: from the end, -1 the last)."),
-    model: str | None = typer.Option(None, "--model", "-m", help=f"Bundled model name or model file (default {DEFAULT_MODEL})."),
+    model: str | None = typer.Option(None, "--model", "-m", help=model_help()),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
     """Molecular dynamics that watches itself: Force Delta and drift monitors, rollback, MTS, crash-safe resume."""
@@ -165,7 +166,7 @@ def md(
         if not -len(records) <= index < len(records):
             raise InputError(f"{input}: --index {index} out of range (the file has {len(records)} structures)")
         record = records[index]
-        net = resolve_model(model, device=device)
+        net = load_model_option(model, device)
         plan = plan_from_specs(monitor, settings, net.has_direct_forces)
         estimator = LTAUEstimator.load(ltau) if ltau is not None else None
         name = model or DEFAULT_MODEL

@@ -45,12 +45,16 @@ def read_structures(paths: Sequence[str | Path], index: str = ":") -> list[Recor
     records: list[Record] = []
     for path in paths:
         path = Path(path)
+        if path.is_dir():
+            raise InputError(f"{path}: is a directory; give the structure files in it")
         if not path.is_file():
             raise InputError(f"{path}: file not found")
         try:
             frames = read(path, index=index)
         except Exception as exc:  # ase.io raises many exception types for bad files
-            raise InputError(f"{path}: cannot read structures ({type(exc).__name__}: {exc})") from exc
+            detail = " ".join(str(exc).split())  # one line, however the reader phrased it
+            detail = detail if len(detail) <= 200 else detail[:200] + "…"
+            raise InputError(f"{path}: cannot read structures ({type(exc).__name__}: {detail})") from exc
         if isinstance(frames, Atoms):
             frames = [frames]
         if len(frames) == 0:
@@ -69,11 +73,15 @@ def _label_results(atoms: Atoms) -> dict:
 
 
 def reference_forces(atoms: Atoms, key: str | None = None) -> np.ndarray | None:
-    """Reference forces (N, 3) eV/Å: atoms.arrays[key] if key is given, else an array named REF_forces
-    (atomuq's explicit label, so it wins), else the attached calculator's, else an array named forces;
-    calculator results and forces arrays that are atomuq's own predictions are never taken."""
+    """Reference forces (N, 3) eV/Å: atoms.arrays[key] (or the calculator's result of that name) if key is given,
+    else an array named REF_forces (atomuq's explicit label, so it wins), else the attached calculator's, else an
+    array named forces; without a key, calculator results and forces arrays that are atomuq's own predictions are
+    never taken."""
     if key is not None:
-        return np.asarray(atoms.arrays[key], dtype=float) if key in atoms.arrays else None
+        if key in atoms.arrays:
+            return np.asarray(atoms.arrays[key], dtype=float)
+        results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
+        return np.asarray(results[key], dtype=float) if key in results else None
     if REFERENCE_PREFIX + "forces" in atoms.arrays:
         return np.asarray(atoms.arrays[REFERENCE_PREFIX + "forces"], dtype=float)
     results = _label_results(atoms)

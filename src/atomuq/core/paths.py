@@ -61,3 +61,13 @@ def check_output_dir(path: str | Path, flag: str = "--out") -> bool:
         raise InputError(f"{flag} {path}: is a file, not a folder; choose a folder name")
     _check_folder_writable(path, flag, path)
     return path.exists()
+
+
+def check_distinct_outputs(outputs: dict[str, str | Path]) -> None:
+    """Refuse two output options naming the same file (flag -> path), before any work."""
+    seen: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        key = Path(path).expanduser().resolve()
+        if key in seen:
+            raise InputError(f"{flag} {path}: the same file as {seen[key]}; give each output its own name")
+        seen[key] = flag

@@ -195,8 +195,21 @@ def _keys() -> list[Key]:
     ]
 
 
-REGISTRY: dict[str, Key] = {key.name: key for key in _keys()}
+#: the keys atomuq itself writes (the documented table); REGISTRY adds users' own keys (register_key)
+BUILTIN_KEYS: dict[str, Key] = {key.name: key for key in _keys()}
+REGISTRY: dict[str, Key] = dict(BUILTIN_KEYS)
 PROVENANCE_KEYS = ("atomuq_model", "atomuq_model_fingerprint", "atomuq_version", "atomuq_schema_version")
+
+
+def register_key(key: Key) -> Key:
+    """Add a key defined outside atomuq (a user's own MD monitor quantity) to the registry and return it;
+    registering a name again is fine when the definition is the same, SchemaError when it differs."""
+    known = REGISTRY.get(key.name)
+    if known is not None and known != key:
+        raise SchemaError(f"{key.name!r} is already a registered atomuq result key ({known.description}); "
+                          "give the quantity another name")
+    REGISTRY[key.name] = key
+    return key
 
 
 def atom_key(name: str) -> str:

@@ -13,9 +13,17 @@ from vesin import NeighborList
 
 from atomuq.core.batch import Batch
 from atomuq.core.errors import InputError
+from atomuq.core.io import Record, reference_energy, reference_forces
 from atomuq.core.neighbors import build_graph, edge_vectors
 
 DEFAULT_MIN_DISTANCE = 0.3  # Å: closer than this, two atoms are taken as overlapping
+#: Å: largest extent of the atoms or length of a cell vector accepted (10 µm): beyond it the positions are taken as
+#: corrupt, and neighbour lists (vesin's cell lists, one cell per cutoff) would need an absurd number of cells
+MAX_EXTENT = 1e5
+#: eV/Å: largest reference force component accepted; beyond it the labels are taken as corrupt (errors would overflow)
+MAX_REFERENCE_FORCE = 1e6
+#: most neighbour-list cells along one axis in the overlap check (its search radius grows with the extent)
+_MAX_CELLS = 1e4
 
 
 def check_structure(
@@ -41,20 +49,72 @@ def check_structure(
         raise InputError(f"{where}: periodic along {axes} but the cell vector is zero; set a cell or pbc=False")
     if pbc.all() and abs(np.linalg.det(cell)) < 1e-6:
         raise InputError(f"{where}: periodic cell has zero volume (cell vectors are linearly dependent)")
+    extent = float((positions.max(axis=0) - positions.min(axis=0)).max())
+    if extent > MAX_EXTENT or (pbc.any() and lengths[pbc].max() > MAX_EXTENT):
+        what = f"the atoms span {extent:.3g} Å" if extent > MAX_EXTENT else f"a cell vector is {lengths[pbc].max():.3g} Å long"
+        raise InputError(f"{where}: {what}, more than {MAX_EXTENT:g} Å; the positions or the cell look corrupt")
     if elements is not None:
         unknown = sorted(set(atoms.numbers.tolist()) - set(int(z) for z in elements))
         if unknown:
             names = ", ".join(chemical_symbols[z] for z in unknown)
             have = " ".join(chemical_symbols[int(z)] for z in elements)
             raise InputError(f"{where}: element(s) {names} not supported by the model (it knows {have})")
-    if min_distance > 0 and len(atoms) > 0:
+    if min_distance > 0 and len(atoms) > 1:
         box = cell if pbc.any() else np.zeros((3, 3))
-        i, j, d = NeighborList(cutoff=min_distance, full_list=False).compute(positions, box, pbc, quantities="ijd")
+        span = max(extent, float(lengths[pbc].max())) if pbc.any() else extent
+        radius = max(min_distance, span / _MAX_CELLS)  # searched wider on huge structures, then filtered
+        i, j, d = NeighborList(cutoff=radius, full_list=False).compute(positions, box, pbc, quantities="ijd")
+        close = d < min_distance
+        i, j, d = i[close], j[close], d[close]
         if len(d):
             k = int(np.argmin(d))
             raise InputError(
                 f"{where}: atoms {int(i[k])} and {int(j[k])} overlap ({d[k]:.3f} Å apart, minimum {min_distance} Å)"
             )
+
+
+def check_records(
+    records: Sequence[Record],
+    elements: Sequence[int] | None = None,
+    min_distance: float = DEFAULT_MIN_DISTANCE,
+) -> None:
+    """Check every structure before any work (check_structure: file and structure index named, elements as
+    symbols), so a bad one stops the run with nothing written. elements: atomic numbers the model knows; None
+    skips the element check. InputError also when there is no structure."""
+    if not records:
+        raise InputError("no structures given")
+    for rec in records:
+        check_structure(rec.atoms, rec.where, elements, min_distance)
+
+
+def _per_atom_names(atoms: Atoms) -> list[str]:
+    """Names of the per-atom (N, 3) float arrays of a structure: atoms.arrays and calculator results."""
+    n = len(atoms)
+    names = [k for k, v in atoms.arrays.items() if k not in ("numbers", "positions") and np.shape(v) == (n, 3)]
+    results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
+    names += [f"{k} (calculator)" for k, v in results.items() if np.shape(v) == (n, 3)]
+    return names
+
+
+def check_references(records: Sequence[Record], forces_key: str | None = None, flag: str = "--forces-key") -> None:
+    """Refuse reference labels that cannot be used, before any work: a forces_key that no structure has (the
+    message names the key and the per-atom arrays present), reference forces (eV/Å) that are NaN, infinite or
+    above MAX_REFERENCE_FORCE and energies (eV) that are not finite (naming the file and structure). Structures
+    without labels pass."""
+    if forces_key is not None and records and all(reference_forces(r.atoms, forces_key) is None for r in records):
+        present = sorted({name for r in records for name in _per_atom_names(r.atoms)})
+        files = ", ".join(dict.fromkeys(r.source for r in records))
+        raise InputError(f"{flag} {forces_key!r}: no structure in {files} has a per-atom array of that name "
+                         f"(present: {', '.join(present) or 'none'}); name one of them or omit {flag}")
+    for rec in records:
+        forces = reference_forces(rec.atoms, forces_key)
+        if forces is not None and not (np.abs(forces) <= MAX_REFERENCE_FORCE).all():  # NaN fails the comparison
+            bad = np.flatnonzero(~(np.abs(forces) <= MAX_REFERENCE_FORCE).reshape(len(forces), -1).all(axis=1))
+            raise InputError(f"{rec.where}: reference forces of atoms {bad[:10].tolist()} are NaN, infinite or above "
+                             f"{MAX_REFERENCE_FORCE:g} eV/Å; fix or drop the structure")
+        energy = reference_energy(rec.atoms)
+        if energy is not None and not np.isfinite(energy):
+            raise InputError(f"{rec.where}: the reference energy is {energy}; fix or drop the structure")
 
 
 #: a pair closer than this fraction of the sum of its covalent radii is taken as a broken geometry

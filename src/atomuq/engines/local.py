@@ -27,7 +27,7 @@ from atomuq.core.errors import InputError
 from atomuq.core.io import Record, atomic_path, concatenate_files, records_sha256, write_structures
 from atomuq.core.paths import check_output_dir, check_output_file
 from atomuq.core.schema import SCHEMA_VERSION
-from atomuq.core.validate import DEFAULT_MIN_DISTANCE
+from atomuq.core.validate import DEFAULT_MIN_DISTANCE, check_records
 from atomuq.models.protocol import AtomisticModel
 from atomuq.models.provenance import model_provenance
 from atomuq.uq.ensemble import Member
@@ -37,7 +37,6 @@ from atomuq.workflows.score import (
     ensemble_provenance,
     score_row,
     score_shard,
-    validate_records,
 )
 
 FORMAT = "atomuq-shards"
@@ -236,7 +235,7 @@ def score_file(
     settings = settings or ScoreSettings()
     if not model.has_direct_forces:
         raise InputError("atomuq score needs a model with a direct force head for the Force Delta")
-    validate_records(records, model, min_distance)
+    check_records(records, model.elements, min_distance)
     size = settings.batch_size
     shard_size = shard_size or -(-DEFAULT_SHARD_SIZE // size) * size
     provenance = model_provenance(model)

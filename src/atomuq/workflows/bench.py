@@ -28,6 +28,7 @@ import numpy as np
 
 from atomuq.core.errors import InputError
 from atomuq.core.io import Record, read_structures, reference_forces
+from atomuq.core.validate import check_records, check_references
 from atomuq.models.protocol import AtomisticModel
 from atomuq.uq.ensemble import Member
 from atomuq.uq.evaluate import (
@@ -42,7 +43,7 @@ from atomuq.uq.evaluate import (
     spearman,
     zms,
 )
-from atomuq.workflows.score import score_records, validate_records
+from atomuq.workflows.score import score_records
 
 #: (score, error) pairs whose rank correlation and ROC-AUC are reported, when both are present
 PAIRS = (
@@ -70,6 +71,10 @@ SYMBOLS = {
 }
 #: conformal normalisers g: the isotonic map of U_Δ, or U_Δ itself
 NORMALISERS = ("g(U_Δ)", "U_Δ")
+#: fewest labelled structures a benchmark ranks (a rank correlation of two is always ±1)
+MIN_STRUCTURES = 3
+#: fewest structures of a calibration set (thirds: map, conformal, held back)
+MIN_CALIBRATION = 6
 #: resamples of the (slower, per-resample) grouped bootstrap of the miscalibration area, at most
 AREA_BOOT = 200
 
@@ -201,8 +206,8 @@ class Calibration:
 def fit_calibration(data: BenchData, source: str, seed: int = 0) -> Calibration:
     """Split data at random in thirds: one fits g (isotonic, RMS ε_nc), one calibrates the conformal bounds, one is held
     back to test their coverage on structures exchangeable with the calibration ones."""
-    if len(data) < 6:
-        raise InputError(f"{source}: the calibration set needs at least 6 structures, got {len(data)}")
+    if len(data) < MIN_CALIBRATION:
+        raise InputError(f"{source}: the calibration set needs at least {MIN_CALIBRATION} structures, got {len(data)}")
     order = np.random.default_rng(seed).permutation(len(data))
     third = len(data) // 3
     fit_map, fit_conformal, held_back = order[:third], order[third : 2 * third], order[2 * third :]
@@ -379,11 +384,18 @@ def evaluate_bench(data: BenchData, settings: BenchSettings, calibration: Calibr
     return report
 
 
-def load_labelled(paths: Sequence[str | Path], model: AtomisticModel, forces_key: str | None = None) -> list[Record]:
-    """Read and validate structures (elements, overlaps) and check they carry reference forces."""
+def load_labelled(paths: Sequence[str | Path], model: AtomisticModel, forces_key: str | None = None,
+                  minimum: int = MIN_STRUCTURES) -> list[Record]:
+    """Read and validate structures (core.validate: elements, overlaps, finite labels), check that every one carries
+    reference forces and that there are at least `minimum` of them."""
     records = read_structures(paths)
-    validate_records(records, model)
+    check_records(records, model.elements)
+    check_references(records, forces_key)
     check_labelled(records, forces_key)
+    if len(records) < minimum:
+        files = ", ".join(map(str, paths))
+        raise InputError(f"{files}: {len(records)} labelled structure(s); a benchmark ranks errors and needs at least "
+                         f"{minimum}: give more structures")
     return records
 
 
@@ -412,7 +424,7 @@ def bench_files(
     settings = settings or BenchSettings()
     settings.check()
     records = load_labelled(inputs, model, forces_key)
-    cal_records = load_labelled([calibrate_on], model, forces_key) if calibrate_on is not None else []
+    cal_records = load_labelled([calibrate_on], model, forces_key, minimum=MIN_CALIBRATION) if calibrate_on is not None else []
     if on_total is not None:
         on_total(len(records) + len(cal_records))
     score = dict(

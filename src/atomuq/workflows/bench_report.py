@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,10 @@ FIGURES = {
     "calibration": "calibration.png",
     "coverage": "coverage.png",
 }
+#: the calibration written with --calibrate-on
+CALIBRATION_FILES = ("force_delta_map.json", "force_delta_conformal.json")
+#: every file a report folder may hold (files of an earlier report that this one does not write are removed)
+REPORT_FILES = (*FIGURES.values(), *CALIBRATION_FILES, "bench.json", "bench.md")
 
 
 def ci_text(d: dict[str, Any] | None, digits: int = 2) -> str:
@@ -158,11 +165,13 @@ def write_figures(data: BenchData, report: dict[str, Any], calibration: Calibrat
             curves[name] = calibration_curve(values[sigma_key][data.component_structure], data.components[component_key])
             if "estimate" in c.get("miscalibration_area", {}):
                 areas[name] = c["miscalibration_area"]["estimate"]
-    plots.plot_rmse_vs_rmv(binned, ax=axes[0])
-    axes[0].set_title("RMSE vs RMV, all structures (equal-count bins)")
-    plots.plot_calibration_curve(curves, ax=axes[1], areas=areas)
-    axes[1].set_title("force components against σ (all structures)")
-    paths.append(plots.save_figure(axes[0], out / FIGURES["calibration"]))
+    if binned:  # nothing to draw when every calibration is undefined (too few structures)
+        plots.plot_rmse_vs_rmv(binned, ax=axes[0])
+        axes[0].set_title("RMSE vs RMV, all structures (equal-count bins)")
+        if curves:
+            plots.plot_calibration_curve(curves, ax=axes[1], areas=areas)
+            axes[1].set_title("force components against σ (all structures)")
+        paths.append(plots.save_figure(axes[0], out / FIGURES["calibration"]))
 
     if calibration is not None:
         fig = Figure(figsize=(11, 4.8))
@@ -232,17 +241,39 @@ def markdown(report: dict[str, Any], figures: list[Path]) -> str:
     return "\n".join(parts)
 
 
-def write_report(data: BenchData, report: dict[str, Any], calibration: Calibration | None, out: str | Path) -> list[Path]:
-    """Write bench.json, bench.md and the figures into directory out (created); the calibration too when given."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def _write_files(data: BenchData, report: dict[str, Any], calibration: Calibration | None, out: Path) -> list[Path]:
+    """Every file of the report, written into folder out."""
     figures = write_figures(data, report, calibration, out)
     paths = [*figures]
     if calibration is not None:
-        paths.append(calibration.map.save(out / "force_delta_map.json"))
-        paths.append(calibration.conformal["g(U_Δ)"].save(out / "force_delta_conformal.json"))
+        paths.append(calibration.map.save(out / CALIBRATION_FILES[0]))
+        paths.append(calibration.conformal["g(U_Δ)"].save(out / CALIBRATION_FILES[1]))
     for name, text in (("bench.json", json.dumps(report, indent=1) + "\n"), ("bench.md", markdown(report, figures))):
         with atomic_path(out / name) as tmp:
-            Path(tmp).write_text(text)
+            Path(tmp).write_text(text, encoding="utf-8")
         paths.append(out / name)
+    return paths
+
+
+def write_report(data: BenchData, report: dict[str, Any], calibration: Calibration | None, out: str | Path) -> list[Path]:
+    """Write bench.json, bench.md and the figures into directory out (created); the calibration too when given.
+
+    Everything is written into a temporary folder first and moved into out only when complete (one rename per
+    file), so a failure leaves no half-written report; files of an earlier report that this one lacks are removed.
+    """
+    out = Path(out)
+    staging_parent = out if out.is_dir() else out.parent
+    staging_parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=staging_parent, prefix=f".{out.name or 'bench'}.partial-"))
+    try:
+        written = _write_files(data, report, calibration, staging)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for path in written:
+            os.replace(path, out / path.name)
+            paths.append(out / path.name)
+        for stale in set(REPORT_FILES) - {p.name for p in paths}:
+            (out / stale).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return paths

@@ -16,6 +16,7 @@ from atomuq.core.batch import Batch
 from atomuq.core.errors import InputError
 from atomuq.core.io import Record, detach_reference, file_sha256, read_structures, reference_forces
 from atomuq.core.schema import Provenance, write_results
+from atomuq.core.validate import check_records
 from atomuq.models.checkpoint import weights_fingerprint
 from atomuq.models.derivatives import evaluate
 from atomuq.models.protocol import AtomisticModel
@@ -23,7 +24,7 @@ from atomuq.uq.ltau.calibration import ReliabilityCurve, ScaleFit, fit_scale, re
 from atomuq.uq.ltau.estimator import LTAUEstimator, LTAUPrediction, fit_estimator
 from atomuq.uq.ltau.index import build_index
 from atomuq.uq.result import split_outputs
-from atomuq.workflows.error_log import ErrorLog, load_error_log
+from atomuq.workflows.error_log import METADATA, ErrorLog, load_error_log
 from atomuq.models.provenance import model_name, model_provenance
 from atomuq.workflows.score import structure_tag
 
@@ -52,6 +53,22 @@ def load_runs(log_dirs: Sequence[str | Path], kind: str = "direct", skip_epochs:
             raise InputError(f"{log.directory}: skip_epochs = {skip_epochs} leaves none of its {log.n_epochs} epochs")
         trajectories.append(errors[skip_epochs:])
     return trajectories, logs
+
+
+def check_log_model(logs: Sequence[ErrorLog], model: AtomisticModel) -> None:
+    """Raise InputError unless the model's weights are those of a logged epoch of one of the runs (the error log
+    stores each epoch's weights fingerprint): descriptors of another model do not match the logged errors."""
+    fingerprint = weights_fingerprint(model)
+    if any(fingerprint in log.metadata.get("model_fingerprints", []) for log in logs):
+        return
+    log = logs[0]
+    logged = log.metadata.get("model_fingerprints") or ["none recorded"]
+    runs = ", ".join(str(run.directory / METADATA) for run in logs)
+    raise InputError(
+        f"{runs}: written by the model of run {log.metadata.get('run_id', '?')} ({log.directory.parent / 'best.pt'}, "
+        f"weights fingerprint {logged[-1]} at its last epoch), but {model_name(model)} has fingerprint {fingerprint} "
+        "and wrote none of these logs; give that run's model with --model (its best.pt or last.pt)"
+    )
 
 
 def training_records(log: ErrorLog, train_paths: Sequence[str | Path]) -> list[Record]:
@@ -129,8 +146,10 @@ def fit_from_logs(
     on_total(n) is called once with the number of training structures, progress(k) after each batch.
     """
     trajectories, logs = load_runs(log_dirs, kind, skip_epochs)
+    check_log_model(logs, model)
     log = logs[0]
     records = training_records(log, train_paths)
+    check_records(records, model.elements, min_distance=0.0)  # training checked their contacts with its own setting
     if on_total is not None:
         on_total(len(records))
     descriptors = compute_descriptors(model, [r.atoms for r in records], batch_size, progress)

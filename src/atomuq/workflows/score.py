@@ -16,7 +16,6 @@ from ase import Atoms
 from atomuq.core.batch import Batch
 from atomuq.core.io import Record, detach_reference, reference_forces
 from atomuq.core.schema import Provenance, write_results
-from atomuq.core.validate import DEFAULT_MIN_DISTANCE, check_structure
 from atomuq.models.derivatives import Prediction, evaluate
 from atomuq.models.protocol import AtomisticModel
 from atomuq.models.provenance import model_provenance
@@ -86,12 +85,6 @@ class ScoreSettings:
     def as_dict(self) -> dict[str, Any]:
         """JSON-able settings."""
         return asdict(self)
-
-
-def validate_records(records: Sequence[Record], model: AtomisticModel, min_distance: float = DEFAULT_MIN_DISTANCE) -> None:
-    """Check every structure before any work, so a bad one stops the run with nothing written."""
-    for rec in records:
-        check_structure(rec.atoms, rec.where, model.elements, min_distance)
 
 
 def prediction_results(

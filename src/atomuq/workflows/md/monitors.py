@@ -22,6 +22,7 @@ import numpy as np
 from ase import Atoms
 
 from atomuq.workflows.md.settings import SettingError
+from atomuq.core.schema import LESS_TRUSTED, MD, STRUCTURE, Key, register_key
 
 ACTIONS = ("log", "snapshot", "stop", "rollback")
 REDUCTIONS = {"max": np.max, "mean": np.mean, "rms": lambda x: np.sqrt(np.mean(x**2))}
@@ -84,6 +85,11 @@ class FunctionQuantity:
     name: str
     unit: str = ""
     needs_conservative: bool = False
+
+    def __post_init__(self) -> None:
+        # a user's own quantity is written into every frame, so its name joins the one key registry
+        register_key(Key(self.name, STRUCTURE, self.unit, LESS_TRUSTED, f"user-defined MD monitor quantity {self.name}",
+                         (MD,), clears=False))
 
     def __call__(self, atoms: Atoms, time_fs: float) -> float | None:
         return self.fn(atoms, time_fs)
