@@ -15,7 +15,6 @@ import subprocess
 import tempfile
 import time
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,6 +103,8 @@ def test_settings_map_u_delta_against_eps_nc_and_colour_atoms_by_u_i(scored_file
     u = data.dataset["properties"]["force_delta_atoms"]["values"]
     assert data.color == colour["property"] == "force_delta_atoms"
     assert colour["min"] == 0 and colour["max"] == pytest.approx(np.percentile(u, COLOR_PERCENTILE))
+    u_delta = data.dataset["properties"]["force_delta"]["values"]
+    assert settings["pinned"] == [int(np.argmax(u_delta))]  # the page opens on the least trusted structure
     assert set(data.dataset["shapes"]) == {"forces_direct", "forces_conservative"}
     arrows = data.dataset["shapes"]["forces_direct"]["parameters"]["atom"]
     assert len(arrows) == len(u)
@@ -125,6 +126,7 @@ def test_only_per_structure_results_colour_by_element(tmp_path):
     data = view_data([Record(atoms, "md.extxyz", 0)])
     assert data.color is None and "color" not in data.dataset["settings"]["structure"][0]
     assert data.dataset["settings"]["map"]["x"]["property"] == "force_delta"
+    assert data.dataset["settings"]["pinned"] == [0]
 
 
 def test_structures_without_results_are_refused_naming_the_file_and_structure(tmp_path):
@@ -315,7 +317,8 @@ class Chromium:
 def test_page_loads_offline_in_chromium_and_shows_the_structures_and_table(scored_file, tmp_path):
     page = tmp_path / "view.html"
     assert runner.invoke(app, ["view", str(scored_file), "-o", str(page)]).exit_code == 0
-    shown_first = records_of(scored_file)[0].atoms.info  # the structure the viewer shows first
+    infos = [r.atoms.info for r in records_of(scored_file)]
+    shown_first = max(infos, key=lambda info: info["force_delta"])  # the page opens on the largest U_Δ
     browser = Chromium()
     try:
         target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]

@@ -230,7 +230,8 @@ def color_scale_max(values: np.ndarray) -> float:
 
 def view_settings(structure_props: dict[str, dict[str, Any]], color: str | None, color_max: float,
                   periodic: bool) -> dict[str, Any]:
-    """chemiscope settings: map of U_Δ against ε_nc (or the nearest keys present), atoms coloured by `color`."""
+    """chemiscope settings: map of U_Δ against ε_nc (or the nearest keys present), atoms coloured by `color`,
+    opening on the structure of largest U_Δ."""
     numeric = [name for name, p in structure_props.items() if not any(isinstance(v, str) for v in p["values"])]
     x = _first(MAP_X, numeric) or "index"
     y = _first(MAP_Y, numeric, (x,)) or _first(numeric, numeric, (x,)) or x
@@ -242,7 +243,19 @@ def view_settings(structure_props: dict[str, dict[str, Any]], color: str | None,
     if color is not None:
         structure["color"] = {"property": color, "transform": "linear", "min": 0.0, "max": color_max,
                               "palette": ATOM_PALETTE}
-    return {"target": "structure", "map": map_settings, "structure": [structure]}
+    settings: dict[str, Any] = {"target": "structure", "map": map_settings, "structure": [structure]}
+    first = least_trusted(structure_props)
+    if first is not None:
+        settings["pinned"] = [first]
+    return settings
+
+
+def least_trusted(structure_props: dict[str, dict[str, Any]]) -> int | None:
+    """Index of the structure the page opens on: the largest U_Δ (force_delta), None without force_delta."""
+    values = structure_props.get("force_delta", {}).get("values")
+    if not values or all(math.isnan(v) for v in values):
+        return None
+    return int(np.nanargmax(np.asarray(values, dtype=float)))
 
 
 def _metadata(records: Sequence[Record], name: str, color: str | None) -> dict[str, Any]:
@@ -394,7 +407,10 @@ def page_html(data: ViewData, title: str) -> str:
 
     colouring = (f"atoms coloured by {data.color} (0 to {data.color_max:.3g} {REGISTRY[data.color].unit}, the "
                  f"{COLOR_PERCENTILE:g}th percentile; higher values saturate)" if data.color else "atoms coloured by element")
-    summary = f"{data.n_structures} structures; {colouring}; click a point of the map to show its structure"
+    first = data.dataset["settings"].get("pinned", [0])[0]
+    opened = " (largest U_Δ)" if "pinned" in data.dataset["settings"] else ""
+    summary = (f"{data.n_structures} structures; showing structure {first}{opened}; {colouring}; click a point of "
+               "the map to show its structure")
     return _PAGE.format(csp=CSP, version=html.escape(atomuq.__version__),
                         chemiscope_version=html.escape(str(chemiscope.__version__)), title=html.escape(title),
                         summary=html.escape(summary), javascript=viewer_javascript(),
