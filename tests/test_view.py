@@ -61,7 +61,8 @@ def scored_molecule(name: str, seed: int, *, reference: bool = True, ltau: bool 
 
 @pytest.fixture()
 def scored_file(tmp_path):
-    structures = [scored_molecule("H2O", 0, ltau=True, ensemble=True), scored_molecule("CH4", 1, ltau=True, ensemble=True),
+    # the largest U_Δ is the second structure (the page opens on it, not on the first)
+    structures = [scored_molecule("CH4", 1, ltau=True, ensemble=True), scored_molecule("H2O", 0, ltau=True, ensemble=True),
                   scored_molecule("NH3", 2, reference=False, ltau=True, ensemble=True)]
     return write_structures(tmp_path / "scored.extxyz", structures)
 
@@ -86,11 +87,11 @@ def test_properties_use_the_registry_names_units_and_descriptions(scored_file):
     # per-atom values concatenated over the structures, one per atom
     u = np.concatenate([r.atoms.arrays["force_delta_atoms"] for r in records])
     assert np.allclose(props["force_delta_atoms"]["values"], u)
-    assert len(data.dataset["structures"]) == 3 and [s["size"] for s in data.dataset["structures"]] == [3, 5, 4]
+    assert len(data.dataset["structures"]) == 3 and [s["size"] for s in data.dataset["structures"]] == [5, 3, 4]
     assert len(data.dataset["environments"]) == u.size
     # provenance and text keys never become properties; the label comes from the structure's own info
     assert "atomuq_model" not in props and "md_state" not in props
-    assert props["label"]["values"] == ["H2O", "CH4", "NH3"]
+    assert props["label"]["values"] == ["CH4", "H2O", "NH3"]
     assert "test-model.pt" in data.dataset["meta"]["description"]
 
 
@@ -104,7 +105,7 @@ def test_settings_map_u_delta_against_eps_nc_and_colour_atoms_by_u_i(scored_file
     assert data.color == colour["property"] == "force_delta_atoms"
     assert colour["min"] == 0 and colour["max"] == pytest.approx(np.percentile(u, COLOR_PERCENTILE))
     u_delta = data.dataset["properties"]["force_delta"]["values"]
-    assert settings["pinned"] == [int(np.argmax(u_delta))]  # the page opens on the least trusted structure
+    assert settings["pinned"] == [int(np.argmax(u_delta))] == [1]  # the page opens on the least trusted structure
     assert set(data.dataset["shapes"]) == {"forces_direct", "forces_conservative"}
     arrows = data.dataset["shapes"]["forces_direct"]["parameters"]["atom"]
     assert len(arrows) == len(u)
