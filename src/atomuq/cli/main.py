@@ -21,6 +21,7 @@ from atomuq.cli.data_commands import label, sample
 from atomuq.cli.ltau_commands import ltau_app
 from atomuq.cli.md_commands import drift, md
 from atomuq.cli.train_commands import train
+from atomuq.cli.view_commands import view
 from atomuq.core.io import read_structures
 from atomuq.core.memory import reuse_freed_memory
 from atomuq.core.validate import DEFAULT_MIN_DISTANCE, check_records, check_references
@@ -122,6 +123,7 @@ app.add_typer(ltau_app, name="ltau")
 app.command()(md)
 app.command()(drift)
 app.command()(improve)
+app.command()(view)
 
 
 if __name__ == "__main__":  # pragma: no cover
