@@ -23,7 +23,6 @@ def commands(group, path: tuple[str, ...] = ()) -> list:
 
 ALL = commands(typer.main.get_command(app))
 MODEL_COMMANDS = [path for path, cmd in ALL if any("--model" in p.opts for p in cmd.params)]
-OWN_MODEL_HELP = {("score",), ("attack",), ("bench",), ("ltau", "fit"), ("ltau", "score"), ("ltau", "calibrate")}
 
 
 def help_text(path: tuple[str, ...]) -> str:
@@ -50,12 +49,7 @@ def test_help_at_80_columns_shows_every_option_name_whole(path, command):
                 assert re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", text), f"{opt} missing from {' '.join(path)} --help"
 
 
-def _model_row(path):
-    marks = [] if path in OWN_MODEL_HELP else [pytest.mark.xfail(reason="fixed on branch md", strict=False)]
-    return pytest.param(path, id=" ".join(path), marks=marks)
-
-
-@pytest.mark.parametrize("path", [_model_row(p) for p in MODEL_COMMANDS])
+@pytest.mark.parametrize("path", MODEL_COMMANDS, ids=[" ".join(p) for p in MODEL_COMMANDS])
 def test_model_help_lists_every_spec_form(path):
     text = " ".join(help_text(path).split())  # undo the wrapping
     section = text.split("--model", 1)[1]
