@@ -235,7 +235,10 @@ def score_file(
     """
     settings = settings or ScoreSettings()
     if not model.has_direct_forces:
-        raise InputError("atomuq score needs a model with a direct force head for the Force Delta")
+        raise InputError(
+            f"atomuq score needs a model with a direct force head for the Force Delta; {model.source or type(model).__name__} "
+            "is conservative-only: score with a direct model and add it as an ensemble member "
+            "(--ensemble A,B --ensemble-forces conservative)")
     validate_records(records, model, min_distance)
     size = settings.batch_size
     shard_size = shard_size or -(-DEFAULT_SHARD_SIZE // size) * size
