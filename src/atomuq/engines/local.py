@@ -33,6 +33,7 @@ from atomuq.uq.ensemble import Member
 from atomuq.workflows.score import (
     ScoreRow,
     ScoreSettings,
+    check_direct_head,
     ensemble_provenance,
     model_provenance,
     score_row,
@@ -234,11 +235,7 @@ def score_file(
     shard_size defaults to DEFAULT_SHARD_SIZE rounded up to a multiple of the batch size.
     """
     settings = settings or ScoreSettings()
-    if not model.has_direct_forces:
-        raise InputError(
-            f"atomuq score needs a model with a direct force head for the Force Delta; {model.source or type(model).__name__} "
-            "is conservative-only: score with a direct model and add it as an ensemble member "
-            "(--ensemble A,B --ensemble-forces conservative)")
+    check_direct_head(model)
     validate_records(records, model, min_distance)
     size = settings.batch_size
     shard_size = shard_size or -(-DEFAULT_SHARD_SIZE // size) * size

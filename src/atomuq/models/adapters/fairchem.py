@@ -270,8 +270,8 @@ def load_fairchem(path: str | Path, *, device: str | torch.device = "cpu", dtype
     config = payload["model_config"]
     check_config(config, str(path))
     state = payload["state_dict"]
-    stored = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
     hydra = build_hydra(config)
+    stored = next((state[n].dtype for n, _ in hydra.named_parameters() if n in state), torch.float32)  # the weights'
     if stored != torch.float32:  # fairchem keeps some precomputed buffers in float64: never round them through float32
         hydra = hydra.to(dtype=stored)
     try:
