@@ -99,47 +99,10 @@ def time_case(model: AtomisticModel, n_atoms: int, repeats: int) -> dict:
     return {"n_atoms": len(atoms), "direct_s": d, "force_delta_s": f, "ratio": f / d}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="orb")
-    parser.add_argument("--only", nargs="*", default=None, help="benchmark only the models whose name contains one of these")
-    args = parser.parse_args()
-    builders, package, stem = FAMILIES[args.family]
-    torch.manual_seed(0)
-    rows = []
-    for name, build in builders().items():
-        if args.only and not any(part in name for part in args.only):
-            continue
-        model = build().eval()
-        params = sum(p.numel() for p in model.parameters())
-        for n in args.sizes:
-            row = {
-                "model": name,
-                "parameters": params,
-                **time_case(model, n, args.repeats),
-            }
-            rows.append(row)
-            print(
-                f"{name:38s} {row['n_atoms']:5d} atoms  direct {row['direct_s']:.4f} s  "
-                f"Force Delta {row['force_delta_s']:.4f} s  ratio {row['ratio']:.2f}",
-                flush=True,
-            )
-    from importlib.metadata import version
-
-    meta = {
-        "torch": torch.__version__,
-        package.replace("-", "_"): version(package),
-        "threads": torch.get_num_threads(),
-        "repeats": args.repeats,
-        "machine": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-    }
+def write_results(rows: list[dict], meta: dict, stem: str) -> None:
+    """Write the rows so far to results/STEM.json and STEM.md (after every row: a long run keeps what it measured)."""
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(
-        json.dumps({"meta": meta, "rows": rows}, indent=2)
-    )
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
         "| model | parameters | atoms | direct-only s | Force Delta s | ratio |",
         "|---|---:|---:|---:|---:|---:|",
@@ -150,7 +113,42 @@ def main() -> None:
             f"{r['force_delta_s']:.4f} | {r['ratio']:.2f} |"
         )
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + f"\n\n{meta}\n")
-    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="orb")
+    parser.add_argument("--only", nargs="*", default=None, help="benchmark only the models whose name contains one of these")
+    args = parser.parse_args()
+    builders, package, stem = FAMILIES[args.family]
+    from importlib.metadata import version
+
+    meta = {
+        "torch": torch.__version__,
+        package.replace("-", "_"): version(package),
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "machine": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
+    torch.manual_seed(0)
+    built = {name: build().eval() for name, build in builders().items()
+             if not args.only or any(part in name for part in args.only)}
+    rows = []
+    for n in args.sizes:  # every model at the small size first
+        for name, model in built.items():
+            params = sum(p.numel() for p in model.parameters())
+            row = {"model": name, "parameters": params, **time_case(model, n, args.repeats)}
+            rows.append(row)
+            print(
+                f"{name:38s} {row['n_atoms']:5d} atoms  direct {row['direct_s']:.4f} s  "
+                f"Force Delta {row['force_delta_s']:.4f} s  ratio {row['ratio']:.2f}",
+                flush=True,
+            )
+            write_results(rows, meta, stem)
+    print((RESULTS / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":
