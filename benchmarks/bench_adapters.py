@@ -10,6 +10,11 @@ list is part of both. Modes are timed interleaved in one process; seconds are mi
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_adapters.py [--sizes 100 1000] [--repeats 3]
 Writes benchmarks/results/adapters.json and .md.
+
+--family fairchem (in a venv with fairchem-core 2.x, pip install 'atomuq[fairchem]') times the fairchem
+adapter instead: eSEN and UMA direct-force architectures with random weights, the small configuration
+of the tests and the full size of eSEN-sm / UMA-S (sphere channels 128, 4 layers, lmax 2, 6 Å, up to
+300 neighbours); writes benchmarks/results/adapters_fairchem.json and .md.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from bench_force_delta import water_box
 from timing import interleaved_minimum
 
 from atomuq.core.batch import Batch
-from atomuq.models.adapters.orb import new_orb_model
 from atomuq.models.derivatives import evaluate
 from atomuq.models.protocol import AtomisticModel
 from atomuq.models.registry import resolve_model
@@ -41,7 +45,9 @@ SMALL_ORB = {
 
 
 def models() -> dict[str, Callable[[], AtomisticModel]]:
-    """Name -> builder of each benchmarked model (float32, eval mode)."""
+    """Name -> builder of each benchmarked orb model (float32, eval mode)."""
+    from atomuq.models.adapters.orb import new_orb_model
+
     return {
         "orb-v3-direct small (tests' config)": lambda: new_orb_model(
             "orb-v3-direct", **SMALL_ORB
@@ -51,6 +57,27 @@ def models() -> dict[str, Callable[[], AtomisticModel]]:
         ),
         "bundled molecular-small": lambda: resolve_model("molecular-small"),
     }
+
+
+#: the small fairchem backbone of the tests (tests/model_kinds.py FAIRCHEM_SMALL)
+SMALL_FAIRCHEM = {"sphere_channels": 16, "edge_channels": 16, "hidden_channels": 16, "num_distance_basis": 16,
+                  "num_layers": 2, "cutoff": 5.0}
+
+
+def fairchem_models() -> dict[str, Callable[[], AtomisticModel]]:
+    """Name -> builder of each benchmarked fairchem model (float32, eval mode, random weights)."""
+    from atomuq.models.adapters.fairchem import new_fairchem_model
+
+    return {
+        "fairchem esen-direct small (tests' config)": lambda: new_fairchem_model("esen-direct", **SMALL_FAIRCHEM),
+        "fairchem esen-direct full size (eSEN-sm)": lambda: new_fairchem_model("esen-direct"),
+        "fairchem uma-direct small (tests' config)": lambda: new_fairchem_model("uma-direct", **SMALL_FAIRCHEM,
+                                                                               num_experts=2),
+        "fairchem uma-direct full size (UMA-S, 32 experts)": lambda: new_fairchem_model("uma-direct", num_experts=32),
+    }
+
+
+FAMILIES = {"orb": (models, "orb-models", "adapters"), "fairchem": (fairchem_models, "fairchem-core", "adapters_fairchem")}
 
 
 def time_case(model: AtomisticModel, n_atoms: int, repeats: int) -> dict:
@@ -72,44 +99,10 @@ def time_case(model: AtomisticModel, n_atoms: int, repeats: int) -> dict:
     return {"n_atoms": len(atoms), "direct_s": d, "force_delta_s": f, "ratio": f / d}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    rows = []
-    for name, build in models().items():
-        model = build().eval()
-        params = sum(p.numel() for p in model.parameters())
-        for n in args.sizes:
-            row = {
-                "model": name,
-                "parameters": params,
-                **time_case(model, n, args.repeats),
-            }
-            rows.append(row)
-            print(
-                f"{name:38s} {row['n_atoms']:5d} atoms  direct {row['direct_s']:.4f} s  "
-                f"Force Delta {row['force_delta_s']:.4f} s  ratio {row['ratio']:.2f}",
-                flush=True,
-            )
-    from importlib.metadata import version
-
-    import orb_models  # noqa: F401  (its version goes into the metadata)
-
-    meta = {
-        "torch": torch.__version__,
-        "orb_models": version("orb-models"),
-        "threads": torch.get_num_threads(),
-        "repeats": args.repeats,
-        "machine": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-    }
+def write_results(rows: list[dict], meta: dict, stem: str) -> None:
+    """Write the rows so far to results/STEM.json and STEM.md (after every row: a long run keeps what it measured)."""
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "adapters.json").write_text(
-        json.dumps({"meta": meta, "rows": rows}, indent=2)
-    )
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
         "| model | parameters | atoms | direct-only s | Force Delta s | ratio |",
         "|---|---:|---:|---:|---:|---:|",
@@ -119,8 +112,43 @@ def main() -> None:
             f"| {r['model']} | {r['parameters']:,} | {r['n_atoms']} | {r['direct_s']:.4f} | "
             f"{r['force_delta_s']:.4f} | {r['ratio']:.2f} |"
         )
-    (RESULTS / "adapters.md").write_text("\n".join(lines) + f"\n\n{meta}\n")
-    print("\n".join(lines))
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + f"\n\n{meta}\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="orb")
+    parser.add_argument("--only", nargs="*", default=None, help="benchmark only the models whose name contains one of these")
+    args = parser.parse_args()
+    builders, package, stem = FAMILIES[args.family]
+    from importlib.metadata import version
+
+    meta = {
+        "torch": torch.__version__,
+        package.replace("-", "_"): version(package),
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "machine": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
+    torch.manual_seed(0)
+    built = {name: build().eval() for name, build in builders().items()
+             if not args.only or any(part in name for part in args.only)}
+    rows = []
+    for n in args.sizes:  # every model at the small size first
+        for name, model in built.items():
+            params = sum(p.numel() for p in model.parameters())
+            row = {"model": name, "parameters": params, **time_case(model, n, args.repeats)}
+            rows.append(row)
+            print(
+                f"{name:38s} {row['n_atoms']:5d} atoms  direct {row['direct_s']:.4f} s  "
+                f"Force Delta {row['force_delta_s']:.4f} s  ratio {row['ratio']:.2f}",
+                flush=True,
+            )
+            write_results(rows, meta, stem)
+    print((RESULTS / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":

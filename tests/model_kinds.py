@@ -76,3 +76,25 @@ def export_pet(path: str | Path, seed: int = 0) -> str:
         warnings.simplefilter("ignore")
         small_pet(seed).export().save(str(path))
     return str(path)
+
+
+#: a small fairchem eSEN / UMA backbone (fairchem backbone keyword arguments over the architecture's)
+FAIRCHEM_SMALL = {
+    "sphere_channels": 16,
+    "edge_channels": 16,
+    "hidden_channels": 16,
+    "num_distance_basis": 16,
+    "num_layers": 2,
+    "cutoff": 5.0,
+}
+
+
+def small_fairchem(architecture: str = "esen-direct", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A randomly initialised small fairchem direct-force model (an atomuq FairchemModel)."""
+    from atomuq.models.adapters.fairchem import new_fairchem_model
+
+    torch.manual_seed(seed)
+    extra = {"num_experts": 2} if architecture.startswith("uma") else {}
+    model = new_fairchem_model(architecture, **FAIRCHEM_SMALL, **extra)
+    # fairchem keeps some precomputed buffers in float64: a round trip through float32 would round them
+    return model if dtype == torch.float32 else model.to(dtype)

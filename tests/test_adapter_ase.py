@@ -87,7 +87,7 @@ def test_force_delta_and_second_derivatives_are_refused_clearly():
         force_delta(evaluate(model, batch), batch)
     with pytest.raises(ValueError, match="no second derivatives"):
         evaluate(model, batch, create_graph=True)
-    with pytest.raises(ValueError, match="direct force head"):
+    with pytest.raises(InputError, match="direct force head"):
         score_records([Record(copper(), "cu.extxyz", 0)], model)
 
 

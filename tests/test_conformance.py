@@ -91,6 +91,32 @@ def _metatomic() -> Kind:
     return Kind(MetatomicModel(exported, source="in memory").eval(), round_trip)
 
 
+def _fairchem(architecture: str) -> Callable[[], Kind]:
+    def build() -> Kind:
+        pytest.importorskip("fairchem.core", reason="fairchem-core is not installed (pip install 'atomuq[fairchem]')")
+        from atomuq.models.adapters.fairchem import save_fairchem
+        from model_kinds import small_fairchem
+
+        def round_trip(model: AtomisticModel, folder: Path) -> AtomisticModel:
+            return resolve_model(f"fairchem:{save_fairchem(model, folder / 'fairchem.pt')}")  # in the stored dtype
+
+        return Kind(small_fairchem(architecture, seed=4, dtype=torch.float64), round_trip)
+
+    return build
+
+
+def _pretrained(name: str, module: str) -> Callable[[], Kind]:
+    def build() -> Kind:
+        pytest.importorskip(module, reason=f"{module} is not installed (pip install 'atomuq[pretrained]')")
+
+        def round_trip(model: AtomisticModel, folder: Path) -> AtomisticModel:
+            return resolve_model(name).double()  # weights from the package, by short name
+
+        return Kind(resolve_model(name).double(), round_trip)
+
+    return build
+
+
 def _emt() -> Kind:
     return Kind(resolve_model("ase:ase.calculators.emt:EMT"))
 
@@ -101,6 +127,10 @@ KINDS = {
     "orb-v3-direct": _orb("orb-v3-direct"),
     "orb-v3-conservative": _orb("orb-v3-conservative"),
     "metatomic-pet": _metatomic,
+    "fairchem-esen-direct": _fairchem("esen-direct"),
+    "fairchem-uma-direct": _fairchem("uma-direct"),
+    "chgnet": _pretrained("chgnet", "chgnet"),
+    "sevennet-0": _pretrained("sevennet-0", "sevenn"),
     "ase-emt": _emt,
 }
 

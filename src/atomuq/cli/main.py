@@ -28,7 +28,7 @@ from atomuq.core.validate import DEFAULT_MIN_DISTANCE, check_records, check_refe
 from atomuq.models.checkpoint import load_model
 from atomuq.models.registry import DEFAULT_MODEL, bundled_models
 from atomuq.engines.local import score_file
-from atomuq.workflows.score import ScoreRow, ScoreSettings
+from atomuq.workflows.score import ScoreRow, ScoreSettings, check_direct_head
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=HELP_MARKUP,
                   help="atomuq: when can a machine-learned interatomic potential be trusted?")
@@ -79,6 +79,7 @@ def score(
         output_file(output)
         records = read_structures(inputs)
         net = load_model_option(model, device)
+        check_direct_head(net)
         check_records(records, net.elements, min_distance)
         check_references(records, forces_key)
         members, names = load_ensemble(ensemble, records, ensemble_forces, device)

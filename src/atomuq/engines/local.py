@@ -34,6 +34,7 @@ from atomuq.uq.ensemble import Member
 from atomuq.workflows.score import (
     ScoreRow,
     ScoreSettings,
+    check_direct_head,
     ensemble_provenance,
     score_row,
     score_shard,
@@ -233,8 +234,7 @@ def score_file(
     shard_size defaults to DEFAULT_SHARD_SIZE rounded up to a multiple of the batch size.
     """
     settings = settings or ScoreSettings()
-    if not model.has_direct_forces:
-        raise InputError("atomuq score needs a model with a direct force head for the Force Delta")
+    check_direct_head(model)
     check_records(records, model.elements, min_distance)
     size = settings.batch_size
     shard_size = shard_size or -(-DEFAULT_SHARD_SIZE // size) * size

@@ -104,6 +104,24 @@ def _load_metatomic(rest: str, device: Device) -> AtomisticModel:
     return load_metatomic(rest, device=device)
 
 
+def _load_fairchem(rest: str, device: Device) -> AtomisticModel:
+    from atomuq.models.adapters.fairchem import load_fairchem
+
+    return load_fairchem(rest, device=device)
+
+
+def _load_chgnet(rest: str, device: Device) -> AtomisticModel:
+    from atomuq.models.adapters.pretrained import load_chgnet
+
+    return load_chgnet(device=device)
+
+
+def _load_sevennet(rest: str, device: Device) -> AtomisticModel:
+    from atomuq.models.adapters.pretrained import load_sevennet
+
+    return load_sevennet("sevennet-0", device=device)
+
+
 def _load_ase(rest: str, device: Device) -> AtomisticModel:
     from atomuq.models.adapters.ase_calculator import calculator_model
 
@@ -115,6 +133,13 @@ register_spec("orb", "orb:PATH or orb:ARCHITECTURE:PATH",
               _load_orb, extra="orb")
 register_spec("metatomic", "metatomic:PATH", "an exported metatomic model, e.g. PET-MAD", _load_metatomic,
               extra="metatomic")
+register_spec("fairchem", "fairchem:PATH",
+              "a fairchem-core 2.x direct-force model (eSEN, UMA) saved by atomuq's fairchem adapter (save_fairchem)",
+              _load_fairchem, extra="fairchem")
+register_name("chgnet", "CHGNet 0.3.0 (MPtrj, PBE+U; weights in the chgnet package): conservative only, no Force Delta",
+              _load_chgnet, extra="pretrained")
+register_name("sevennet-0", "SevenNet-0 (MPtrj, PBE+U; weights in the sevenn package): conservative only, no Force Delta",
+              _load_sevennet, extra="pretrained")
 register_spec("ase", "ase:MODULE:CLASS",
               "an ASE calculator class built without arguments, e.g. ase:ase.calculators.emt:EMT (no Force Delta)",
               _load_ase)

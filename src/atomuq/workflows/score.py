@@ -14,6 +14,7 @@ import torch
 from ase import Atoms
 
 from atomuq.core.batch import Batch
+from atomuq.core.errors import InputError
 from atomuq.core.io import Record, detach_reference, reference_forces
 from atomuq.core.schema import Provenance, write_results
 from atomuq.models.derivatives import Prediction, evaluate
@@ -85,6 +86,16 @@ class ScoreSettings:
     def as_dict(self) -> dict[str, Any]:
         """JSON-able settings."""
         return asdict(self)
+
+
+def check_direct_head(model: AtomisticModel) -> None:
+    """Raise InputError unless the model has a direct force head (the Force Delta needs one); the message says
+    how a conservative-only model can still be used (as an ensemble member)."""
+    if not model.has_direct_forces:
+        raise InputError(
+            f"atomuq score needs a model with a direct force head for the Force Delta; {model.source or type(model).__name__} "
+            "is conservative-only: score with a direct model and add it as an ensemble member "
+            "(--ensemble A,B --ensemble-forces conservative)")
 
 
 def prediction_results(
@@ -160,8 +171,7 @@ def score_shard(
     """Scored copies of the structures (model energy and direct forces as ASE results, every UQ value under its
     schema key, reference labels as REF_*), in batches of settings.batch_size; with ensemble members also
     ensemble_std, forces_ensemble_mean, ... (uq.ensemble, ddof=0)."""
-    if not model.has_direct_forces:
-        raise ValueError("atomuq score needs a model with a direct force head for the Force Delta")
+    check_direct_head(model)
     provenance = provenance or model_provenance(model)
     out: list[Atoms] = []
     size = settings.batch_size
