@@ -1,0 +1,459 @@
+"""A small mutation tester for atomuq's formula modules, and the report of its results.
+
+Why not mutmut 3: it maps tests to functions by running the whole selected suite under tracing and
+re-imports per mutant; on this project (torch import ~10 s, a few slow integration files) a warm
+fork server is an order of magnitude cheaper. This driver:
+
+1. imports atomuq, torch and the test modules once (pytest --collect-only in this process);
+2. enumerates mutants of each target function with AST operator swaps (see `Sites`):
+   + - * / ** swaps and dropped operands, comparison boundary shifts and negations, numeric constants +-1,
+   True/False swaps, removed unary minus / `not`, and/or swaps, swapped first two call arguments,
+   sum/mean, min/max, argmin/argmax, any/all swaps, sqrt/abs/exp/log dropped, side="left"/"right" and
+   reduce="amin"/"amax" swaps. Nothing inside `raise` statements or f-strings (error-message text) is mutated;
+   argument defaults are not mutated;
+3. for each mutant forks a child that replaces the function's __code__ in place (so every `from x import f`
+   reference sees the mutant), runs pytest on the target's test files with -x, and exits with pytest's code;
+   the parent kills a child that runs past its timeout (counted as killed).
+
+Usage (from the repository root, with PYTHONPATH=src):
+
+    nice -n 19 python scripts/mutation_report.py run atomuq.uq.confidence --phase before
+    nice -n 19 python scripts/mutation_report.py run atomuq.uq.confidence --phase after   # new tests, on survivors
+    python scripts/mutation_report.py report            # per-module table and the survivors
+
+Results go to mutants/<module>.<phase>.jsonl (mutants/ is git-ignored).
+"""
+
+from __future__ import annotations
+
+import __future__
+import argparse
+import ast
+import copy
+import importlib
+import importlib.util
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "mutants"
+
+#: module -> functions to mutate (None: every function and method) and the test files of each phase.
+#: "before" are the existing tests that import the module (slow integration files left out, see the doc);
+#: "after" are the new formula tests, run on the survivors of "before".
+#: the tests of tests/test_ltau.py that exercise the formulas without training a model (the others train one)
+LTAU_FORMULA_TESTS = [f"tests/test_ltau.py::{name}" for name in (
+    "test_confidence_is_the_direct_count_with_less_or_equal", "test_mean_and_spread_over_runs",
+    "test_histogram_cdf_is_exact_at_edges_and_mean_within_bin_resolution",
+    "test_probabilities_that_generate_the_outcomes_are_calibrated",
+    "test_fitted_scale_recovers_the_scale_that_generated_the_errors")]
+#: tests/test_evaluate.py without its plotting test (matplotlib, and no formula)
+EVALUATE_TESTS = ["tests/test_evaluate.py", "-k", "not plots"]
+
+TARGETS: dict[str, dict] = {
+    "atomuq.uq.force_delta": dict(functions=None, before=["tests/test_derivatives.py"],
+                                  after=["tests/test_formulas_uq.py"]),
+    "atomuq.uq.confidence": dict(functions=None, before=["tests/test_adapter_orb.py"],
+                                 after=["tests/test_formulas_uq.py"]),
+    "atomuq.models.derivatives": dict(functions=None, before=["tests/test_derivatives.py", "tests/test_conformance.py"],
+                                      after=["tests/test_formulas_derivatives.py"]),
+    "atomuq.uq.ensemble": dict(functions=["EnsemblePrediction.mean_forces", "EnsemblePrediction.mean_energy",
+                                          "evaluate_ensemble", "ensemble_uncertainty"],
+                               before=["tests/test_ensemble.py::test_ensemble_std_equals_numpy_over_members",
+                                       "tests/test_ensemble.py::test_identical_members_have_zero_std_and_ase_members_agree",
+                                       "tests/test_ensemble.py::test_ase_calculator_members_equal_numpy",
+                                       "tests/test_ensemble.py::test_direct_mode_refuses_a_conservative_only_member",
+                                       "tests/test_ensemble.py::test_library_errors"],
+                               after=["tests/test_formulas_uq.py"]),
+    "atomuq.uq.equigrad": dict(functions=None, before=["tests/test_derivatives.py"],
+                               after=["tests/test_formulas_derivatives.py"]),
+    "atomuq.uq.ltau.distribution": dict(functions=None, before=LTAU_FORMULA_TESTS, after=["tests/test_formulas_ltau.py"]),
+    "atomuq.uq.ltau.calibration": dict(functions=None, before=LTAU_FORMULA_TESTS, after=["tests/test_formulas_ltau.py"]),
+    "atomuq.uq.evaluate.ranking": dict(functions=None, before=EVALUATE_TESTS,
+                                       after=["tests/test_formulas_evaluate.py"]),
+    "atomuq.uq.evaluate.calibration": dict(functions=None, before=EVALUATE_TESTS,
+                                           after=["tests/test_formulas_evaluate.py"]),
+    "atomuq.uq.evaluate.conformal": dict(functions=None, before=EVALUATE_TESTS,
+                                         after=["tests/test_formulas_evaluate.py"]),
+    "atomuq.uq.evaluate.bootstrap": dict(functions=None, before=EVALUATE_TESTS,
+                                         after=["tests/test_formulas_evaluate.py"]),
+    "atomuq.core.neighbors": dict(functions=None, before=["tests/test_neighbors.py"],
+                                  after=["tests/test_formulas_core.py"]),
+    "atomuq.core.validate": dict(functions=["closest_contacts"], before=["tests/test_attack.py"],
+                                 after=["tests/test_formulas_core.py"]),
+    "atomuq.core.batch": dict(functions=None, before=["tests/test_neighbors.py", "tests/test_derivatives.py"],
+                              after=["tests/test_formulas_core.py"]),
+}
+
+BINOP_SWAPS = {ast.Add: [ast.Sub], ast.Sub: [ast.Add], ast.Mult: [ast.Div], ast.Div: [ast.Mult],
+               ast.Pow: [ast.Mult], ast.FloorDiv: [ast.Div], ast.Mod: [ast.FloorDiv]}
+CMP_SWAPS = {ast.Lt: [ast.LtE, ast.GtE], ast.LtE: [ast.Lt, ast.Gt], ast.Gt: [ast.GtE, ast.LtE],
+             ast.GtE: [ast.Gt, ast.Lt], ast.Eq: [ast.NotEq], ast.NotEq: [ast.Eq], ast.Is: [ast.IsNot],
+             ast.IsNot: [ast.Is], ast.In: [ast.NotIn], ast.NotIn: [ast.In]}
+NAME_SWAPS = {"sum": "mean", "mean": "sum", "min": "max", "max": "min", "argmin": "argmax", "argmax": "argmin",
+              "amin": "amax", "amax": "amin", "minimum": "maximum", "maximum": "minimum", "any": "all", "all": "any",
+              "floor": "ceil", "ceil": "floor"}
+DROPPED_CALLS = {"sqrt", "abs", "exp", "log"}
+STRING_SWAPS = {"left": "right", "right": "left", "amin": "amax", "amax": "amin", "sum": "mean", "mean": "sum"}
+OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**", ast.FloorDiv: "//", ast.Mod: "%",
+       ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", ast.NotEq: "!=", ast.Is: "is",
+       ast.IsNot: "is not", ast.In: "in", ast.NotIn: "not in", ast.And: "and", ast.Or: "or"}
+
+
+@dataclass
+class Mutant:
+    """One mutation: function qualname, the k-th site of the walk, the alternative there, and a description."""
+
+    module: str
+    function: str
+    site: int
+    alt: int
+    line: int
+    description: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.function}:{self.site}:{self.alt}"
+
+
+def _skipped_nodes(fn: ast.AST) -> set[int]:
+    """ids of nodes inside raise statements, f-strings and docstrings (message text, not formulas)."""
+    skip: set[int] = set()
+    for node in ast.walk(fn):
+        if isinstance(node, (ast.Raise, ast.JoinedStr, ast.Assert)):
+            skip.update(id(n) for n in ast.walk(node))
+    body = getattr(fn, "body", [])
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        skip.add(id(body[0].value))
+    return skip
+
+
+def _parents(fn: ast.AST) -> dict[int, tuple[ast.AST, str, int | None]]:
+    out = {}
+    for parent in ast.walk(fn):
+        for field, value in ast.iter_fields(parent):
+            if isinstance(value, list):
+                for i, child in enumerate(value):
+                    if isinstance(child, ast.AST):
+                        out[id(child)] = (parent, field, i)
+            elif isinstance(value, ast.AST):
+                out[id(value)] = (parent, field, None)
+    return out
+
+
+def _replace(parents: dict, node: ast.AST, new: ast.AST) -> None:
+    parent, field, index = parents[id(node)]
+    if index is None:
+        setattr(parent, field, new)
+    else:
+        getattr(parent, field)[index] = new
+
+
+def _body_nodes(fn: ast.FunctionDef) -> list[ast.AST]:
+    """Nodes of the function body in a fixed order (decorators, arguments and defaults excluded)."""
+    out = []
+    for stmt in fn.body:
+        out.extend(ast.walk(stmt))
+    return out
+
+
+def sites(fn: ast.FunctionDef) -> list[tuple[ast.AST, list[tuple[str, object]]]]:
+    """Per body node (walk order), the mutations that apply: (description, how) pairs."""
+    skip = _skipped_nodes(fn)
+    parents = _parents(fn)
+    out = []
+    for node in _body_nodes(fn):
+        if id(node) in skip:
+            out.append((node, []))
+            continue
+        alts: list[tuple[str, object]] = []
+        if isinstance(node, (ast.BinOp, ast.AugAssign)):
+            for new in BINOP_SWAPS.get(type(node.op), []):
+                alts.append((f"`{OPS[type(node.op)]}` -> `{OPS[new]}`", ("op", new)))
+            if isinstance(node, ast.BinOp) and type(node.op) in (ast.Add, ast.Sub, ast.Mult, ast.Div):
+                alts.append((f"drop `{OPS[type(node.op)]} {ast.unparse(node.right)[:40]}`", ("left",)))
+        elif isinstance(node, ast.Compare):
+            for k, op in enumerate(node.ops):
+                for new in CMP_SWAPS.get(type(op), []):
+                    alts.append((f"`{OPS[type(op)]}` -> `{OPS[new]}`", ("cmp", k, new)))
+        elif isinstance(node, ast.BoolOp):
+            new = ast.Or if isinstance(node.op, ast.And) else ast.And
+            alts.append((f"`{OPS[type(node.op)]}` -> `{OPS[new]}`", ("op", new)))
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.Not, ast.Invert)):
+            alts.append((f"removed unary `{ast.unparse(node)[:1]}`", ("operand",)))
+        elif isinstance(node, ast.Constant) and id(node) not in skip:
+            v = node.value
+            parent = parents.get(id(node), (None, None, None))[0]
+            if isinstance(v, bool):
+                alts.append((f"`{v}` -> `{not v}`", ("const", not v)))
+            elif isinstance(v, (int, float)):
+                alts.append((f"`{v!r}` -> `{v + 1!r}`", ("const", v + 1)))
+                alts.append((f"`{v!r}` -> `{v - 1!r}`", ("const", v - 1)))
+            elif isinstance(v, str) and v in STRING_SWAPS and isinstance(parent, (ast.keyword, ast.Call)):
+                alts.append((f"`{v!r}` -> `{STRING_SWAPS[v]!r}`", ("const", STRING_SWAPS[v])))
+        elif isinstance(node, ast.Attribute) and node.attr in NAME_SWAPS and isinstance(node.ctx, ast.Load):
+            alts.append((f"`.{node.attr}` -> `.{NAME_SWAPS[node.attr]}`", ("attr", NAME_SWAPS[node.attr])))
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name in DROPPED_CALLS and len(node.args) == 1 and not node.keywords:
+                alts.append((f"dropped `{name}(...)`", ("unwrap",)))
+            pos = [a for a in node.args if not isinstance(a, ast.Starred)]
+            if len(pos) >= 2 and len(pos) == len(node.args) and ast.dump(pos[0]) != ast.dump(pos[1]):
+                alts.append((f"swapped arguments of `{ast.unparse(node.func)[:30]}`", ("swap",)))
+        out.append((node, alts))
+    return out
+
+
+def apply(fn: ast.FunctionDef, site: int, alt: int) -> ast.FunctionDef:
+    """A copy of fn with the alt-th mutation at the site-th body node."""
+    fn = copy.deepcopy(fn)
+    node, alts = sites(fn)[site]
+    how = alts[alt][1]
+    parents = _parents(fn)
+    kind = how[0]
+    if kind == "op":
+        node.op = how[1]()
+    elif kind == "left":
+        _replace(parents, node, node.left)
+    elif kind == "cmp":
+        node.ops[how[1]] = how[2]()
+    elif kind == "operand":
+        _replace(parents, node, node.operand)
+    elif kind == "const":
+        node.value = how[1]
+    elif kind == "attr":
+        node.attr = how[1]
+    elif kind == "unwrap":
+        _replace(parents, node, node.args[0])
+    elif kind == "swap":
+        node.args[0], node.args[1] = node.args[1], node.args[0]
+    return ast.fix_missing_locations(fn)
+
+
+def functions(tree: ast.Module, wanted: list[str] | None) -> dict[str, ast.FunctionDef]:
+    """Top-level functions and methods of top-level classes by qualname."""
+    out = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            out[node.name] = node
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    out[f"{node.name}.{item.name}"] = item
+    if wanted is not None:
+        out = {k: v for k, v in out.items() if k in wanted}
+    return out
+
+
+def mutants(module: str, wanted: list[str] | None) -> tuple[list[Mutant], dict[str, ast.FunctionDef]]:
+    """Every mutant of the wanted functions of a module."""
+    path = importlib.util.find_spec(module).origin
+    tree = ast.parse(Path(path).read_text())
+    fns = functions(tree, wanted)
+    out = []
+    for qual, fn in fns.items():
+        for s, (node, alts) in enumerate(sites(fn)):
+            for a, (desc, _) in enumerate(alts):
+                out.append(Mutant(module, qual, s, a, getattr(node, "lineno", fn.lineno), desc))
+    return out, fns
+
+
+def live_function(module: str, qual: str):
+    """The function object whose __code__ a mutant replaces."""
+    obj = importlib.import_module(module)
+    parts = qual.split(".")
+    for p in parts[:-1]:
+        obj = getattr(obj, p)
+    raw = obj.__dict__[parts[-1]] if len(parts) > 1 else getattr(obj, parts[-1])
+    if isinstance(raw, property):
+        raw = raw.fget
+    if isinstance(raw, (classmethod, staticmethod)):
+        raw = raw.__func__
+    while hasattr(raw, "__wrapped__"):
+        raw = raw.__wrapped__
+    return raw
+
+
+def install(mutant: Mutant, fn_node: ast.FunctionDef) -> None:
+    """Replace the live function's code by the mutant's."""
+    target = live_function(mutant.module, mutant.function)
+    node = apply(fn_node, mutant.site, mutant.alt)
+    node.decorator_list = []
+    mod = importlib.import_module(mutant.module)
+    code = compile(ast.Module(body=[node], type_ignores=[]), mod.__file__, "exec",
+                   flags=__future__.annotations.compiler_flag, dont_inherit=True)
+    namespace = dict(mod.__dict__)
+    exec(code, namespace)
+    new_code = namespace[node.name].__code__
+    if new_code.co_freevars != target.__code__.co_freevars:
+        raise RuntimeError("closure mismatch")
+    target.__code__ = new_code
+
+
+def run_child(tests: list[str], mutant: Mutant | None, fn_node, timeout: float) -> tuple[str, float]:
+    """Fork, install the mutant, run pytest; 'killed', 'survived', 'timeout' or 'invalid', and the seconds taken."""
+    import pytest
+
+    start = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            if mutant is not None:
+                try:
+                    install(mutant, fn_node)
+                except Exception:
+                    os._exit(99)
+            rc = pytest.main(["-q", "-x", "-p", "no:cacheprovider", "--no-header", "-o", "addopts=", *tests])
+            os._exit(int(rc))
+        except BaseException:
+            os._exit(98)
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() - start > timeout:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return "timeout", time.monotonic() - start
+        time.sleep(0.05)
+    seconds = time.monotonic() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code == 99:
+        return "invalid", seconds
+    if code == 0:
+        return "survived", seconds
+    if code == 5:  # no tests collected: a configuration error, not a kill
+        raise SystemExit(f"no tests collected from {tests}")
+    return "killed", seconds
+
+
+def results_path(module: str, phase: str) -> Path:
+    return OUT / f"{module}.{phase}.jsonl"
+
+
+def load(module: str, phase: str) -> dict[str, dict]:
+    path = results_path(module, phase)
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {f"{r['function']}:{r['site']}:{r['alt']}": r for r in rows}
+
+
+def run(module: str, phase: str, only: list[str] | None, fresh: bool) -> None:
+    """Run every mutant of a module (phase after: only the survivors of phase before)."""
+    import pytest
+
+    cfg = TARGETS[module]
+    tests = cfg[phase]
+    OUT.mkdir(exist_ok=True)
+    all_mutants, fns = mutants(module, cfg["functions"])
+    if phase == "after":
+        before = load(module, "before")
+        all_mutants = [m for m in all_mutants if before.get(m.key, {}).get("status") == "survived"]
+    if only:
+        all_mutants = [m for m in all_mutants if m.function in only]
+    path = results_path(module, phase)
+    done = {} if fresh else load(module, phase)
+    if fresh and path.exists():
+        path.unlink()
+    todo = [m for m in all_mutants if m.key not in done]
+    # import the test modules (and everything they import) once, here, so children start warm
+    rc = pytest.main(["-q", "--collect-only", "-p", "no:cacheprovider", "-o", "addopts=", *tests])
+    if rc != 0:
+        raise SystemExit(f"collection failed for {tests}")
+    status, base = run_child(tests, None, None, timeout=900)
+    if status != "survived":
+        raise SystemExit(f"the unmutated tests do not pass ({status}): {tests}")
+    timeout = 3 * base + 10
+    print(f"{module} [{phase}]: {len(todo)} mutants to run ({len(all_mutants)} in all), baseline {base:.1f} s", flush=True)
+    with path.open("a") as fh:
+        for k, m in enumerate(todo):
+            status, seconds = run_child(tests, m, fns[m.function], timeout)
+            row = asdict(m) | {"status": status, "seconds": round(seconds, 2)}
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            print(f"[{k + 1}/{len(todo)}] {status:8s} {m.function} L{m.line} {m.description}", flush=True)
+
+
+def show(module: str, key: str) -> str:
+    """The mutated line of a mutant, for the report."""
+    cfg = TARGETS[module]
+    _, fns = mutants(module, cfg["functions"])
+    qual, site, alt = key.rsplit(":", 2)
+    fn = fns[qual]
+    node = sites(fn)[int(site)][0]
+    mutated = apply(fn, int(site), int(alt))
+    stmt_line = getattr(node, "lineno", fn.lineno)
+    for stmt in ast.walk(mutated):
+        if isinstance(stmt, ast.stmt) and getattr(stmt, "lineno", None) == stmt_line and not isinstance(
+                stmt, (ast.FunctionDef, ast.If, ast.For, ast.While, ast.With, ast.Try)):
+            return ast.unparse(stmt).splitlines()[0][:160]
+    for stmt in ast.walk(mutated):
+        if isinstance(stmt, (ast.If, ast.While)) and stmt.lineno == stmt_line:
+            return ("if " if isinstance(stmt, ast.If) else "while ") + ast.unparse(stmt.test)[:150]
+        if isinstance(stmt, ast.For) and stmt.lineno == stmt_line:
+            return "for ... in " + ast.unparse(stmt.iter)[:150]
+    return ast.unparse(mutated).splitlines()[0][:160]
+
+
+def report(modules: list[str], survivors: bool) -> None:
+    """Per module: mutants, killed by the existing tests, killed after adding the new tests, still surviving."""
+    print("| module | mutants | killed before | killed after | surviving |")
+    print("|---|---:|---:|---:|---:|")
+    left = []
+    for module in modules:
+        before = load(module, "before")
+        if not before:
+            continue
+        after = load(module, "after")
+        valid = {k: r for k, r in before.items() if r["status"] != "invalid"}
+        killed_before = sum(r["status"] in ("killed", "timeout") for r in valid.values())
+        survived = [k for k, r in valid.items() if r["status"] == "survived"]
+        killed_new = [k for k in survived if after.get(k, {}).get("status") in ("killed", "timeout")]
+        still = [k for k in survived if k not in killed_new]
+        print(f"| {module} | {len(valid)} | {killed_before} | {killed_before + len(killed_new)} | {len(still)} |")
+        left += [(module, k, valid[k]) for k in still]
+    if survivors:
+        print()
+        for module, key, r in left:
+            print(f"- {module} {r['function']} L{r['line']} {r['description']}: `{show(module, key)}` [{key}]")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("run")
+    p.add_argument("modules", nargs="+")
+    p.add_argument("--phase", choices=("before", "after"), default="before")
+    p.add_argument("--only", nargs="*", help="function qualnames")
+    p.add_argument("--fresh", action="store_true", help="forget earlier results of this phase")
+    p = sub.add_parser("list")
+    p.add_argument("modules", nargs="+")
+    p = sub.add_parser("report")
+    p.add_argument("modules", nargs="*")
+    p.add_argument("--survivors", action="store_true")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "tests"))
+    if args.cmd == "run":
+        for module in args.modules:
+            run(module, args.phase, args.only, args.fresh)
+    elif args.cmd == "list":
+        for module in args.modules:
+            ms, _ = mutants(module, TARGETS[module]["functions"])
+            for m in ms:
+                print(f"{m.function} L{m.line} {m.description}")
+            print(f"{module}: {len(ms)} mutants")
+    else:
+        report(args.modules or list(TARGETS), args.survivors)
+
+
+if __name__ == "__main__":
+    main()
