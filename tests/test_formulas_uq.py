@@ -97,6 +97,10 @@ def test_force_delta_by_hand():
     assert result.per_structure["force_delta_stress"].tolist() == pytest.approx([math.sqrt(1.0 / 6.0), 1.0])
     assert result.units["force_delta"] == "eV/Å" and result.units["force_delta_stress"] == "eV/Å³"
     assert "force_delta_stress" not in force_delta(prediction(stress=False), two_structures()).per_structure
+    # a direct stress head evaluated without the virial (stress=False): no stress delta, no failure
+    direct_only = prediction()
+    direct_only.stress_virial = None
+    assert "force_delta_stress" not in force_delta(direct_only, two_structures()).per_structure
 
 
 def test_force_delta_errors_against_reference_forces_by_hand():
