@@ -52,8 +52,9 @@ LTAU_FORMULA_TESTS = [f"tests/test_ltau.py::{name}" for name in (
     "test_histogram_cdf_is_exact_at_edges_and_mean_within_bin_resolution",
     "test_probabilities_that_generate_the_outcomes_are_calibrated",
     "test_fitted_scale_recovers_the_scale_that_generated_the_errors")]
-#: tests/test_evaluate.py without its plotting test (matplotlib, and no formula)
-EVALUATE_TESTS = ["tests/test_evaluate.py", "-k", "not plots"]
+#: the tests of tests/test_evaluate.py that call each evaluate module (the plotting test left out: matplotlib, no formula)
+def evaluate_tests(keywords: str) -> list[str]:
+    return ["tests/test_evaluate.py", "-k", f"({keywords} or bad_input or bad_files) and not plots"]
 
 #: the conformance suite over the models defined here (native, pair); orb, metatomic and EMT take minutes per mutant
 CONFORMANCE_LOCAL = "not orb-v3 and not metatomic-pet and not ase-emt"
@@ -77,17 +78,17 @@ TARGETS: dict[str, dict] = {
                                after=["tests/test_formulas_derivatives.py"]),
     "atomuq.uq.ltau.distribution": dict(functions=None, before=LTAU_FORMULA_TESTS, after=["tests/test_formulas_ltau.py"]),
     "atomuq.uq.ltau.calibration": dict(functions=None, before=LTAU_FORMULA_TESTS, after=["tests/test_formulas_ltau.py"]),
-    "atomuq.uq.evaluate.ranking": dict(functions=None, before=EVALUATE_TESTS,
+    "atomuq.uq.evaluate.ranking": dict(functions=None, before=evaluate_tests("spearman or roc or bootstrap"),
                                        after=["tests/test_formulas_evaluate.py"]),
-    "atomuq.uq.evaluate.calibration": dict(functions=None, before=EVALUATE_TESTS,
+    "atomuq.uq.evaluate.calibration": dict(functions=None, before=evaluate_tests("calibration or calibrated or confident or miscalibration"),
                                            after=["tests/test_formulas_evaluate.py"]),
-    "atomuq.uq.evaluate.conformal": dict(functions=None, before=EVALUATE_TESTS,
+    "atomuq.uq.evaluate.conformal": dict(functions=None, before=evaluate_tests("conformal"),
                                          after=["tests/test_formulas_evaluate.py"]),
-    "atomuq.uq.evaluate.bootstrap": dict(functions=None, before=EVALUATE_TESTS,
+    "atomuq.uq.evaluate.bootstrap": dict(functions=None, before=evaluate_tests("bootstrap"),
                                          after=["tests/test_formulas_evaluate.py"]),
     "atomuq.core.neighbors": dict(functions=None, before=["tests/test_neighbors.py"],
                                   after=["tests/test_formulas_core.py"]),
-    "atomuq.core.validate": dict(functions=["closest_contacts"], before=["tests/test_attack.py"],
+    "atomuq.core.validate": dict(functions=["closest_contacts"], before=["tests/test_attack.py", "-k", "contact"],
                                  after=["tests/test_formulas_core.py"]),
     "atomuq.core.batch": dict(functions=None, before=["tests/test_neighbors.py", "tests/test_derivatives.py"],
                               after=["tests/test_formulas_core.py"]),
@@ -350,7 +351,7 @@ def load(module: str, phase: str) -> dict[str, dict]:
     return {f"{r['function']}:{r['site']}:{r['alt']}": r for r in rows}
 
 
-def run(module: str, phase: str, only: list[str] | None, fresh: bool) -> None:
+def run(module: str, phase: str, only: list[str] | None, fresh: bool, redo_timeouts: bool = False) -> None:
     """Run every mutant of a module (phase after: only the survivors of phase before)."""
     import pytest
 
@@ -367,6 +368,8 @@ def run(module: str, phase: str, only: list[str] | None, fresh: bool) -> None:
     done = {} if fresh else load(module, phase)
     if fresh and path.exists():
         path.unlink()
+    if redo_timeouts:  # a timeout under heavy load may be a slow survivor: run those again with 3x the time
+        done = {k: r for k, r in done.items() if r["status"] != "timeout"}
     todo = [m for m in all_mutants if m.key not in done]
     # import the test modules (and everything they import) once, here, so children start warm
     rc = pytest.main(["-q", "--collect-only", "-p", "no:cacheprovider", "-o", "addopts=", *tests])
@@ -375,7 +378,7 @@ def run(module: str, phase: str, only: list[str] | None, fresh: bool) -> None:
     status, base = run_child(tests, None, None, timeout=900)
     if status != "survived":
         raise SystemExit(f"the unmutated tests do not pass ({status}): {tests}")
-    timeout = 3 * base + 10
+    timeout = (9 if redo_timeouts else 3) * base + 10
     print(f"{module} [{phase}]: {len(todo)} mutants to run ({len(all_mutants)} in all), baseline {base:.1f} s", flush=True)
     with path.open("a") as fh:
         for k, m in enumerate(todo):
@@ -394,24 +397,84 @@ def show(module: str, key: str) -> str:
     fn = fns[qual]
     node = sites(fn)[int(site)][0]
     mutated = apply(fn, int(site), int(alt))
-    stmt_line = getattr(node, "lineno", fn.lineno)
-    for stmt in ast.walk(mutated):
-        if isinstance(stmt, ast.stmt) and getattr(stmt, "lineno", None) == stmt_line and not isinstance(
-                stmt, (ast.FunctionDef, ast.If, ast.For, ast.While, ast.With, ast.Try)):
-            return ast.unparse(stmt).splitlines()[0][:160]
-    for stmt in ast.walk(mutated):
-        if isinstance(stmt, (ast.If, ast.While)) and stmt.lineno == stmt_line:
-            return ("if " if isinstance(stmt, ast.If) else "while ") + ast.unparse(stmt.test)[:150]
-        if isinstance(stmt, ast.For) and stmt.lineno == stmt_line:
-            return "for ... in " + ast.unparse(stmt.iter)[:150]
-    return ast.unparse(mutated).splitlines()[0][:160]
+    line = getattr(node, "lineno", fn.lineno)
+    compound = (ast.FunctionDef, ast.If, ast.For, ast.While, ast.With, ast.Try)
+    simple = [st for st in ast.walk(mutated) if isinstance(st, ast.stmt) and not isinstance(st, compound)
+              and st.lineno <= line <= st.end_lineno]
+    if simple:
+        text = ast.unparse(max(simple, key=lambda st: st.lineno))
+    else:
+        heads = [st for st in ast.walk(mutated) if isinstance(st, (ast.If, ast.While, ast.For))
+                 and st.lineno <= line <= (st.iter if isinstance(st, ast.For) else st.test).end_lineno]
+        st = max(heads, key=lambda st: st.lineno)
+        text = "for ... in " + ast.unparse(st.iter) if isinstance(st, ast.For) else "if " + ast.unparse(st.test)
+    return " ".join(text.split())[:160]
+
+
+#: survivors of both phases, classified by hand: "module function Lline description" -> (class, why)
+EQUIVALENT = "equivalent"
+NOT_FORMULA = "not a formula"
+CLASSIFIED: dict[str, tuple[str, str]] = {}
+
+
+def _classify(prefix: str, kind: str, why: str, *items: str) -> None:
+    for item in items:
+        CLASSIFIED[f"{prefix} {item}"] = (kind, why)
+
+
+LAST_AXIS = "`-1` -> `1` as the last axis of an array that is always 2-D here"
+_classify("atomuq.uq.force_delta force_delta", EQUIVALENT, LAST_AXIS + " ((N, 3) forces, (B, 6) stresses)",
+          "L49 removed unary `-`", "L55 removed unary `-`", "L59 removed unary `-`")
+_classify("atomuq.uq.confidence confidence", EQUIVALENT, LAST_AXIS + " ((N, K) logits and probabilities)",
+          "L18 removed unary `-`", "L21 removed unary `-`")
+_classify("atomuq.models.derivatives to_voigt", EQUIVALENT, "transpose(1, 2) and transpose(2, 1) are the same operation",
+          "L53 swapped arguments of `matrix.transpose`")
+_classify("atomuq.models.derivatives evaluate", EQUIVALENT, "transpose(1, 2) and transpose(2, 1) are the same operation",
+          "L124 swapped arguments of `w.transpose`")
+_classify("atomuq.uq.ensemble ensemble_uncertainty", EQUIVALENT, LAST_AXIS + " ((N, 3) forces)",
+          "L118 removed unary `-`", "L125 removed unary `-`")
+_classify("atomuq.uq.equigrad energy_spread_under_rotations", EQUIVALENT,
+          "conservative=True also computes -dE/dr, but the energies read are the same (only slower)", "L35 `False` -> `True`")
+_classify("atomuq.uq.ltau.distribution error_histogram", EQUIVALENT,
+          "reshape(-2, k): numpy treats any negative size as the one unknown dimension", "L111 `1` -> `2`")
+_classify("atomuq.uq.ltau.distribution cdf_at", EQUIVALENT,
+          "cumsum over one more column (the overflow) leaves columns 0..last unchanged, and only those are read",
+          "L135 `1` -> `2`")
+_classify("atomuq.uq.ltau.distribution cdf_at", EQUIVALENT,
+          "frac leaves [0, 1] only for t below edges[0] or above edges[-1], where the two np.where lines overwrite the result",
+          "L138 `0.0` -> `-1.0`", "L138 `1.0` -> `2.0`")
+
+
+#: mutations that are equivalent wherever they occur
+GENERIC = {
+    "swapped arguments of `np.clip`": "np.clip(lo, x, hi) = min(max(lo, x), hi) = np.clip(x, lo, hi): max is symmetric",
+    "swapped arguments of `min`": "min is symmetric",
+    "swapped arguments of `max`": "max is symmetric",
+}
+_classify("atomuq.uq.ltau.distribution cdf_at", EQUIVALENT, "the final np.clip(result, 0, 1) maps -1 to 0",
+          "L140 `0.0` -> `-1.0`")
+_classify("atomuq.uq.ltau.distribution cdf_at", EQUIVALENT,
+          "at t = edges[-1] the interpolation gives cumulative[last - 1] + 1.0 * p[last], the same sum as cumulative[last]",
+          "L141 `>=` -> `>`")
+_classify("atomuq.uq.ltau.distribution cdf_at", EQUIVALENT,
+          "the result is a sum of non-negative probabilities, never below 0", "L142 `0.0` -> `-1.0`")
+
+
+def _status(module: str, key: str, row: dict, after: dict) -> tuple[str, str]:
+    if after.get(key, {}).get("status") in ("killed", "timeout"):
+        return "killed by a new test", ""
+    if row["description"] in GENERIC:
+        return EQUIVALENT, GENERIC[row["description"]]
+    found = CLASSIFIED.get(f"{module} {row['function']} L{row['line']} {row['description']}")
+    return found if found else ("surviving", "unclassified")
 
 
 def report(modules: list[str], survivors: bool) -> None:
-    """Per module: mutants, killed by the existing tests, killed after adding the new tests, still surviving."""
-    print("| module | mutants | killed before | killed after | surviving |")
-    print("|---|---:|---:|---:|---:|")
-    left = []
+    """Per module: mutants, killed by the existing tests, killed after adding the new tests, equivalent, not a formula."""
+    print("| module | mutants | killed before | survived before | killed by new tests | killed after | equivalent "
+          "| not a formula | unclassified |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lists = []
     for module in modules:
         before = load(module, "before")
         if not before:
@@ -420,14 +483,20 @@ def report(modules: list[str], survivors: bool) -> None:
         valid = {k: r for k, r in before.items() if r["status"] != "invalid"}
         killed_before = sum(r["status"] in ("killed", "timeout") for r in valid.values())
         survived = [k for k, r in valid.items() if r["status"] == "survived"]
-        killed_new = [k for k in survived if after.get(k, {}).get("status") in ("killed", "timeout")]
-        still = [k for k in survived if k not in killed_new]
-        print(f"| {module} | {len(valid)} | {killed_before} | {killed_before + len(killed_new)} | {len(still)} |")
-        left += [(module, k, valid[k]) for k in still]
+        classes = [(k, *_status(module, k, valid[k], after)) for k in survived]
+        count = {c: sum(1 for _, cls, _ in classes if cls == c) for c in
+                 ("killed by a new test", EQUIVALENT, NOT_FORMULA, "surviving")}
+        print(f"| {module} | {len(valid)} | {killed_before} | {len(survived)} | {count['killed by a new test']} "
+              f"| {killed_before + count['killed by a new test']} | {count[EQUIVALENT]} | {count[NOT_FORMULA]} "
+              f"| {count['surviving']} |")
+        lists.append((module, classes, valid))
     if survivors:
-        print()
-        for module, key, r in left:
-            print(f"- {module} {r['function']} L{r['line']} {r['description']}: `{show(module, key)}` [{key}]")
+        for module, classes, valid in lists:
+            print(f"\n### {module}\n")
+            for key, cls, why in sorted(classes, key=lambda c: (valid[c[0]]["line"], c[0])):
+                r = valid[key]
+                line = show(module, key).replace("|", "\\|")
+                print(f"- L{r['line']} `{r['function']}` {r['description']} (`{line}`): **{cls}**" + (f", {why}" if why else ""))
 
 
 def main() -> None:
@@ -438,6 +507,7 @@ def main() -> None:
     p.add_argument("--phase", choices=("before", "after"), default="before")
     p.add_argument("--only", nargs="*", help="function qualnames")
     p.add_argument("--fresh", action="store_true", help="forget earlier results of this phase")
+    p.add_argument("--redo-timeouts", action="store_true", help="run the mutants that timed out again, with 3x the time")
     p = sub.add_parser("list")
     p.add_argument("modules", nargs="+")
     p = sub.add_parser("report")
@@ -447,7 +517,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     if args.cmd == "run":
         for module in args.modules:
-            run(module, args.phase, args.only, args.fresh)
+            run(module, args.phase, args.only, args.fresh, args.redo_timeouts)
     elif args.cmd == "list":
         for module in args.modules:
             ms, _ = mutants(module, TARGETS[module]["functions"])

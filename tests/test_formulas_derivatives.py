@@ -192,3 +192,13 @@ def test_stress_needs_periodicity_along_all_three_axes():
     assert pred.periodic.tolist() == [False, True]
     assert pred.stress_virial[0].tolist() == [0.0] * 6
     assert np.allclose(pred.stress_virial[1].numpy(), np.array(voigt(strain_derivative(bulk))) / 60.0)
+
+
+def test_derivatives_are_taken_even_under_no_grad():
+    atoms, batch = structures()
+    with torch.no_grad():  # as in energy_spread_under_rotations and inference loops
+        stress_only = evaluate(FieldModel(), batch, conservative=False, stress=True)
+        forces = evaluate(FieldModel(), batch)
+    volume = abs(np.linalg.det(atoms[0].cell.array))
+    assert np.allclose(stress_only.stress_virial[0].numpy(), np.array(voigt(strain_derivative(atoms[0]))) / volume)
+    assert np.allclose(forces.forces_conservative.numpy(), -(A + K * batch.positions.numpy()))

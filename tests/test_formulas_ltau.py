@@ -91,6 +91,11 @@ def test_trajectories_must_be_two_dimensional_and_non_empty(shape):
         sample_confidence(np.zeros(shape), 0.1)
 
 
+def test_a_single_atom_or_a_single_epoch_is_a_trajectory():
+    assert sample_confidence(np.array([[0.1], [0.3]]), 0.2).tolist() == [0.5]
+    assert sample_confidence(np.array([[0.1, 0.3]]), 0.2).tolist() == [1.0, 0.0]
+
+
 def test_chunks_cover_every_atom_once():
     assert [(s.start, s.stop) for s in distribution._chunks(5, 2)] == [(0, 2), (2, 4), (4, 5)]
     assert [(s.start, s.stop) for s in distribution._chunks(4, 2)] == [(0, 2), (2, 4)]
@@ -131,7 +136,8 @@ def test_error_histogram_counts_by_hand_and_accumulates(small_chunks):
 
 
 def test_normalise_rows_and_refuse_empty_rows():
-    assert normalise(np.array([[1, 3, 0, 0], [0, 0, 2, 2]])).tolist() == [[0.25, 0.75, 0, 0], [0, 0, 0.5, 0.5]]
+    rows = np.array([[1, 3, 0, 0], [0, 0, 2, 2], [0, 1, 0, 0]])  # the last row has a single count
+    assert normalise(rows).tolist() == [[0.25, 0.75, 0, 0], [0, 0, 0.5, 0.5], [0, 1, 0, 0]]
     with pytest.raises(InputError, match="no counts"):
         normalise(np.array([[1, 0, 0, 0], [0, 0, 0, 0]]))
 
@@ -144,6 +150,12 @@ def test_cdf_is_exact_at_edges_and_log_linear_inside_a_bin():
     # one threshold per row
     rows = np.array([[0.1, 0.2, 0.3, 0.4], [0.0, 1.0, 0.0, 0.0]])
     assert cdf_at(rows, BINS, np.array([2.0, 2.0 ** 0.25])).tolist() == pytest.approx([0.3, 0.25])
+
+
+def test_cdf_never_exceeds_one_when_the_probabilities_round_above_it():
+    p = np.array([0.33, 0.56, 0.11, 0.0])  # np.cumsum gives 1.0000000000000002
+    assert np.cumsum(p)[-1] > 1.0
+    assert cdf_at(p, BINS, 4.0).tolist() == [1.0] and cdf_at(p, BINS, 50.0).tolist() == [1.0]
 
 
 def test_histogram_mean_puts_each_column_at_its_geometric_centre():
