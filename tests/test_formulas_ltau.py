@@ -235,3 +235,35 @@ def test_fit_scale_refuses_bad_errors_and_atol():
         fit_scale(np.full(2, 0.5), np.array([0.1, float("inf")]), atol=0.1)
     with pytest.raises(InputError, match="atol must be > 0"):
         fit_scale(np.full(2, 0.5), np.array([0.1, 0.2]), atol=0.0)
+
+
+def test_fit_scale_breaks_area_ties_by_the_brier_score_and_keeps_grid_points():
+    # p = 0.75 for 4 atoms; grid s = 1, 2, 4 (atol 1): hit fractions 0, 1/2, 1 -> areas 0.75, 0.25, 0.25;
+    # Brier 0.5625 - f/2: 0.3125 at s = 2, 0.0625 at s = 4, so s = 4 (the errors equal to 4 count as hits)
+    p = np.full(4, 0.75)
+    errors = np.array([1.5, 1.5, 4.0, 4.0])
+    fit = fit_scale(p, errors, atol=1.0, bounds=(1.0, 4.0), n_grid=3)
+    assert fit.scale == 4.0  # no refinement beats a tie: the grid point is kept
+    assert (fit.area_before, fit.area_after) == pytest.approx((0.75, 0.25))
+    assert (fit.brier_before, fit.brier_after) == pytest.approx((0.5625, 0.0625))
+
+
+def test_fit_scale_brier_scores_before_and_after_by_hand():
+    # atol 0.5, grid s = 1, 2, 4: thresholds 0.5, 1, 2; group A (p = 0.9) and group B (p = 0.1), 10 atoms each
+    p = np.array([0.9] * 10 + [0.1] * 10)
+    errors = np.array([0.7] * 8 + [1.0, 1.5] + [0.8] + [1.5] * 9)
+    fit = fit_scale(p, errors, atol=0.5, bounds=(1.0, 4.0), n_grid=3)
+    # threshold 1 (s = 2): A has 9 hits (1.0 counts), B 1: calibrated; threshold 2 (s = 4): all hits, area 0.5
+    assert fit.scale == 2.0 and fit.area_after == pytest.approx(0.0, abs=1e-12) and fit.area_before == pytest.approx(0.5)
+    assert fit.brier_before == pytest.approx((10 * 0.81 + 10 * 0.01) / 20)  # threshold 0.5: no hits
+    assert fit.brier_after == pytest.approx((9 * 0.01 + 0.81 + 0.81 + 9 * 0.01) / 20)
+
+
+@pytest.mark.parametrize("bounds", [(0.5, 12.5), (1.5, 150.0), (0.1, 10.0)])
+def test_fit_scale_refines_on_both_sides_of_the_best_grid_point(bounds):
+    # optimum s = 10**0.3 = 1.995; grids 0.5, 2.5, 12.5 (best 2.5, optimum below it), 1.5, 15, 150 (best is the
+    # first point), 0.1, 1, 10 (best 1, optimum above it): the refinement brackets the neighbours of the best point
+    errors = np.geomspace(1.0, 10.0, 1000)
+    fit = fit_scale(np.full(1000, 0.3), errors, atol=1.0, bounds=bounds, n_grid=3)
+    assert fit.scale == pytest.approx(10 ** 0.3, rel=0.01)
+    assert fit.area_after < 0.005
