@@ -27,6 +27,16 @@ def test_pearson_rows_by_hand_per_row():
     assert math.isnan(r[2])  # a constant row has no correlation
 
 
+def test_pearson_rows_stay_within_minus_one_and_one_despite_rounding():
+    # both pairs are exactly linear; without the clip the sums give 1.0000000000000002 and -1.0000000000000002
+    x = np.array([[-0.01, -0.56, -0.87, 3.07, -0.08, -2.02, -0.65], [-0.74, -0.16, -0.48, 0.6, 0.04, -0.29, -0.78]])
+    y = x * np.array([[0.1], [-0.3]])
+    dx, dy = x - x.mean(axis=1, keepdims=True), y - y.mean(axis=1, keepdims=True)
+    raw = (dx * dy).sum(axis=1) / np.sqrt((dx * dx).sum(axis=1) * (dy * dy).sum(axis=1))
+    assert raw[0] > 1.0 and raw[1] < -1.0
+    assert ranking._pearson_rows(x, y).tolist() == [1.0, -1.0]
+
+
 def test_spearman_rows_use_average_ranks_of_ties():
     score = np.array([[1.0, 2.0, 2.0, 5.0, 3.0], [4.0, 3.0, 2.0, 1.0, 0.0]])
     error = np.array([[0.1, 0.3, 0.2, 0.9, 0.4], [1.0, 2.0, 3.0, 4.0, 5.0]])
@@ -63,6 +73,8 @@ def test_roc_auc_rows_per_row_and_nan_for_an_empty_class():
     assert math.isnan(auc[2])
     one_positive = roc_auc_rows(np.array([[3.0, 1.0, 2.0]]), np.array([[1.0, 0.0, 0.0]]), 0.5)
     assert one_positive.tolist() == pytest.approx([1.0])
+    one_negative = roc_auc_rows(np.array([[3.0, 1.0, 2.0]]), np.array([[1.0, 0.0, 1.0]]), 0.5)
+    assert one_negative.tolist() == pytest.approx([1.0])
 
 
 def test_roc_auc_refuses_an_empty_class_and_a_bad_threshold():
@@ -143,6 +155,21 @@ def test_observed_rows_are_computed_per_row():
     assert area.tolist() == pytest.approx([(1 / 3 + 1 / 6) / 2 * 0.5 + 1 / 24, 0.5 / 2 * 0.5 + 0.5 / 2 * 0.5])
 
 
+def test_row_kernels_equal_the_one_dimensional_statistics_row_by_row():
+    rng = np.random.default_rng(5)
+    sigma = rng.uniform(0.5, 2.0, size=(2, 6))
+    error = rng.normal(size=(2, 6)) * sigma
+    rmv, rmse, counts = calibration._binned_rows(sigma, error, 3)
+    assert counts.tolist() == [[2, 2, 2], [2, 2, 2]]
+    for row in range(2):
+        binned = rmse_vs_rmv(sigma[row], error[row], n_bins=3)
+        assert np.allclose(rmv[row], binned.rmv) and np.allclose(rmse[row], binned.rmse)
+    assert np.allclose(calibration.ence_rows(sigma, error, 3), [ence(sigma[r], error[r], n_bins=3) for r in range(2)])
+    assert np.allclose(calibration.zms_rows(sigma, error), [zms(sigma[r], error[r]) for r in range(2)])
+    assert np.allclose(calibration.miscalibration_area_rows(sigma, error, 11),
+                       [miscalibration_area(sigma[r], error[r], n_grid=11) for r in range(2)])
+
+
 # --- split conformal -------------------------------------------------------------------------------------
 
 
@@ -157,8 +184,8 @@ def test_conformal_quantile_is_the_finite_sample_order_statistic():
     with pytest.raises(InputError, match="coverage 0.85 needs at least 6 calibration structures"):
         cal.quantile(0.85)  # k = ceil(4.25) = 5 > 4
     assert cal.predict([2.0, 10.0], 0.5).tolist() == [1.0, 5.0]
-    nine = ConformalCalibrator(scale="none").fit(np.ones(9), np.arange(1.0, 10.0))
-    assert nine.quantile(0.7) == 7.0  # (n + 1)·level = 7.000000000000001 in floating point: still k = 7
+    many = ConformalCalibrator(scale="none").fit(np.ones(99), np.arange(1.0, 100.0))
+    assert many.quantile(0.07) == 7.0  # (n + 1)·level = 7.000000000000001 in floating point: still k = 7
 
 
 def test_conformal_normalisers():
@@ -177,11 +204,23 @@ def test_conformal_normalisers():
 
 def test_conformal_coverage_by_hand():
     cal = ConformalCalibrator(scale="none").fit([1.0, 1.0, 1.0], [0.1, 0.2, 0.3])
-    cov = cal.coverage([1.0, 2.0, 3.0, 4.0], [0.05, -0.2, 0.25, 0.35], level=0.5)  # k = 2: q = 0.2
+    cov = cal.coverage([1.0, 2.0, 3.0, 4.0], [0.05, -0.2, 0.25, -0.35], level=0.5)  # k = 2: q = 0.2
     assert cov.quantile == 0.2 and cov.mean_bound == pytest.approx(0.2)
     assert cov.coverage == 0.5  # |error| ≤ 0.2: 0.05 and 0.2
     assert cov.stderr == pytest.approx(math.sqrt(0.25 / 4))
     assert (cov.level, cov.n) == (0.5, 4)
+
+
+def test_conformal_accepts_one_value_and_refuses_none():
+    cal = ConformalCalibrator(scale="score").fit([1.0, 2.0, 4.0], [0.5, 3.0, 1.0])
+    assert cal.predict([2.0], 0.5).tolist() == [2.0 * cal.quantile(0.5)]
+    assert cal.coverage([2.0], [0.1], 0.5).n == 1
+    one = ConformalCalibrator.from_dict({**cal.to_dict(), "residuals": [0.5]})
+    assert one.residuals.tolist() == [0.5]
+    for call in (lambda: cal.predict([], 0.5), lambda: cal.coverage([], [], 0.5),
+                 lambda: ConformalCalibrator.from_dict({**cal.to_dict(), "residuals": []})):
+        with pytest.raises(InputError, match="need at least 1 values, got 0"):
+            call()
 
 
 def test_conformal_round_trip_keeps_residuals_and_scale():
