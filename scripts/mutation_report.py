@@ -64,7 +64,8 @@ TARGETS: dict[str, dict] = {
                                   after=["tests/test_formulas_uq.py"]),
     "atomuq.uq.confidence": dict(functions=None, before=["tests/test_adapter_orb.py"],
                                  after=["tests/test_formulas_uq.py"]),
-    "atomuq.models.derivatives": dict(functions=None, before=["tests/test_derivatives.py", "tests/test_conformance.py", "-k", CONFORMANCE_LOCAL],
+    "atomuq.models.derivatives": dict(functions=None,
+                                      before=["tests/test_derivatives.py", "tests/test_conformance.py", "-k", CONFORMANCE_LOCAL],
                                       after=["tests/test_formulas_derivatives.py"]),
     "atomuq.uq.ensemble": dict(functions=["EnsemblePrediction.mean_forces", "EnsemblePrediction.mean_energy",
                                           "evaluate_ensemble", "ensemble_uncertainty"],
@@ -80,7 +81,8 @@ TARGETS: dict[str, dict] = {
     "atomuq.uq.ltau.calibration": dict(functions=None, before=LTAU_FORMULA_TESTS, after=["tests/test_formulas_ltau.py"]),
     "atomuq.uq.evaluate.ranking": dict(functions=None, before=evaluate_tests("spearman or roc or bootstrap"),
                                        after=["tests/test_formulas_evaluate.py"]),
-    "atomuq.uq.evaluate.calibration": dict(functions=None, before=evaluate_tests("calibration or calibrated or confident or miscalibration"),
+    "atomuq.uq.evaluate.calibration": dict(functions=None,
+                                           before=evaluate_tests("calibration or calibrated or confident or miscalibration"),
                                            after=["tests/test_formulas_evaluate.py"]),
     "atomuq.uq.evaluate.conformal": dict(functions=None, before=evaluate_tests("conformal"),
                                          after=["tests/test_formulas_evaluate.py"]),
@@ -458,6 +460,30 @@ _classify("atomuq.uq.ltau.distribution cdf_at", EQUIVALENT,
           "L141 `>=` -> `>`")
 _classify("atomuq.uq.ltau.distribution cdf_at", EQUIVALENT,
           "the result is a sum of non-negative probabilities, never below 0", "L142 `0.0` -> `-1.0`")
+_classify("atomuq.uq.ltau.calibration reliability_curve", EQUIVALENT,
+          "p >= 0 is checked, so int(p * n_bins) is never below 0 and the lower clip bound never acts", "L54 `0` -> `-1`")
+_classify("atomuq.uq.ltau.calibration fit_scale", EQUIVALENT, "the Brier score (p - hit)^2 is symmetric in its arguments",
+          "L99 swapped arguments of `brier_score`", "L106 swapped arguments of `brier_score`")
+_classify("atomuq.uq.ltau.calibration fit_scale", EQUIVALENT,
+          "a negative xatol never stops the bounded search early: it runs to maxiter and returns a minimum at least as good",
+          "L103 `0.0001` -> `-0.9999`")
+_classify("atomuq.uq.evaluate.ranking spearman_rows", EQUIVALENT, "Pearson correlation is symmetric in x and y",
+          "L28 swapped arguments of `_pearson_rows`")
+_classify("atomuq.uq.evaluate.ranking spearman", EQUIVALENT, "Spearman correlation is symmetric in its two arguments",
+          "L40 swapped arguments of `spearman_rows`")
+_classify("atomuq.uq.evaluate.ranking spearman", EQUIVALENT,
+          "all values equal values[0] exactly when all equal values[1] (or values[-1])", "L36 `0` -> `1`", "L36 `0` -> `-1`")
+_classify("atomuq.uq.evaluate.ranking roc_auc_rows", EQUIVALENT,
+          "with an empty class the rank formula is 0/0, NaN already, so the NaN mask at > 0 or >= 0 (> -1) gives the same",
+          "L76 `>` -> `>=`", "L76 `0` -> `-1`")
+_classify("atomuq.uq.evaluate.calibration _observed_rows", EQUIVALENT,
+          "reshape(-2, n): numpy treats any negative size as the one unknown dimension", "L136 `1` -> `2`")
+_classify("atomuq.uq.evaluate.calibration _observed_rows", EQUIVALENT, "`axis=-1` -> `axis=1` on hist, which is always 2-D",
+          "L141 removed unary `-`")
+_classify("atomuq.uq.evaluate.bootstrap bootstrap_ci", EQUIVALENT,
+          "every array was just checked to have the same length, so data[-1] has the length of data[0]", "L82 `0` -> `-1`")
+_classify("atomuq.uq.evaluate.bootstrap _group_bootstrap", EQUIVALENT,
+          "every array was checked to have the same length, so data[-1] has the shape of data[0]", "L123 `0` -> `-1`")
 
 
 def _status(module: str, key: str, row: dict, after: dict) -> tuple[str, str]:

@@ -246,6 +246,18 @@ def test_bootstrap_percentiles_by_hand_with_the_same_generator():
     assert (ci.low, ci.high) == pytest.approx(tuple(np.quantile(means, [0.1, 0.9])))
     assert (ci.level, ci.n, ci.n_boot, ci.n_undefined) == (0.8, 4, 50, 0)
     assert str(ci) == f"{ci.estimate:.3g} [{ci.low:.3g}, {ci.high:.3g}]"
+    calls = []
+    bootstrap_ci(lambda v: calls.append(len(v)) or 0.0, x, n_boot=50)
+    assert calls == [4] * 51  # the data once, then each resample once
+
+
+def test_bootstrap_one_resample_per_chunk_when_a_resample_fills_the_chunk(monkeypatch):
+    x = np.array([0.0, 1.0, 2.0, 10.0, 4.0, 5.0])
+    monkeypatch.setattr(bootstrap, "CHUNK_VALUES", 3)  # fewer values than one resample: one resample at a time
+    ci = bootstrap_ci(mean_statistic, x, n_boot=20, level=0.9, seed=7)
+    rng = np.random.default_rng(7)
+    means = np.array([x[rng.integers(0, 6, size=(1, 6))[0]].mean() for _ in range(20)])
+    assert (ci.low, ci.high) == pytest.approx(tuple(np.quantile(means, [0.05, 0.95])))
 
 
 def test_bootstrap_chunks_and_the_rows_kernel_give_the_loop_result(monkeypatch):
@@ -311,6 +323,13 @@ def test_group_bootstrap_draws_whole_groups():
         assert all(c % sizes[k] == 0 for k, c in counts.items())  # only whole groups
         assert sum(c // sizes[k] for k, c in counts.items()) == 3  # as many groups as there are
     assert any(len(v) != len(values) for v in seen[1:])  # resamples of other sizes occur
+    # the same draws by hand: n_groups group indices per resample, groups in sorted label order
+    rng = np.random.default_rng(2)
+    groups = [values[labels == label] for label in (3, 5, 7)]
+    for v in seen[1:]:
+        chosen = rng.integers(0, 3, size=3)
+        assert sorted(v.tolist()) == sorted(np.concatenate([groups[c] for c in chosen]).tolist())
+    assert bootstrap_ci(whole_groups, values, n_boot=10, groups=np.where(labels == 3, 0, 1)).n == 2  # two groups suffice
     with pytest.raises(InputError, match="one label per row \\(9\\)"):
         bootstrap_ci(whole_groups, values, n_boot=10, groups=labels[:-1])
     with pytest.raises(InputError, match="at least 2 groups"):
