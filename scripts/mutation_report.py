@@ -353,7 +353,8 @@ def load(module: str, phase: str) -> dict[str, dict]:
     return {f"{r['function']}:{r['site']}:{r['alt']}": r for r in rows}
 
 
-def run(module: str, phase: str, only: list[str] | None, fresh: bool, redo_timeouts: bool = False) -> None:
+def run(module: str, phase: str, only: list[str] | None, fresh: bool, redo_timeouts: bool = False,
+        redo_survivors: bool = False) -> None:
     """Run every mutant of a module (phase after: only the survivors of phase before)."""
     import pytest
 
@@ -372,6 +373,8 @@ def run(module: str, phase: str, only: list[str] | None, fresh: bool, redo_timeo
         path.unlink()
     if redo_timeouts:  # a timeout under heavy load may be a slow survivor: run those again with 3x the time
         done = {k: r for k, r in done.items() if r["status"] != "timeout"}
+    if redo_survivors:  # after new tests were added: run the survivors again
+        done = {k: r for k, r in done.items() if r["status"] != "survived"}
     todo = [m for m in all_mutants if m.key not in done]
     # import the test modules (and everything they import) once, here, so children start warm
     rc = pytest.main(["-q", "--collect-only", "-p", "no:cacheprovider", "-o", "addopts=", *tests])
@@ -533,6 +536,7 @@ def main() -> None:
     p.add_argument("--phase", choices=("before", "after"), default="before")
     p.add_argument("--only", nargs="*", help="function qualnames")
     p.add_argument("--fresh", action="store_true", help="forget earlier results of this phase")
+    p.add_argument("--redo-survivors", action="store_true", help="run the mutants that survived this phase again")
     p.add_argument("--redo-timeouts", action="store_true", help="run the mutants that timed out again, with 3x the time")
     p = sub.add_parser("list")
     p.add_argument("modules", nargs="+")
@@ -543,7 +547,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     if args.cmd == "run":
         for module in args.modules:
-            run(module, args.phase, args.only, args.fresh, args.redo_timeouts)
+            run(module, args.phase, args.only, args.fresh, args.redo_timeouts, args.redo_survivors)
     elif args.cmd == "list":
         for module in args.modules:
             ms, _ = mutants(module, TARGETS[module]["functions"])
