@@ -28,17 +28,12 @@ P = 0.05
 class FieldModel(AtomisticModel):
     """The analytic model above, with a constant direct force and direct stress head."""
 
+    dtype = torch.float64
+    has_direct_forces = True
+
     def __init__(self, differentiable: bool = True) -> None:
         super().__init__()
         self.differentiable = differentiable
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float64
-
-    @property
-    def has_direct_forces(self) -> bool:
-        return True
 
     def forward(self, batch: Batch) -> ModelOutput:
         r = batch.positions
@@ -163,13 +158,11 @@ class ElementModel(AtomisticModel):
     """Energy from per-element reference energies alone (trainable, like the native model's): independent of
     positions and cell, so autograd reports those inputs as unused."""
 
+    dtype = torch.float64
+
     def __init__(self) -> None:
         super().__init__()
         self.reference = torch.nn.Parameter(torch.tensor(-0.5, dtype=torch.float64))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float64
 
     def forward(self, batch: Batch) -> ModelOutput:
         per_atom = batch.numbers.to(torch.float64) * self.reference
