@@ -487,6 +487,27 @@ _classify("atomuq.uq.evaluate.bootstrap bootstrap_ci", EQUIVALENT,
           "every array was just checked to have the same length, so data[-1] has the length of data[0]", "L82 `0` -> `-1`")
 _classify("atomuq.uq.evaluate.bootstrap _group_bootstrap", EQUIVALENT,
           "every array was checked to have the same length, so data[-1] has the shape of data[0]", "L123 `0` -> `-1`")
+_classify("atomuq.core.neighbors Graph.num_edges", EQUIVALENT, "centers is 1-D: shape[0] is shape[-1]", "L34 `0` -> `-1`")
+_classify("atomuq.core.neighbors build_graph", EQUIVALENT,
+          "reshape(-2, 3): numpy treats any negative size as the one unknown dimension", "L71 `1` -> `2`")
+_classify("atomuq.core.validate closest_contacts", EQUIVALENT,
+          "a larger neighbour cutoff only adds pairs beyond the sum of radii (ratio >= 1), which never count",
+          "L78 `2` -> `3`")
+_classify("atomuq.core.validate closest_contacts", EQUIVALENT,
+          "a full neighbour list always has an even number of edges (i -> j and j -> i, or S and -S for an image of "
+          "itself), so == 1 never holds; without the early return (== -1) an empty graph gives inf everywhere, "
+          "hence None for every structure, the same result", "L79 `0` -> `1`", "L79 `0` -> `-1`")
+_classify("atomuq.core.validate closest_contacts", EQUIVALENT, LAST_AXIS + " ((E, 3) edge vectors)",
+          "L81 removed unary `-`")
+_classify("atomuq.core.validate closest_contacts", EQUIVALENT, "dim 0 of the 1-D per-edge ratios is dim -1",
+          "L86 `0` -> `-1`")
+_classify("atomuq.core.validate closest_contacts", EQUIVALENT,
+          "the mirrored edge j -> i (shift -S) has bit-for-bit the same ratio, so another matching edge is the same pair, "
+          "possibly as (j, i); the order within the pair is not specified", "L93 `0` -> `1`", "L93 `0` -> `-1`")
+FIRST_AXIS_1D = "dim 0 of a 1-D tensor is dim -1"
+_classify("atomuq.core.batch Batch.num_structures", EQUIVALENT, FIRST_AXIS_1D, "L52 `0` -> `-1`")
+_classify("atomuq.core.batch Batch.ptr", EQUIVALENT, FIRST_AXIS_1D, "L71 `0` -> `-1`")
+_classify("atomuq.core.batch Batch.select", EQUIVALENT, FIRST_AXIS_1D, "L98 `0` -> `-1`", "L99 `0` -> `-1`")
 
 
 def _status(module: str, key: str, row: dict, after: dict) -> tuple[str, str]:
