@@ -507,7 +507,8 @@ _classify("atomuq.core.validate closest_contacts", EQUIVALENT,
 FIRST_AXIS_1D = "dim 0 of a 1-D tensor is dim -1"
 _classify("atomuq.core.batch Batch.num_structures", EQUIVALENT, FIRST_AXIS_1D, "L52 `0` -> `-1`")
 _classify("atomuq.core.batch Batch.ptr", EQUIVALENT, FIRST_AXIS_1D, "L71 `0` -> `-1`")
-_classify("atomuq.core.batch Batch.select", EQUIVALENT, FIRST_AXIS_1D, "L98 `0` -> `-1`", "L99 `0` -> `-1`")
+_classify("atomuq.core.batch Batch.select", EQUIVALENT, FIRST_AXIS_1D + " (sizes, ptr, starts, numbers, fixed)",
+          "L98 `0` -> `-1`", "L99 `0` -> `-1`", "L101 `0` -> `-1`", "L102 `0` -> `-1`", "L105 `0` -> `-1`", "L110 `0` -> `-1`")
 
 
 def _status(module: str, key: str, row: dict, after: dict) -> tuple[str, str]:

@@ -249,13 +249,15 @@ def test_fit_scale_breaks_area_ties_by_the_brier_score_and_keeps_grid_points():
 
 
 def test_fit_scale_brier_scores_before_and_after_by_hand():
-    # atol 0.5, grid s = 1, 2, 4: thresholds 0.5, 1, 2; group A (p = 0.9) and group B (p = 0.1), 10 atoms each
+    # atol 0.5, grid s = 1, 2, 4: thresholds 0.5, 1, 2; group A (p = 0.9) and group B (p = 0.1), 10 atoms each;
+    # errors equal to a threshold count as hits (B's 0.5 at 0.5, A's 1.0 at 1)
     p = np.array([0.9] * 10 + [0.1] * 10)
-    errors = np.array([0.7] * 8 + [1.0, 1.5] + [0.8] + [1.5] * 9)
+    errors = np.array([0.7] * 8 + [1.0, 1.5] + [0.5] + [1.5] * 9)
     fit = fit_scale(p, errors, atol=0.5, bounds=(1.0, 4.0), n_grid=3)
-    # threshold 1 (s = 2): A has 9 hits (1.0 counts), B 1: calibrated; threshold 2 (s = 4): all hits, area 0.5
-    assert fit.scale == 2.0 and fit.area_after == pytest.approx(0.0, abs=1e-12) and fit.area_before == pytest.approx(0.5)
-    assert fit.brier_before == pytest.approx((10 * 0.81 + 10 * 0.01) / 20)  # threshold 0.5: no hits
+    # threshold 1 (s = 2): A has 9 hits, B 1: calibrated; threshold 0.5: A 0, B 1; threshold 2: all hits
+    assert fit.scale == 2.0 and fit.area_after == pytest.approx(0.0, abs=1e-12)
+    assert fit.area_before == pytest.approx(10 * 0.9 / 20)
+    assert fit.brier_before == pytest.approx((10 * 0.81 + 0.81 + 9 * 0.01) / 20)
     assert fit.brier_after == pytest.approx((9 * 0.01 + 0.81 + 0.81 + 9 * 0.01) / 20)
 
 
