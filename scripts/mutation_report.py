@@ -509,6 +509,17 @@ _classify("atomuq.core.batch Batch.num_structures", EQUIVALENT, FIRST_AXIS_1D, "
 _classify("atomuq.core.batch Batch.ptr", EQUIVALENT, FIRST_AXIS_1D, "L71 `0` -> `-1`")
 _classify("atomuq.core.batch Batch.select", EQUIVALENT, FIRST_AXIS_1D + " (sizes, ptr, starts, numbers, fixed)",
           "L98 `0` -> `-1`", "L99 `0` -> `-1`", "L101 `0` -> `-1`", "L102 `0` -> `-1`", "L105 `0` -> `-1`", "L110 `0` -> `-1`")
+_classify("atomuq.uq.ltau.calibration fit_scale", EQUIVALENT,
+          "a wider bracket (two grid points instead of one) for the bounded refinement still contains the neighbours' "
+          "interval, and the refined point is kept only when its area is lower, so the fitted area is not worse",
+          "L101 `1` -> `2`")
+_classify("atomuq.uq.evaluate.conformal ConformalCalibrator.coverage", EQUIVALENT,
+          "the scores go through normaliser right after, which refuses an empty array with the same message",
+          "L105 `1` -> `0`")
+_classify("atomuq.uq.evaluate.bootstrap bootstrap_ci", EQUIVALENT,
+          "the chunk size only sets how many resamples are drawn per call (memory); here numpy's Generator.integers gives "
+          "the same stream in chunks of 1 and 2 (the test that draws one resample at a time passes with either); another "
+          "split could only change which random resamples are drawn, not the method", "L98 `1` -> `2`")
 
 
 def _status(module: str, key: str, row: dict, after: dict) -> tuple[str, str]:

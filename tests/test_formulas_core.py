@@ -43,6 +43,13 @@ def test_batch_from_atoms_counts_indices_and_fixed_atoms():
         Batch.from_atoms([])
 
 
+def test_fixed_atoms_are_offset_by_the_atoms_of_earlier_structures():
+    water = Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    water.set_constraint(FixAtoms(indices=[0]))
+    batch = Batch.from_atoms([Atoms("H", positions=[[0, 0, 0]]), water])
+    assert batch.fixed.tolist() == [False, True, False, False]
+
+
 def test_batch_split_per_atom_arrays():
     _, batch = three_structures()
     values = torch.arange(6)

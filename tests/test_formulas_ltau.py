@@ -238,11 +238,11 @@ def test_fit_scale_refuses_bad_errors_and_atol():
 
 
 def test_fit_scale_breaks_area_ties_by_the_brier_score_and_keeps_grid_points():
-    # p = 0.75 for 4 atoms; grid s = 1, 2, 4 (atol 1): hit fractions 0, 1/2, 1 -> areas 0.75, 0.25, 0.25;
-    # Brier 0.5625 - f/2: 0.3125 at s = 2, 0.0625 at s = 4, so s = 4 (the errors equal to 4 count as hits)
+    # p = 0.75 for 4 atoms; grid s = 1, 2, 4 (atol 0.5, thresholds 0.5, 1, 2): hit fractions 0, 1/2, 1 -> areas
+    # 0.75, 0.25, 0.25; Brier 0.5625 - f/2: 0.3125 at s = 2, 0.0625 at s = 4, so s = 4 (errors equal to 2 are hits)
     p = np.full(4, 0.75)
-    errors = np.array([1.5, 1.5, 4.0, 4.0])
-    fit = fit_scale(p, errors, atol=1.0, bounds=(1.0, 4.0), n_grid=3)
+    errors = np.array([0.75, 0.75, 2.0, 2.0])
+    fit = fit_scale(p, errors, atol=0.5, bounds=(1.0, 4.0), n_grid=3)
     assert fit.scale == 4.0  # no refinement beats a tie: the grid point is kept
     assert (fit.area_before, fit.area_after) == pytest.approx((0.75, 0.25))
     assert (fit.brier_before, fit.brier_after) == pytest.approx((0.5625, 0.0625))
