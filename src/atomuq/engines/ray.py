@@ -17,8 +17,9 @@ below: at most IN_FLIGHT shards queued per actor, so the object store holds O(ac
 
 Each actor gets num_cpus=1 and, when the cluster has GPUs, num_gpus=gpus_per_worker (default 1: one model per
 GPU; 0.5 puts two actors on a GPU) and runs on cuda. GPU actors cannot be tested on the CPU-only machines here.
-The actors are kept for the next run in the same Ray session (`release_workers` stops them). A killed worker is restarted and its shard retried by Ray (MAX_RETRIES); a worker that raises stops the run after
-the shards in flight are written, with the worker's exception.
+The actors are kept for the next run in the same Ray session (`release_workers` stops them). A killed worker
+is restarted and its shard retried by Ray (MAX_RETRIES); a worker that raises stops the run after the shards
+in flight are written, with the worker's exception.
 """
 
 from __future__ import annotations
