@@ -31,12 +31,13 @@ import torch
 from atomuq.core.batch import Batch
 from atomuq.core.io import Record, detach_reference, read_structures, records_sha256, write_structures
 from atomuq.core.schema import write_results
-from atomuq.engines.local import score_file
+from atomuq.core.validate import DEFAULT_MIN_DISTANCE
+from atomuq.engines.local import check_score, score_file
 from atomuq.engines.ray import release_workers, score_file_ray, workers
 from atomuq.models.derivatives import evaluate
 from atomuq.models.registry import DEFAULT_MODEL, resolve_model
 from atomuq.models.provenance import model_provenance
-from atomuq.workflows.score import ScoreSettings, prediction_results, score_shard, validate_records
+from atomuq.workflows.score import ScoreSettings, prediction_results, score_shard
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -109,7 +110,7 @@ def main() -> None:
     sample = records[:256]
     driver_ms = {
         "read extxyz.gz": cpu_ms_per(len(frames), read_structures, [args.data]),
-        "validate": cpu_ms_per(len(sample), validate_records, sample, model),
+        "validate": cpu_ms_per(len(sample), check_score, sample, model, settings, DEFAULT_MIN_DISTANCE, None),
         "hash for the manifest": cpu_ms_per(len(sample), records_sha256, sample),
     }
     scored = score_shard(sample, settings, model)
