@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import List, Optional
 
@@ -15,7 +16,7 @@ from atomuq.cli.bench_commands import bench
 from atomuq.cli.ensemble_options import load_ensemble, load_model_option
 from atomuq.cli.improve_commands import improve
 from atomuq.cli.common import (
-    HELP_MARKUP, cell, check_device, console, ensemble_help, model_help, output_file, progress_bar, say, user_errors,
+    HELP_MARKUP, cell, check_device, console, ensemble_help, fail, model_help, output_file, progress_bar, say, user_errors,
 )
 from atomuq.cli.data_commands import label, sample
 from atomuq.cli.ltau_commands import ltau_app
@@ -28,6 +29,7 @@ from atomuq.core.validate import DEFAULT_MIN_DISTANCE, check_records, check_refe
 from atomuq.models.checkpoint import load_model
 from atomuq.models.registry import DEFAULT_MODEL, bundled_models
 from atomuq.engines.local import score_file
+from atomuq.engines.ray import score_file_ray  # imports ray only when used
 from atomuq.workflows.score import ScoreRow, ScoreSettings, check_direct_head
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=HELP_MARKUP,
@@ -72,9 +74,18 @@ def score(
     ensemble: Optional[List[str]] = typer.Option(
         None, "--ensemble", help=ensemble_help() + " Adds ensemble_std and forces_ensemble_mean."),
     ensemble_forces: str = typer.Option("direct", "--ensemble-forces", help="direct or conservative forces of atomuq members."),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (Ray actors, one model each; "
+                               "pip install 'atomuq[ray]')."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster for --engine ray (default: RAY_ADDRESS, "
+                                          "else a new local one)."),
 ) -> None:
     """Score structures: direct and conservative forces, Force Delta, errors against reference forces."""
     device = check_device(device)
+    if engine not in ("local", "ray"):
+        fail(f"--engine {engine}: choose local or ray")
+    if address is not None and engine != "ray":
+        fail("--address: only with --engine ray")
+    run_engine = score_file if engine == "local" else functools.partial(score_file_ray, address=address)
     with user_errors():
         output_file(output)
         records = read_structures(inputs)
@@ -85,7 +96,7 @@ def score(
         members, names = load_ensemble(ensemble, records, ensemble_forces, device)
         with progress_bar() as bar:
             task = bar.add_task("scoring", total=len(records))
-            run = score_file(records, net, output, ScoreSettings(batch_size, rotational, forces_key, ensemble_forces),
+            run = run_engine(records, net, output, ScoreSettings(batch_size, rotational, forces_key, ensemble_forces),
                              members, names, min_distance, progress=lambda n: bar.advance(task, n))
     rows = run.rows
     console.print(summary_table(rows, top))

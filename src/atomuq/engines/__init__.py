@@ -1,2 +1,3 @@
 """Where work runs (design.md, layer `engines`): `local` runs shards of structures in this process, resumably;
-a Ray engine reuses its shard store, validation and the schema writer."""
+`ray` (the optional extra atomuq[ray]) runs the same shards on Ray actors, with the local engine's checks, shard
+store and schema writer."""

@@ -7,18 +7,21 @@ and refuses changed settings or inputs, naming them; when every shard is done th
 concatenated, in input order, into OUT (atomically) and the work folder is removed. So an
 interrupted run and an uninterrupted one give byte-identical files.
 
-The pieces a Ray engine reuses: `ShardStore` (manifest, resume, output), `plan_shards`, and the
-work function itself (`workflows.score.score_shard(records, settings, model, ...) -> list[Atoms]`,
-what one actor runs on one shard).
+The pieces the Ray engine (engines.ray) reuses: `execute_shards` with its own executor (checks, manifest,
+resume, the shard store and the output), `check_score` / `score_settings_record` / `score_run`, and the work
+function itself (`workflows.score.score_shard(records, settings, model, ...) -> list[Atoms]`, what one actor
+runs on one shard). Instead of one file, `as_folder` leaves the finished work folder (manifest and shards,
+in order by name) as the output, for runs too large for one file.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, Sequence, TypeVar
 
 from ase import Atoms
 from ase.io import read
@@ -143,6 +146,13 @@ class ShardStore:
         shutil.rmtree(self.folder)
         return self.output
 
+    def finish_folder(self) -> Path:
+        """Make the work folder (manifest and every shard, in order by name) the output folder, by one rename."""
+        if self.output.is_dir():
+            self.output.rmdir()  # empty (check_shard_output): os.replace onto a folder needs it gone on some systems
+        os.replace(self.folder, self.output)
+        return self.output
+
 
 @dataclass
 class ShardRun(Generic[Summary]):
@@ -152,6 +162,38 @@ class ShardRun(Generic[Summary]):
     resumed: int
     n_shards: int
     output: Path
+
+
+#: runs the unfinished shards [(k, records of shard k)], yielding (k, structures of shard k) in any order
+Executor = Callable[[Sequence[tuple[int, Sequence[Record]]]], Iterable[tuple[int, list[Atoms]]]]
+
+
+def in_order(work: Callable[[Sequence[Record]], list[Atoms]]) -> Executor:
+    """The local executor: work(shard) on each shard in turn, in this process."""
+
+    def execute(todo: Sequence[tuple[int, Sequence[Record]]]) -> Iterator[tuple[int, list[Atoms]]]:
+        for k, shard in todo:
+            yield k, work(shard)
+
+    return execute
+
+
+def check_shard_output(output: str | Path, as_folder: bool = False) -> Path:
+    """Refuse an output (file, or folder of shards when as_folder) and its work folder that cannot be written,
+    before any work."""
+    output = Path(output)
+    if as_folder:
+        check_output_dir(output, "--output")
+        if output.is_dir() and any(output.iterdir()):
+            raise InputError(f"--output {output}: exists and is not empty; a folder of shards is written to a new "
+                             "or empty folder, remove it or choose another name")
+    else:
+        if output.suffix == ".traj":
+            raise InputError(f"{output}: results are written as extended XYZ; name the file .extxyz (ASE would read "
+                             "a .traj name as an ASE trajectory)")
+        check_output_file(output)
+    check_output_dir(work_folder(output), "work folder")
+    return output
 
 
 def run_shards(
@@ -169,15 +211,27 @@ def run_shards(
     settings (JSON-able) are every choice that changes the output; summarize(structures) gives what the caller
     keeps of each shard (e.g. summary rows), computed from the written structures for resumed shards.
     """
-    output = Path(output)
-    if output.suffix == ".traj":
-        raise InputError(f"{output}: results are written as extended XYZ; name the file .extxyz (ASE would read "
-                         "a .traj name as an ASE trajectory)")
+    return execute_shards(records, in_order(work), output, task, settings, summarize, shard_size, progress)
+
+
+def execute_shards(
+    records: Sequence[Record],
+    execute: Executor,
+    output: str | Path,
+    task: str,
+    settings: dict[str, Any],
+    summarize: Callable[[list[Atoms]], list[Summary]],
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    progress: Callable[[int], None] | None = None,
+    as_folder: bool = False,
+) -> ShardRun[Summary]:
+    """run_shards with any executor (local: in_order; engines.ray: actors): each shard it yields is written to the
+    store as it comes, so a kill loses only the shards in flight; then the ordered output file (or, as_folder,
+    the folder of shards with its manifest) is made."""
     if not records:
         raise InputError("no structures to work on")
-    check_output_file(output)
+    output = check_shard_output(output, as_folder)
     store = ShardStore(output)
-    check_output_dir(store.folder, "work folder")
     ranges = plan_shards(len(records), shard_size)
     shards = [records[a:b] for a, b in ranges]
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "task": task, "settings": settings,
@@ -185,18 +239,26 @@ def run_shards(
     done = set(store.open(manifest, [_describe(s) for s in shards]))
     if progress is not None and done:
         progress(sum(len(shards[k]) for k in done))
-    summaries = []
-    for k, shard in enumerate(shards):
-        if k in done:
-            summaries.append(summarize(store.load(k)))
-            continue
-        structures = work(shard)
-        if len(structures) != len(shard):
-            raise RuntimeError(f"shard {k}: {len(structures)} results for {len(shard)} structures")
-        store.save(k, structures)
-        summaries.append(summarize(structures))
-    store.finish(len(shards))
-    return ShardRun(summaries, len(done), len(shards), output)
+    summaries = {k: summarize(store.load(k)) for k in sorted(done)}
+    produced = execute([(k, shard) for k, shard in enumerate(shards) if k not in done])
+    try:
+        for k, structures in produced:
+            if len(structures) != len(shards[k]):
+                raise RuntimeError(f"shard {k}: {len(structures)} results for {len(shards[k])} structures")
+            store.save(k, structures)
+            summaries[k] = summarize(structures)
+    finally:
+        close = getattr(produced, "close", None)  # stop an executor's workers when the run stops early
+        if close is not None:
+            close()
+    missing = [k for k in range(len(shards)) if k not in summaries]
+    if missing:
+        raise RuntimeError(f"the executor returned no results for shards {missing[:5]}")
+    if as_folder:
+        store.finish_folder()
+    else:
+        store.finish(len(shards))
+    return ShardRun([summaries[k] for k in range(len(shards))], len(done), len(shards), output)
 
 
 def score_settings_record(settings: ScoreSettings, model: AtomisticModel, ensemble: Sequence[Member] | None,
@@ -218,6 +280,25 @@ class ScoreRun:
     output: Path
 
 
+def check_score(records: Sequence[Record], model: AtomisticModel, settings: ScoreSettings | None,
+                min_distance: float, shard_size: int | None) -> tuple[ScoreSettings, int]:
+    """What every engine checks before scoring (model heads, every structure) and the defaults: (settings,
+    shard size: DEFAULT_SHARD_SIZE rounded up to a multiple of the batch size unless given)."""
+    settings = settings or ScoreSettings()
+    check_direct_head(model)
+    check_records(records, model.elements, min_distance)
+    size = settings.batch_size
+    return settings, shard_size or -(-DEFAULT_SHARD_SIZE // size) * size
+
+
+def score_run(records: Sequence[Record], execute: Executor, output: str | Path, settings_record: dict[str, Any],
+              shard_size: int, progress: Callable[[int], None] | None = None, as_folder: bool = False) -> ScoreRun:
+    """Score's sharded run with any executor: task 'score', summary rows from the written structures."""
+    run = execute_shards(records, execute, output, "score", settings_record,
+                         lambda frames: [score_row(a) for a in frames], shard_size, progress, as_folder)
+    return ScoreRun([row for rows in run.summaries for row in rows], run.resumed, run.n_shards, run.output)
+
+
 def score_file(
     records: Sequence[Record],
     model: AtomisticModel,
@@ -233,16 +314,11 @@ def score_file(
 
     shard_size defaults to DEFAULT_SHARD_SIZE rounded up to a multiple of the batch size.
     """
-    settings = settings or ScoreSettings()
-    check_direct_head(model)
-    check_records(records, model.elements, min_distance)
-    size = settings.batch_size
-    shard_size = shard_size or -(-DEFAULT_SHARD_SIZE // size) * size
+    settings, shard_size = check_score(records, model, settings, min_distance, shard_size)
     provenance = model_provenance(model)
 
     def work(shard: Sequence[Record]) -> list[Atoms]:
         return score_shard(shard, settings, model, ensemble, ensemble_names, provenance, progress)
 
-    run = run_shards(records, work, output, "score", score_settings_record(settings, model, ensemble, ensemble_names),
-                     lambda frames: [score_row(a) for a in frames], shard_size, progress)
-    return ScoreRun([row for rows in run.summaries for row in rows], run.resumed, run.n_shards, run.output)
+    return score_run(records, in_order(work), output, score_settings_record(settings, model, ensemble, ensemble_names),
+                     shard_size, progress)
