@@ -203,10 +203,7 @@ def test_batch_names_its_atom_counts_and_atom_to_structure_index():
     assert batch.atoms_per_structure.tolist() == sizes
     assert batch.structure_index.tolist() == [b for b, n in enumerate(sizes) for _ in range(n)]
     assert batch.ptr.tolist() == [0, sizes[0], sizes[0] + sizes[1], sum(sizes)]
-    # the old names stay readable (and replaceable) as aliases of the clear ones
-    assert batch.n_atoms is batch.atoms_per_structure and batch.batch is batch.structure_index
-    moved = batch.replace(n_atoms=batch.atoms_per_structure.clone(), positions=batch.positions + 1.0)
-    assert torch.equal(moved.atoms_per_structure, batch.atoms_per_structure)
+    assert not hasattr(batch, "n_atoms") and not hasattr(batch, "batch")  # one name each (renamed in this version)
     sub = batch.select(torch.tensor([2, 0]))
     assert sub.atoms_per_structure.tolist() == [sizes[2], sizes[0]]
     assert sub.structure_index.tolist() == [0] * sizes[2] + [1] * sizes[0]

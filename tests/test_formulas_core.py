@@ -70,13 +70,13 @@ def test_batch_select_reorders_and_reindexes():
     assert torch.equal(middle.positions, batch.positions[2:3]) and middle.structure_index.tolist() == [0]
 
 
-def test_batch_to_casts_only_floating_tensors_and_replace_accepts_old_names():
+def test_batch_to_casts_only_floating_tensors_and_replace_changes_fields():
     _, batch = three_structures()
     single = batch.to(dtype=torch.float32)
     assert single.positions.dtype == torch.float32 and single.cell.dtype == torch.float32
     assert single.numbers.dtype == torch.long and single.fixed.dtype == torch.bool and single.pbc.dtype == torch.bool
     assert torch.equal(single.numbers, batch.numbers)
-    moved = batch.replace(batch=torch.zeros(6, dtype=torch.long), positions=batch.positions + 1.0)
+    moved = batch.replace(structure_index=torch.zeros(6, dtype=torch.long), positions=batch.positions + 1.0)
     assert moved.structure_index.tolist() == [0] * 6
     assert torch.equal(moved.positions, batch.positions + 1.0)
 

@@ -11,10 +11,6 @@ from ase import Atoms
 from ase.constraints import FixAtoms
 
 
-#: deprecated field names -> their clear names (kept working as aliases)
-_RENAMED = {"batch": "structure_index", "n_atoms": "atoms_per_structure"}
-
-
 @dataclass(frozen=True)
 class Batch:
     """Several structures concatenated atom-wise.
@@ -24,8 +20,6 @@ class Batch:
     structure_index: (N,) long, the index (0..B-1) of the structure each atom belongs to;
     atoms_per_structure: (B,) long, the number of atoms of each structure;
     fixed: (N,) bool, atoms held by a FixAtoms constraint.
-    The old names `batch` (structure_index) and `n_atoms` (atoms_per_structure) remain as
-    read-only aliases; new code uses the clear names.
     """
 
     positions: torch.Tensor
@@ -35,16 +29,6 @@ class Batch:
     structure_index: torch.Tensor
     atoms_per_structure: torch.Tensor
     fixed: torch.Tensor
-
-    @property
-    def batch(self) -> torch.Tensor:
-        """Deprecated alias of structure_index: (N,) index of each atom's structure."""
-        return self.structure_index
-
-    @property
-    def n_atoms(self) -> torch.Tensor:
-        """Deprecated alias of atoms_per_structure: (B,) number of atoms of each structure."""
-        return self.atoms_per_structure
 
     @property
     def num_structures(self) -> int:
@@ -72,7 +56,7 @@ class Batch:
 
     def replace(self, **changes: torch.Tensor) -> "Batch":
         """A copy with some tensors replaced (used to insert differentiable positions/cell); old field names accepted."""
-        return replace(self, **{_RENAMED.get(name, name): value for name, value in changes.items()})
+        return replace(self, **changes)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Batch":
         """Move to a device and cast the floating tensors (positions, cell) to dtype."""
