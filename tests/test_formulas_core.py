@@ -30,8 +30,8 @@ def three_structures() -> tuple[list[Atoms], Batch]:
 
 def test_batch_from_atoms_counts_indices_and_fixed_atoms():
     structures, batch = three_structures()
-    assert batch.atoms_per_structure.tolist() == [2, 1, 3] and batch.n_atoms.tolist() == [2, 1, 3]
-    assert batch.structure_index.tolist() == [0, 0, 1, 2, 2, 2] and batch.batch.tolist() == [0, 0, 1, 2, 2, 2]
+    assert batch.atoms_per_structure.tolist() == [2, 1, 3]
+    assert batch.structure_index.tolist() == [0, 0, 1, 2, 2, 2]
     assert (batch.num_structures, batch.num_atoms) == (3, 6)
     assert batch.ptr.tolist() == [0, 2, 3, 6]
     assert batch.fixed.tolist() == [False, True, False, True, False, False]
