@@ -47,9 +47,8 @@ class System:
 
     def unit_cell(self) -> Atoms:
         """The cited cell (spglib checks this one)."""
-        atoms = self.build()
-        atoms.info = {"system": self.name}  # ase.spacegroup / ase.build entries would not survive extxyz
-        return atoms
+        built = self.build()  # only numbers, positions, cell: ase.spacegroup / ase.build extras stay behind
+        return Atoms(built.numbers, built.positions, cell=built.cell, pbc=True, info={"system": self.name})
 
     def supercell(self) -> Atoms:
         """The cell labelled at the Γ point: unit_cell() repeated by `repeat`."""
