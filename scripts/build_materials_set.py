@@ -67,6 +67,8 @@ K_SPRING = 6.0  # eV/Å², Einstein spring of the thermal rattles: sigma = sqrt(
 K_SPRING_H = 24.0  # eV/Å², for hydrogen (O-H, C-H bonds are stiff): half the displacement
 KB = 8.617333e-5  # eV/K
 VOLUME_BASE_LIMIT = 0.15  # a relaxed cell further than this from the cited volume is not used as the base
+#: a relaxation is stopped as run away when the energy falls by more than this per atom, or the volume changes more
+DIVERGED_EV_PER_ATOM, DIVERGED_VOLUME = 0.5, 0.3
 #: the neutral unit a vacancy removes (first symbol chosen at random, the rest nearest to it)
 VACANCY_UNIT = {"si": ["Si"], "al": ["Al", "Al"], "cu": ["Cu", "Cu"], "mg": ["Mg"], "mgo": ["Mg", "O"],
                 "nacl": ["Na", "Cl"], "lif": ["Li", "F"], "tio2_rutile": ["Ti", "O", "O"], "srtio3": ["Sr", "O"],
@@ -425,6 +427,10 @@ def _conventional(system: System) -> np.ndarray:
     return np.diag(lat)
 
 
+class Diverged(RuntimeError):
+    """A relaxation ran away (energy or volume far from the start): the cited structure stays the base."""
+
+
 def relax_one(name: str, result_dir: Path, plan: Plan) -> None:
     """Relax a system's supercell with GFN1-xTB (tblite ASE); write result_dir/relaxed.extxyz and relax.json."""
     from ase.calculators.singlepoint import SinglePointCalculator
@@ -450,13 +456,21 @@ def relax_one(name: str, result_dir: Path, plan: Plan) -> None:
 
     def record() -> None:
         f = np.linalg.norm(atoms.get_forces(), axis=1).max()
-        path.append([round(float(atoms.get_potential_energy()), 4), round(atoms.get_volume() / v_start, 4),
+        energy = float(atoms.get_potential_energy())
+        path.append([round(energy, 4), round(atoms.get_volume() / v_start, 4),
                      round(float(f), 3), round(float(np.abs(atoms.get_stress()).max() * 160.21766), 3)])
+        drop = (energy - path[0][0]) / len(atoms)
+        if drop < -DIVERGED_EV_PER_ATOM or abs(path[-1][1] - 1) > DIVERGED_VOLUME:
+            raise Diverged(f"energy {drop:+.2f} eV/atom, volume x{path[-1][1]:.3f} after {len(path) - 1} steps")
 
     t0 = time.process_time()
     opt = BFGS(target, logfile=str(result_dir / "relax.log"), trajectory=None)
     opt.attach(record, interval=1)
-    converged = bool(opt.run(fmax=plan.relax_fmax, steps=steps))
+    diverged = ""
+    try:
+        converged = bool(opt.run(fmax=plan.relax_fmax, steps=steps))
+    except Diverged as exc:
+        converged, diverged = False, str(exc)
     energy = float(atoms.get_potential_energy())
     forces = atoms.get_forces()
     stress = atoms.get_stress()
@@ -464,7 +478,7 @@ def relax_one(name: str, result_dir: Path, plan: Plan) -> None:
               "max_steps": steps, "fmax_eV_A": plan.relax_fmax, "energy_eV": round(energy, 6),
               "max_force_eV_A": round(float(np.linalg.norm(forces, axis=1).max()), 4),
               "max_stress_GPa": round(float(np.abs(stress).max() * 160.21766), 3),
-              "cpu_seconds": round(time.process_time() - t0, 1),
+              "cpu_seconds": round(time.process_time() - t0, 1), "diverged": diverged,
               "path_energy_volume_fmax_stressGPa": path[:: max(1, len(path) // 20)] + path[-1:]}
     v0 = system.supercell().get_volume()
     result["volume_change"] = round(atoms.get_volume() / v0 - 1, 4)
@@ -565,7 +579,7 @@ def finish_job(r: Running, out: Path, cpu_seconds: float, returncode: int) -> di
     if job.kind == "relax":
         result = json.loads(r.work_out.read_text())
         frames = read_frames(r.work_in / "relaxed.extxyz")
-        usable = abs(result["volume_change"]) <= VOLUME_BASE_LIMIT
+        usable = abs(result["volume_change"]) <= VOLUME_BASE_LIMIT and not result.get("diverged")
         entry.update(relax=result, base="relaxed" if usable else "cited")
         failures: list = []
     else:
@@ -656,6 +670,7 @@ def run_queue(jobs: list[Job], plan: Plan, out: Path, workers: int, max_jobs: in
                 if "relax" in entry:
                     rx = entry["relax"]
                     extra = (f" relax converged={rx['converged']} in {rx['steps']} steps, volume {rx['volume_change']:+.3f}"
+                             + (f", DIVERGED: {rx['diverged']}" if rx.get("diverged") else "")
                              + (f", a/b/c {rx['rel_diff_abc']} within {rx['tolerance']}: {rx['within_tolerance']}"
                                 if "rel_diff_abc" in rx else ""))
                 say(f"done {jid}: {entry['frames']} frames ({entry['scf_failures']} SCF failures), {cpu:.0f} CPU s;{extra} "
@@ -738,7 +753,7 @@ def status_report(manifest: dict, out: Path) -> str:
         elif "rel_diff_abc" in rx:
             rtxt = (f"a/b/c relaxed {rx['relaxed_abc']} vs cited {rx['cited_abc']}: {[f'{100 * x:+.1f}%' for x in rx['rel_diff_abc']]}"
                     f" {'within' if rx['within_tolerance'] else 'OUTSIDE'} {100 * rx['tolerance']:.0f}%, "
-                    f"converged={rx['converged']} ({rx['steps']} steps)")
+                    f"converged={rx['converged']} ({rx['steps']} steps)" + (f", diverged: {rx['diverged']}" if rx.get("diverged") else ""))
         else:
             rtxt = f"positions relaxed, converged={rx['converged']} ({rx['steps']} steps)"
         per = f"{c / fr:.1f}" if fr else "-"
