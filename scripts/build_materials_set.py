@@ -71,7 +71,7 @@ VOLUME_BASE_LIMIT = 0.15  # a relaxed cell further than this from the cited volu
 DIVERGED_EV_PER_ATOM, DIVERGED_VOLUME = 0.5, 0.3
 #: the neutral unit a vacancy removes (first symbol chosen at random, the rest nearest to it)
 VACANCY_UNIT = {"si": ["Si"], "al": ["Al", "Al"], "cu": ["Cu", "Cu"], "mg": ["Mg"], "mgo": ["Mg", "O"],
-                "nacl": ["Na", "Cl"], "lif": ["Li", "F"], "tio2_rutile": ["Ti", "O", "O"], "srtio3": ["Sr", "O"],
+                "nacl": ["Na", "Cl"], "lif": ["Li", "F"], "tio2_rutile": ["Ti", "O", "O"], "kmgf3": ["K", "F"],
                 "quartz": ["Si", "O", "O"], "ice": ["O", "H", "H"], "mg17al12": ["Mg"], "lgps": ["S", "Li", "Li"]}
 #: cost model (one core): seconds per single point ~ SP_SECONDS_64 x (atoms / 64)^SP_EXPONENT, plus a command start
 SP_SECONDS_64, SP_EXPONENT, STARTUP_SECONDS = 6.0, 2.0, 8.0
@@ -433,6 +433,7 @@ class Diverged(RuntimeError):
 
 def relax_one(name: str, result_dir: Path, plan: Plan) -> None:
     """Relax a system's supercell with GFN1-xTB (tblite ASE); write result_dir/relaxed.extxyz and relax.json."""
+    from ase.calculators.calculator import CalculationFailed
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.filters import FrechetCellFilter
     from ase.io import write
@@ -471,6 +472,10 @@ def relax_one(name: str, result_dir: Path, plan: Plan) -> None:
         converged = bool(opt.run(fmax=plan.relax_fmax, steps=steps))
     except Diverged as exc:
         converged, diverged = False, str(exc)
+    except CalculationFailed as exc:  # the SCF failed on the way (e.g. atoms run together): report, start again
+        converged, diverged = False, f"SCF failed after {len(path)} steps: {str(exc).splitlines()[0][:200]}"
+        atoms.set_cell(system.supercell().cell)
+        atoms.positions = system.supercell().positions
     energy = float(atoms.get_potential_energy())
     forces = atoms.get_forces()
     stress = atoms.get_stress()

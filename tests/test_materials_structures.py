@@ -77,7 +77,7 @@ def test_bond_lengths_of_the_hand_typed_structures():
     """Nearest-neighbour distances a wrong Wyckoff position would spoil (Å, typical published values ±0.06)."""
     expected = {
         "si": {("Si", "Si"): 2.35}, "quartz": {("O", "Si"): 1.61}, "tio2_rutile": {("O", "Ti"): 1.95},
-        "srtio3": {("O", "Ti"): 1.95}, "mgo": {("Mg", "O"): 2.11}, "nacl": {("Cl", "Na"): 2.82},
+        "kmgf3": {("F", "Mg"): 1.99}, "mgo": {("Mg", "O"): 2.11}, "nacl": {("Cl", "Na"): 2.82},
         "ice": {("H", "O"): 0.98}, "mof5": {("O", "Zn"): 1.94, ("C", "H"): 1.08, ("C", "C"): 1.39},
         "lgps": {("P", "S"): 2.03, ("Ge", "S"): 2.12}, "mg17al12": {("Al", "Mg"): 2.90},
     }
@@ -160,3 +160,20 @@ def test_frames_of_each_family_are_deterministic_and_neutral():
             assert all(len(f) < len(base) for f in a)
             assert all(Formula(f.get_chemical_formula()).reduce()[0] == Formula(base.get_chemical_formula()).reduce()[0]
                        for f in a if j.system == "nacl")
+
+
+@pytest.mark.parametrize("name", ["al", "mg", "quartz", "mg17al12", "ice"])
+def test_relaxed_lattice_is_read_back_in_the_conventional_cell(name):
+    """A supercell strained by (1 + eps) reports the cited conventional a, b, c strained the same way."""
+    s = SYSTEMS[name]
+    sup = s.supercell()
+    eps = np.diag([0.03, -0.02, 0.01])
+    cell = np.asarray(sup.cell) @ (np.eye(3) + eps)
+    got = build.conventional_cellpar(s, cell)
+    cited = build._cellpar_of(build._conventional(s))
+    assert np.allclose(cited[:3], list(s.cited_lattice) * (3 if len(s.cited_lattice) == 1 else 1), atol=1e-3)
+    if name in ("mg17al12", "ice"):  # orthogonal conventional axes along x, y, z
+        assert np.allclose(got[:3], np.array(cited[:3]) * np.array([1.03, 0.98, 1.01]), atol=2e-4)
+    assert not np.allclose(got[:3], cited[:3], atol=1e-3)
+    iso = build.conventional_cellpar(s, np.asarray(sup.cell) * 1.02)
+    assert np.allclose(iso[:3], np.array(cited[:3]) * 1.02, atol=2e-4) and np.allclose(iso[3:], cited[3:], atol=1e-3)
