@@ -48,6 +48,7 @@ import subprocess
 import sys
 import time
 import warnings
+import zlib
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -73,8 +74,8 @@ DIVERGED_EV_PER_ATOM, DIVERGED_VOLUME = 0.5, 0.3
 VACANCY_UNIT = {"si": ["Si"], "al": ["Al", "Al"], "cu": ["Cu", "Cu"], "mg": ["Mg"], "mgo": ["Mg", "O"],
                 "nacl": ["Na", "Cl"], "lif": ["Li", "F"], "tio2_rutile": ["Ti", "O", "O"], "kmgf3": ["K", "F"],
                 "quartz": ["Si", "O", "O"], "ice": ["O", "H", "H"], "mg17al12": ["Mg"], "lgps": ["S", "Li", "Li"]}
-#: cost model (one core): seconds per single point ~ SP_SECONDS_64 x (atoms / 64)^SP_EXPONENT, plus a command start
-SP_SECONDS_64, SP_EXPONENT, STARTUP_SECONDS = 6.0, 2.0, 8.0
+#: cost model (one core, measured on the first jobs): seconds per single point ~ SP_SECONDS_64 x (atoms / 64)^SP_EXPONENT, plus a command start
+SP_SECONDS_64, SP_EXPONENT, STARTUP_SECONDS = 2.5, 2.0, 4.0
 RELAX_STEP_FACTOR = 0.7  # a relaxation step costs about 0.7 single points (the SCF restarts from the last one)
 
 
@@ -82,17 +83,18 @@ RELAX_STEP_FACTOR = 0.7  # a relaxation step costs about 0.7 single points (the 
 class Plan:
     """Frames per family and system (held-out and large systems get fewer), chunk size, relaxation limits."""
 
-    temperatures: tuple[float, ...] = (300.0, 600.0, 900.0, 1200.0)
-    thermal: int = 60  # frames per temperature
-    strain: int = 70
-    vacancy: int = 50
-    md_frames: int = 30  # EMT MD frames per temperature (Al, Cu)
-    heldout_thermal: int = 20
-    heldout_strain: int = 25
-    heldout_vacancy: int = 15
-    large_thermal: int = 30  # MOF-5, water box
-    large_strain: int = 40
-    water_temperatures: tuple[float, ...] = (300.0, 600.0, 900.0)
+    temperatures: tuple[float, ...] = (300.0, 450.0, 600.0, 750.0, 900.0, 1200.0)
+    thermal: int = 80  # frames per temperature
+    strain: int = 120
+    vacancy: int = 80
+    md_temperatures: tuple[float, ...] = (300.0, 600.0, 900.0, 1200.0)
+    md_frames: int = 60  # EMT MD frames per temperature (Al, Cu)
+    heldout_thermal: int = 25
+    heldout_strain: int = 40
+    heldout_vacancy: int = 25
+    large_thermal: int = 50  # MOF-5, water box
+    large_strain: int = 60
+    water_temperatures: tuple[float, ...] = (300.0, 450.0, 600.0, 900.0)
     chunk: int = 16  # frames per label job
     relax_steps: int = 120
     relax_steps_large: int = 50
@@ -104,7 +106,7 @@ class Plan:
 
 
 FULL = Plan()
-QUICK = Plan(temperatures=(300.0, 1200.0), thermal=4, strain=4, vacancy=3, md_frames=3, chunk=4, relax_steps=3,
+QUICK = Plan(temperatures=(300.0, 1200.0), md_temperatures=(300.0,), thermal=4, strain=4, vacancy=3, md_frames=3, chunk=4, relax_steps=3,
              relax_steps_large=2, md_burn_in=20, md_interval=5)
 QUICK_SYSTEMS = ("si", "al")
 LARGE = ("mof5", "water")
@@ -199,6 +201,11 @@ def single_point_seconds(n_atoms: int) -> float:
     return SP_SECONDS_64 * (n_atoms / 64.0) ** SP_EXPONENT
 
 
+def job_seed(seed: int, key: str) -> int:
+    """A seed from the build seed and a name (job id or trajectory), independent of the job's place in the queue."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(key.encode())]).generate_state(1)[0])
+
+
 def split_sizes(n: int, heldout: bool) -> list[tuple[str, int]]:
     """(split, frames) of a group of n frames: about 15 % test, 10 % val, the rest train (all heldout if held out)."""
     if heldout:
@@ -219,7 +226,7 @@ def label_args() -> list[str]:
 def plan_jobs(systems: list[System], plan: Plan, seed: int) -> list[Job]:
     """Every job of the set, in queue order (tier, then held-out first, then cheapest first)."""
     jobs: list[Job] = []
-    for s_index, s in enumerate(systems):
+    for s in systems:
         n_atoms = len(s.supercell())
         sp = single_point_seconds(n_atoms)
         steps = plan.relax_steps_large if s.name in LARGE else plan.relax_steps
@@ -251,11 +258,11 @@ def plan_jobs(systems: list[System], plan: Plan, seed: int) -> list[Job]:
                     else:
                         tier = 3
                     jobs.append(Job(jid, "label", s.name, family, temp, split,
-                                    int(np.random.SeedSequence([seed, s_index, len(jobs)]).generate_state(1)[0]), m,
+                                    job_seed(seed, jid), m,
                                     f"shards/{s.name}/{jid}.extxyz.gz", [relax_id], n_atoms,
                                     round(m * sp + STARTUP_SECONDS, 1), tier, command_args=label_args()))
         if s.emt_md and not heldout:
-            for temp in temps:
+            for temp in plan.md_temperatures:
                 n = plan.md_frames
                 n_test = max(1, round(0.2 * n))
                 for traj, (split, n_split) in enumerate([("train", n - n_test), ("test", n_test)]):
@@ -263,7 +270,7 @@ def plan_jobs(systems: list[System], plan: Plan, seed: int) -> list[Job]:
                         m = min(plan.chunk, n_split - start)
                         jid = f"{s.name}.md{int(temp)}.{split}.{k}"
                         jobs.append(Job(jid, "label", s.name, "md", temp, split,
-                                        int(np.random.SeedSequence([seed, s_index, 7, int(temp), traj]).generate_state(1)[0]),
+                                        job_seed(seed, f"{s.name}.md{int(temp)}.trajectory{traj}"),
                                         m, f"shards/{s.name}/{jid}.extxyz.gz", [relax_id], n_atoms,
                                         round(m * sp + STARTUP_SECONDS, 1), 3, md_trajectory=traj, md_start=start,
                                         command_args=label_args()))
