@@ -177,3 +177,20 @@ def test_relaxed_lattice_is_read_back_in_the_conventional_cell(name):
     assert not np.allclose(got[:3], cited[:3], atol=1e-3)
     iso = build.conventional_cellpar(s, np.asarray(sup.cell) * 1.02)
     assert np.allclose(iso[:3], np.array(cited[:3]) * 1.02, atol=2e-4) and np.allclose(iso[3:], cited[3:], atol=1e-3)
+
+
+def test_strained_cells_cover_the_relaxed_and_the_cited_lattice():
+    s = SYSTEMS["nacl"]
+    cited = s.supercell()
+    cited.info["base"] = "cited"
+    relaxed = cited.copy()
+    relaxed.set_cell(np.asarray(cited.cell) * 0.97, scale_atoms=True)
+    relaxed.info["base"] = "relaxed"
+    job = next(j for j in build.plan_jobs([s], build.FULL, 0) if j.family == "strain" and j.frames >= 8)
+    frames = build.make_frames(job, relaxed, build.FULL, cited)
+    bases = [f.info["base"] for f in frames]
+    assert bases == ["cited" if k % 4 >= 2 else "relaxed" for k in range(len(frames))]
+    for f in frames:  # each strained cell is 2-5 % from the cell it was made from
+        ref = cited if f.info["base"] == "cited" else relaxed
+        ratio = (f.get_volume() / ref.get_volume()) ** (1 / 3)
+        assert 0.94 < ratio < 1.06
