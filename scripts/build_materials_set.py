@@ -16,8 +16,9 @@ What it does, from one seed (default 0):
    with tblite's ASE calculator (GFN1-xTB, the same options as the labels): BFGS on positions and cell
    (ase.filters.FrechetCellFilter) for crystals, positions only for the water box and the slab. The relaxed
    lattice goes into the state file next to the cited one, with the relative difference of a, b, c and pass/fail
-   against crystals.LATTICE_TOLERANCE (5 %). A relaxed cell within 15 % of the cited volume becomes the base of
-   the system's frames; otherwise the cited cell is (said in the state file).
+   against crystals.LATTICE_TOLERANCE (5 %). The relaxed cell is the base of the system's frames unless the
+   relaxation ran away (DIVERGED_*; then the cited cell is); half of the strained cells are made around the cited
+   cell either way.
 3. Label jobs (`atomuq label --method gfn1-xtb`, energy, forces and stress), each a chunk of at most CHUNK frames
    of one system, family and split: thermal frames at 300-1200 K (Gaussian rattles sigma = sqrt(kB T / K_SPRING)
    with a small random cell strain), strained cells (2-5 %, isotropic or a random symmetric tensor, plus a 300 K
