@@ -67,6 +67,7 @@ TBLITE_OPTIONS = {"charge": 0, "multiplicity": 1, "accuracy": 1.0, "electronic_t
 HELDOUT = ("mgo",)
 K_SPRING = 6.0  # eV/Å², Einstein spring of the thermal rattles: sigma = sqrt(kB T / K) = 0.066 Å at 300 K
 K_SPRING_H = 24.0  # eV/Å², for hydrogen (O-H, C-H bonds are stiff): half the displacement
+K_SPRING_LIGHT = 15.0  # eV/Å², for B C N O F (stiff covalent bonds: C-O, C-C, Si-O): 0.63 x the displacement
 KB = 8.617333e-5  # eV/K
 #: a relaxation is stopped as run away when the energy falls by more than this per atom, or the volume changes more
 DIVERGED_EV_PER_ATOM, DIVERGED_VOLUME = 0.5, 0.3
@@ -302,14 +303,19 @@ def strained(atoms, eps: np.ndarray):
 
 
 def rattled(atoms, rng: np.random.Generator, temperature: float):
-    """A copy with Gaussian displacements of sigma = sqrt(kB T / K) Å per Cartesian component (K_SPRING, H: K_SPRING_H)."""
+    """A copy with Gaussian displacements of sigma = sqrt(kB T / K) Å per Cartesian component.
+
+    K is K_SPRING, K_SPRING_H for H and K_SPRING_LIGHT for B-F."""
     out = atoms.copy()
-    spring = np.where(out.numbers == 1, K_SPRING_H, K_SPRING)
+    light = (out.numbers >= 5) & (out.numbers <= 9)
+    spring = np.where(out.numbers == 1, K_SPRING_H, np.where(light, K_SPRING_LIGHT, K_SPRING))
     sigma = np.sqrt(KB * temperature / spring)
     out.positions += rng.normal(size=out.positions.shape) * sigma[:, None]
     out.info["rattle_sigma_A"] = round(float(np.sqrt(KB * temperature / K_SPRING)), 5)
     if (out.numbers == 1).any():
         out.info["rattle_sigma_H_A"] = round(float(np.sqrt(KB * temperature / K_SPRING_H)), 5)
+    if light.any():
+        out.info["rattle_sigma_BCNOF_A"] = round(float(np.sqrt(KB * temperature / K_SPRING_LIGHT)), 5)
     return out
 
 
@@ -725,7 +731,7 @@ def manifest_of(systems: list[System], jobs: list[Job], plan: Plan, seed: int, q
         "description": "materials reference set, GFN1-xTB (tblite, Γ point); built by scripts/build_materials_set.py",
         "seed": seed, "quick": quick, "method": METHOD, "tblite_options": TBLITE_OPTIONS, "kpoints": "Gamma only",
         "plan": asdict(plan), "heldout_systems": list(HELDOUT), "lattice_tolerance": LATTICE_TOLERANCE,
-        "rattle": {"k_spring_eV_A2": K_SPRING, "k_spring_H_eV_A2": K_SPRING_H,
+        "rattle": {"k_spring_eV_A2": K_SPRING, "k_spring_H_eV_A2": K_SPRING_H, "k_spring_BCNOF_eV_A2": K_SPRING_LIGHT,
                    "sigma_A": "sqrt(kB T / k_spring) per Cartesian component"},
         "vacancy_units": VACANCY_UNIT,
         "cost_model": {"single_point_seconds_64_atoms": SP_SECONDS_64, "exponent": SP_EXPONENT,
