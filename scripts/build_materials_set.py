@@ -73,6 +73,9 @@ KB = 8.617333e-5  # eV/K
 #: (Al relaxed without a guard: a real minimum at +13 % in a, -0.51 eV/atom, volume x1.46; SrTiO3 falls
 #: -0.63, -1.33 eV/atom in its first two steps and on to -4.8 until the SCF fails)
 DIVERGED_EV_PER_ATOM, DIVERGED_VOLUME = 1.0, 0.7
+#: a relaxed lattice further than this from the cited one (Al: +17 %) is GFN1-xTB's error, not a structure to
+#: sample around: the cited cell is the base then
+BASE_LATTICE_LIMIT = 0.10
 #: the neutral unit a vacancy removes (first symbol chosen at random, the rest nearest to it)
 VACANCY_UNIT = {"si": ["Si"], "al": ["Al", "Al"], "cu": ["Cu", "Cu"], "mg": ["Mg"], "mgo": ["Mg", "O"],
                 "nacl": ["Na", "Cl"], "lif": ["Li", "F"], "tio2_rutile": ["Ti", "O", "O"], "kmgf3": ["K", "F"],
@@ -405,11 +408,19 @@ def make_frames(job: Job, base, plan: Plan, cited=None) -> list:
     return out
 
 
+def relaxed_is_base(relax: dict) -> bool:
+    """Whether a relaxation result gives the base of the frames: it did not run away, lattice within the limit."""
+    if not relax or relax.get("diverged"):
+        return False
+    return max((abs(x) for x in relax.get("rel_diff_abc", [0.0])), default=0.0) <= BASE_LATTICE_LIMIT
+
+
 def base_structure(system: System, out: Path, state: dict):
-    """The relaxed supercell unless its relaxation ran away (then the cited one); info['base'] says which."""
+    """The relaxed supercell unless its relaxation ran away or its lattice is off by more than BASE_LATTICE_LIMIT
+    (then the cited one); info['base'] says which."""
     entry = state["done"].get(f"{system.name}.relax", {})
     cited = system.supercell()
-    if entry.get("output") and not entry.get("relax", {}).get("diverged"):
+    if relaxed_is_base(entry.get("relax", {})) and entry.get("output"):
         relaxed = read_frames(out / entry["output"])[0]
         relaxed.calc = None
         atoms = cited.copy()
@@ -607,7 +618,7 @@ def finish_job(r: Running, out: Path, cpu_seconds: float, returncode: int) -> di
     if job.kind == "relax":
         result = json.loads(r.work_out.read_text())
         frames = read_frames(r.work_in / "relaxed.extxyz")
-        entry.update(relax=result, base="cited" if result.get("diverged") else "relaxed")
+        entry.update(relax=result, base="relaxed" if relaxed_is_base(result) else "cited")
         failures: list = []
     else:
         frames = read_frames(r.work_out)
@@ -783,6 +794,8 @@ def status_report(manifest: dict, out: Path) -> str:
                     f"converged={rx['converged']} ({rx['steps']} steps)" + (f", diverged: {rx['diverged']}" if rx.get("diverged") else ""))
         else:
             rtxt = f"positions relaxed, converged={rx['converged']} ({rx['steps']} steps)"
+        if rx is not None:
+            rtxt += f"; frames around the {'relaxed' if relaxed_is_base(rx) else 'cited'} cell"
         per = f"{c / fr:.1f}" if fr else "-"
         lines.append(f"  {name} ({s['atoms']} atoms, {s['role']}): {len(d)}/{len(mine)}, {fr}, {per}; {rtxt}")
     return "\n".join(lines)
