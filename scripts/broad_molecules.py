@@ -242,5 +242,5 @@ MOLECULES: tuple[tuple[str, str, str], ...] = (
     ("celecoxib", "Cc1ccc(cc1)-c1cc(C(F)(F)F)nn1-c1ccc(cc1)S(N)(=O)=O", "heldout"),
     ("ethosuximide", "CC[C@]1(C)CC(=O)NC1=O", "heldout"),
     ("dimethoate", "CNC(=O)CSP(=S)(OC)OC", "heldout"),
-    ("tetrahydrocannabinol_core", "CCCCCc1cc(O)c2c(c1)OC(C)(C)[C@@H]1CCC(C)=C[C@H]21", "heldout"),
+    ("thc", "CCCCCc1cc(O)c2c(c1)OC(C)(C)[C@@H]1CCC(C)=C[C@H]21", "heldout"),
 )

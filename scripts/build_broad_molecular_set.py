@@ -77,7 +77,7 @@ class Plan:
 
     conformers: int = 3  # per training molecule (train, train, val/test)
     conformers_small_set: int = 2  # per held-out or large molecule
-    embed_attempts: int = 12  # ETKDG conformers before the MMFF relaxation and the diversity pick
+    embed_attempts: int = 30  # ETKDG conformers before the MMFF relaxation and the diversity pick
     frames: int = 12  # kept MD frames per stage and trajectory
     frames_large: int = 6
     interval: int = 40  # MD steps between kept frames (20 fs)
@@ -204,19 +204,19 @@ def make_conformers(m: Molecule, plan: Plan, seed: int) -> list:
         raise SystemExit(f"{m.name}: RDKit could not embed {m.smiles}")
     results = AllChem.MMFFOptimizeMoleculeConfs(mol, numThreads=1, maxIters=2000)
     energies = [e if conv == 0 else e + 1e6 for conv, e in results]  # unconverged ones last
-    order = sorted(range(len(ids)), key=lambda k: energies[k])
+    # distinct minima: one embedding per MMFF energy (0.01 kcal/mol), lowest energy first
+    order, seen = [], set()
+    for k in sorted(range(len(ids)), key=lambda k: energies[k]):
+        if round(energies[k], 2) not in seen:
+            seen.add(round(energies[k], 2))
+            order.append(k)
     chosen = [order[0]]
-    want = min(n_conformers(m, plan), len(ids))
+    want = min(n_conformers(m, plan), len(order))
     noh = Chem.RemoveHs(mol)
-    while len(chosen) < want:
-        best, best_d = None, -1.0
-        for k in order:
-            if k in chosen:
-                continue
-            d = min(rdMolAlign.AlignMol(noh, noh, prbCid=ids[k], refCid=ids[c]) for c in chosen)
-            if d > best_d + 1e-9:
-                best, best_d = k, d
-        chosen.append(best)
+    while len(chosen) < want:  # farthest first: symmetry-aware heavy-atom RMSD to the ones already chosen
+        dist = {k: min(rdMolAlign.GetBestRMS(noh, noh, ids[c], ids[k], maxMatches=1000) for c in chosen)
+                for k in order if k not in chosen}
+        chosen.append(max(dist, key=lambda k: (dist[k], -k)))
     symbols = [a.GetSymbol() for a in mol.GetAtoms()]
     out = []
     for conf_id, k in enumerate(chosen):
@@ -226,9 +226,11 @@ def make_conformers(m: Molecule, plan: Plan, seed: int) -> list:
                           mmff_converged=bool(results[k][0] == 0))
         out.append(atoms)
     if len(out) < n_conformers(m, plan):  # fewer distinct embeddings than asked (tiny molecules): repeat, MD differs
-        out += [out[k % len(out)].copy() for k in range(len(out), n_conformers(m, plan))]
-        for conf_id, a in enumerate(out):
-            a.info["conformer"] = conf_id
+        n_distinct = len(out)
+        for k in range(n_distinct, n_conformers(m, plan)):
+            a = out[k % n_distinct].copy()
+            a.info.update(conformer=k, repeat_of=k % n_distinct)
+            out.append(a)
     return out
 
 
@@ -397,7 +399,7 @@ def plan_jobs(mols: list[Molecule], plan: Plan, seed: int) -> list[Job]:
     for m in mols:
         for split, _ in groups_of(m, plan):
             by_split.setdefault(split, []).append(m)
-    for split, members in by_split.items():
+    for split_number, (split, members) in enumerate(by_split.items()):
         for c in range(0, len(members), plan.label_chunk):
             chunk = members[c:c + plan.label_chunk]
             confs = {m.name: dict(groups_of(m, plan))[split] for m in chunk}
@@ -407,7 +409,7 @@ def plan_jobs(mols: list[Molecule], plan: Plan, seed: int) -> list[Job]:
                                         for m in chunk)
             args = ["label", "--method", METHOD, "--workers", "1", *options]
             jobs.append(Job(jid, "label", "offeq", split, [m.name for m in chunk], confs,
-                            seed * 1_000_000 + 900_000 + c, f"shards/offeq/{jid}.extxyz.gz",
+                            seed * 1_000_000 + 900_000 + 1000 * split_number + c // plan.label_chunk, f"shards/offeq/{jid}.extxyz.gz",
                             [f"{m.name}.{split}.md300" for m in chunk], max(m.atoms for m in chunk), n, 0, n,
                             round(est, 1), 1 if split == "heldout" else 2, args))
     jobs.sort(key=lambda j: (j.tier, j.split != "heldout", j.est_core_seconds))
@@ -655,7 +657,7 @@ def run_queue(jobs: list[Job], mols: dict[str, Molecule], conformers: dict[str, 
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when this process ends, however it ends
     except BlockingIOError:
-        raise SystemExit(f"another build is running on {out} (holds {lock.name}); wait for it or stop it first")
+        raise SystemExit(f"another build is running on {out} (holds {lock.name}); wait for it or stop it first") from None
     state = json.loads(state_path.read_text()) if state_path.exists() else {"done": {}, "failed": {}}
     state["failed"] = {}  # failed jobs are tried again on every run
     running: dict[str, Running] = {}
@@ -825,7 +827,7 @@ def main() -> None:
                 f"the manifest records the first run's ({old.get('versions')})")
         manifest["versions"], manifest["machine"] = old.get("versions"), old.get("machine")
         if not same:
-            say(f"{manifest_path}: the job list changed (molecules added?); rewriting it, done jobs are kept")
+            say(f"{manifest_path}: the job list changed (molecules or job settings); rewriting it, done jobs are kept")
             write_json(manifest_path, manifest)
     else:
         manifest["machine"] = machine()
