@@ -89,12 +89,14 @@ class Plan:
     stretches: tuple[float, ...] = (1.12, 1.25)  # bond length factors
     compressions: tuple[float, ...] = (0.88,)
     torsions: int = 3
-    label_chunk: int = 10  # molecules per `atomuq label` job
+    batch_seconds: float = 40.0  # estimated 300 K compute per command at least this (one start, about 5 s, per batch)
+    batch_max: int = 12  # molecules per command at most
 
 
 FULL = Plan()
 QUICK = Plan(conformers=2, conformers_small_set=1, embed_attempts=4, frames=2, frames_large=1, interval=5,
-             burn_in_first=10, burn_in=5, rattles=(0.05, 0.2), stretches=(1.2,), compressions=(0.9,), torsions=1)
+             burn_in_first=10, burn_in=5, rattles=(0.05, 0.2), stretches=(1.2,), compressions=(0.9,), torsions=1,
+             batch_seconds=0.5, batch_max=2)
 QUICK_MOLECULES = ("paracetamol", "dmso", "sulfolane")
 
 
@@ -367,52 +369,73 @@ def n_offeq(plan: Plan) -> int:
     return len(plan.rattles) + len(plan.stretches) + len(plan.compressions) + plan.torsions
 
 
+def batches_of(mols: list[Molecule], plan: Plan) -> dict[str, list[list[Molecule]]]:
+    """Molecules per split, batched so that each command runs long enough to pay for its start (cheapest first)."""
+    by_split: dict[str, list[tuple[float, Molecule]]] = {}
+    for m in mols:
+        frames = plan.frames_large if m.large else plan.frames
+        for split, confs in groups_of(m, plan):
+            cost = len(confs) * (plan.burn_in_first + frames * plan.interval) * step_seconds(m.atoms)
+            by_split.setdefault(split, []).append((cost, m))
+    out: dict[str, list[list[Molecule]]] = {}
+    for split in ("heldout", "train", "val", "test"):
+        batches: list[list[Molecule]] = []
+        current, total = [], 0.0
+        for cost, m in sorted(by_split.get(split, []), key=lambda cm: (cm[1].large, cm[0], cm[1].index)):
+            if current and current[-1].large != m.large:  # large molecules (fewer frames) in their own batches
+                batches.append(current)
+                current, total = [], 0.0
+            current.append(m)
+            total += cost
+            if total >= plan.batch_seconds or len(current) >= plan.batch_max:
+                batches.append(current)
+                current, total = [], 0.0
+        if current:
+            batches.append(current)
+        if batches:
+            out[split] = batches
+    return out
+
+
 def plan_jobs(mols: list[Molecule], plan: Plan, seed: int) -> list[Job]:
     """Every job of the build, in queue order (tier, then held-out first, then cost)."""
     options = [a for k, v in TBLITE_OPTIONS.items() for a in ("--option", f"{k}={json.dumps(v)}")]
     jobs: list[Job] = []
     stage_names = list(STAGES)
-    for m in mols:
-        frames = plan.frames_large if m.large else plan.frames
-        for g, (split, confs) in enumerate(groups_of(m, plan)):
+    for split_number, (split, batches) in enumerate(batches_of(mols, plan).items()):
+        for b, batch in enumerate(batches):
+            confs = {m.name: dict(groups_of(m, plan))[split] for m in batch}
+            n_struct = sum(len(c) for c in confs.values())
+            atoms = max(m.atoms for m in batch)
             for s, stage in enumerate(stage_names):
                 burn = plan.burn_in_first if s == 0 else plan.burn_in
+                frames = plan.frames_large if batch[0].large else plan.frames  # a batch is all large or all small
                 steps = frames * plan.interval
-                job_seed = seed * 1_000_000 + m.index * 100 + g * 10 + s
-                jid = f"{m.name}.{split}.{stage}"
+                job_seed = seed * 1_000_000 + split_number * 10_000 + b * 10 + s
+                jid = f"{split}.{stage}.{b:03d}"
                 if stage == "md300":
-                    tier = 0 if (split in ("train", "heldout")) else 1
-                elif split == "heldout":
-                    tier = 1
+                    tier = 0 if split in ("train", "heldout") else 1
                 else:
-                    tier = 3 if stage == "md600" else 4
-                est = STARTUP_SECONDS + len(confs) * (burn + steps) * step_seconds(m.atoms) * (1.3 if s == 2 else 1.0)
+                    tier = 1 if split == "heldout" else (3 if stage == "md600" else 4)
+                est = STARTUP_SECONDS + sum(len(confs[m.name]) * (burn + steps) * step_seconds(m.atoms) for m in batch) \
+                    * (1.3 if stage == "md1200" else 1.0)
                 args = ["sample", "--method", METHOD, "--temperature", f"{STAGES[stage]:g}", "--steps", str(steps),
                         "--interval", str(plan.interval), "--burn-in", str(burn), "--timestep", f"{plan.timestep:g}",
                         "--friction", f"{plan.friction:g}", "--seed", str(job_seed), "--workers", "1", *options]
-                jobs.append(Job(jid, "sample", stage, split, [m.name], {m.name: confs}, job_seed,
+                jobs.append(Job(jid, "sample", stage, split, [m.name for m in batch], confs, job_seed,
                                 f"shards/{stage}/{jid}.extxyz.gz",
-                                [] if s == 0 else [f"{m.name}.{split}.{stage_names[s - 1]}"], m.atoms, len(confs),
-                                burn + steps, len(confs) * frames, round(est, 1), tier, args))
-    # off-equilibrium single points: chunks of molecules per split, made from the 300 K frames
-    by_split: dict[str, list[Molecule]] = {}
-    for m in mols:
-        for split, _ in groups_of(m, plan):
-            by_split.setdefault(split, []).append(m)
-    for split_number, (split, members) in enumerate(by_split.items()):
-        for c in range(0, len(members), plan.label_chunk):
-            chunk = members[c:c + plan.label_chunk]
-            confs = {m.name: dict(groups_of(m, plan))[split] for m in chunk}
-            n = sum(len(v) for v in confs.values()) * n_offeq(plan)
-            jid = f"offeq.{split}.{c // plan.label_chunk:03d}"
+                                [] if s == 0 else [f"{split}.{stage_names[s - 1]}.{b:03d}"], atoms, n_struct,
+                                burn + steps, n_struct * frames, round(est, 1), tier, args))
+            # off-equilibrium single points of the same molecules, made from their 300 K frames
+            n = n_struct * n_offeq(plan)
             est = STARTUP_SECONDS + sum(len(confs[m.name]) * n_offeq(plan) * SINGLE_POINT_STEPS * step_seconds(m.atoms)
-                                        for m in chunk)
-            args = ["label", "--method", METHOD, "--workers", "1", *options]
-            jobs.append(Job(jid, "label", "offeq", split, [m.name for m in chunk], confs,
-                            seed * 1_000_000 + 900_000 + 1000 * split_number + c // plan.label_chunk, f"shards/offeq/{jid}.extxyz.gz",
-                            [f"{m.name}.{split}.md300" for m in chunk], max(m.atoms for m in chunk), n, 0, n,
-                            round(est, 1), 1 if split == "heldout" else 2, args))
-    jobs.sort(key=lambda j: (j.tier, j.split != "heldout", j.est_core_seconds))
+                                        for m in batch)
+            jid = f"{split}.offeq.{b:03d}"
+            jobs.append(Job(jid, "label", "offeq", split, [m.name for m in batch], confs,
+                            seed * 1_000_000 + 900_000 + split_number * 1000 + b, f"shards/offeq/{jid}.extxyz.gz",
+                            [f"{split}.md300.{b:03d}"], atoms, n, 0, n, round(est, 1), 1 if split == "heldout" else 2,
+                            ["label", "--method", METHOD, "--workers", "1", *options]))
+    jobs.sort(key=lambda j: (j.tier, j.split != "heldout", j.est_core_seconds, j.id))
     return jobs
 
 
@@ -420,32 +443,29 @@ def plan_jobs(mols: list[Molecule], plan: Plan, seed: int) -> list[Job]:
 # job inputs
 
 
-def sample_inputs(job: Job, mol: Molecule, conformers: list, out: Path) -> list:
+def sample_inputs(job: Job, mols: dict[str, Molecule], conformers: dict[str, list], out: Path) -> list:
     """Starting structures of an MD stage: the conformers (md300) or the last intact frame per conformer of the stage before."""
     from ase import Atoms
 
-    bonds = np.array(mol.bonds, dtype=int).reshape(-1, 2)
+    previous = read_frames(out / job_output(job.depends_on[0])) if job.depends_on else None
     starts = []
-    previous = None
-    if job.depends_on:
-        previous = read_frames(out / job_output(job.depends_on[0]))
-    for c in job.conformers[mol.name]:
-        base, origin = conformers[c], "conformer"
-        if previous is not None:
-            mine = [f for f in previous if int(f.info["conformer"]) == c and intact(f, bonds)]
-            if mine:
-                base, origin = mine[-1], f"{job.depends_on[0]} frame {int(mine[-1].info['md_frame'])}"
-        a = Atoms(base.numbers, base.positions)
-        a.info.update(molecule=mol.name, conformer=int(c), start=origin)
-        starts.append(a)
+    for name in job.molecules:
+        bonds = np.array(mols[name].bonds, dtype=int).reshape(-1, 2)
+        for c in job.conformers[name]:
+            base, origin = conformers[name][c], "conformer"
+            if previous is not None:
+                mine = [f for f in previous if f.info["molecule"] == name and int(f.info["conformer"]) == c and intact(f, bonds)]
+                if mine:
+                    base, origin = mine[-1], f"{job.depends_on[0]} frame {int(mine[-1].info['md_frame'])}"
+            a = Atoms(base.numbers, base.positions)
+            a.info.update(molecule=name, conformer=int(c), start=origin)
+            starts.append(a)
     return starts
 
 
 def job_output(job_id: str) -> str:
-    """Shard path (relative to OUT) of a job id."""
-    if job_id.startswith("offeq."):
-        return f"shards/offeq/{job_id}.extxyz.gz"
-    return f"shards/{job_id.rsplit('.', 1)[1]}/{job_id}.extxyz.gz"
+    """Shard path (relative to OUT) of a job id (SPLIT.STAGE.BATCH)."""
+    return f"shards/{job_id.split('.')[1]}/{job_id}.extxyz.gz"
 
 
 def offeq_structures(mol: Molecule, base_frames: list, rng: np.random.Generator, plan: Plan, conformer: int) -> list:
@@ -531,12 +551,12 @@ def offeq_structures(mol: Molecule, base_frames: list, rng: np.random.Generator,
 def label_inputs(job: Job, mols: dict[str, Molecule], plan: Plan, out: Path) -> list:
     """Off-equilibrium structures of a label job, made from its molecules' 300 K frames (seeded: same every run)."""
     structures = []
+    frames = read_frames(out / job_output(job.depends_on[0]))
     for name in job.molecules:
         mol = mols[name]
-        frames = read_frames(out / job_output(f"{name}.{job.split}.md300"))
         bonds = np.array(mol.bonds, dtype=int).reshape(-1, 2)
         for c in job.conformers[name]:
-            base = [f for f in frames if int(f.info["conformer"]) == c and intact(f, bonds)]
+            base = [f for f in frames if f.info["molecule"] == name and int(f.info["conformer"]) == c and intact(f, bonds)]
             if not base:
                 continue
             rng = np.random.default_rng(np.random.SeedSequence([job.seed, mol.index, c]))
@@ -581,7 +601,7 @@ def start_job(job: Job, mols: dict[str, Molecule], conformers: dict[str, list], 
     work_in = work / f"{job.id}.{key}.in.extxyz"
     work_out = work / f"{job.id}.{key}.extxyz"
     if job.kind == "sample":
-        structures = sample_inputs(job, mols[job.molecules[0]], conformers[job.molecules[0]], out)
+        structures = sample_inputs(job, mols, conformers, out)
     else:
         structures = label_inputs(job, mols, plan, out)
     if not structures:

@@ -63,11 +63,13 @@ def test_jobs_split_by_molecule_and_trajectory(build, molecules):
         for d in j.depends_on:  # dependencies exist, share the split and come earlier in the queue
             assert by_id[d].split == j.split and position[d] < position[j.id]
     assert all(len(s) == 1 for s in split_of.values())  # one trajectory, one split
-    stages = {j.id.rsplit(".", 1)[1] for j in jobs if j.kind == "sample"}
-    assert stages == set(build.STAGES)
+    assert {j.stage for j in jobs if j.kind == "sample"} == set(build.STAGES)
+    assert all(build.job_output(j.id) == j.output for j in jobs)
+    large = {m.name: m.large for m in molecules}
+    assert all(len({large[n] for n in j.molecules}) == 1 and len(j.molecules) <= build.FULL.batch_max for j in jobs)
     assert sum(j.frames_expected for j in jobs) >= 20_000
     first = [j for j in jobs if j.tier == 0]
-    assert {j.molecules[0] for j in first} == set(roles)  # every molecule at 300 K in the first tier
+    assert {name for j in first for name in j.molecules} == set(roles)  # every molecule at 300 K in the first tier
 
 
 def test_bond_graph_filter_and_off_equilibrium_frames(build, molecules):
