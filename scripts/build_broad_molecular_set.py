@@ -447,7 +447,10 @@ def sample_inputs(job: Job, mols: dict[str, Molecule], conformers: dict[str, lis
     """Starting structures of an MD stage: the conformers (md300) or the last intact frame per conformer of the stage before."""
     from ase import Atoms
 
-    previous = read_frames(out / job_output(job.depends_on[0])) if job.depends_on else None
+    previous = None
+    if job.depends_on:  # a stage before that kept no frame wrote no shard: start again from the conformers
+        shard = out / job_output(job.depends_on[0])
+        previous = read_frames(shard) if shard.exists() else []
     starts = []
     for name in job.molecules:
         bonds = np.array(mols[name].bonds, dtype=int).reshape(-1, 2)
@@ -551,7 +554,8 @@ def offeq_structures(mol: Molecule, base_frames: list, rng: np.random.Generator,
 def label_inputs(job: Job, mols: dict[str, Molecule], plan: Plan, out: Path) -> list:
     """Off-equilibrium structures of a label job, made from its molecules' 300 K frames (seeded: same every run)."""
     structures = []
-    frames = read_frames(out / job_output(job.depends_on[0]))
+    shard = out / job_output(job.depends_on[0])
+    frames = read_frames(shard) if shard.exists() else []  # none: no off-equilibrium frames for these molecules
     for name in job.molecules:
         mol = mols[name]
         bonds = np.array(mol.bonds, dtype=int).reshape(-1, 2)
