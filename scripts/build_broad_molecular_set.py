@@ -812,6 +812,24 @@ def status_report(manifest: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
+def export_splits(manifest: dict, out: Path, dest: Path) -> list[str]:
+    """Concatenate the done shards per split into DEST: SPLIT.extxyz.gz (all stages) and SPLIT_STAGE.extxyz.gz."""
+    state = json.loads((out / "state.json").read_text())
+    groups: dict[str, list] = {}
+    for job in manifest["jobs"]:
+        entry = state["done"].get(job["id"])
+        if not entry or not entry.get("output"):
+            continue
+        frames = read_frames(out / job["output"])
+        groups.setdefault(job["split"], []).extend(frames)
+        groups.setdefault(f"{job['split']}_{job['stage']}", []).extend(frames)
+    lines = []
+    for name, frames in sorted(groups.items()):
+        write_shard(dest / f"{name}.extxyz.gz", frames)
+        lines.append(f"{dest / name}.extxyz.gz: {len(frames)} frames")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, default=2, help="commands run at once, one core each (default 2)")
@@ -820,6 +838,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="three molecules, a few frames, into out/molecular_broad_quick")
     ap.add_argument("--plan", action="store_true", help="write the manifest and print the plan; run nothing")
     ap.add_argument("--status", action="store_true", help="print jobs done, frames, cost so far and projected; run nothing")
+    ap.add_argument("--export", type=Path, default=None, metavar="DIR",
+                    help="write the done frames per split (and split_stage) as DIR/*.extxyz.gz for training; run nothing")
     ap.add_argument("--max-jobs", type=int, default=None, help="start at most this many jobs, then stop")
     ap.add_argument("--hours", type=float, default=None, help="start no new job after this many hours")
     args = ap.parse_args()
@@ -858,6 +878,9 @@ def main() -> None:
         write_json(manifest_path, manifest)
     if args.status:
         print(status_report(manifest, out))
+        return
+    if args.export:
+        print("\n".join(export_splits(manifest, out, args.export)))
         return
     t = manifest["totals"]
     say(f"plan: {t['jobs']} jobs, {t['frames_expected']} frames expected, about {t['est_core_hours']} core-hours")
