@@ -359,6 +359,12 @@ class Job:
     command_args: list[str] = field(default_factory=list)
 
 
+def job_key(job: Job) -> str:
+    """Fingerprint of what a job computes (molecules, conformers, seed, stage, split, command); not its cost or tier."""
+    content = {k: v for k, v in asdict(job).items() if k not in ("est_core_seconds", "tier", "atoms", "structures")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def step_seconds(n_atoms: int) -> float:
     """Estimated seconds per GFN2-xTB MD step on one core for a molecule of n_atoms."""
     return STEP_SECONDS_21 * (n_atoms / 21.0) ** STEP_EXPONENT
@@ -599,7 +605,7 @@ class Running:
 
 def start_job(job: Job, mols: dict[str, Molecule], conformers: dict[str, list], plan: Plan, out: Path) -> Running | None:
     """Write the job's input (deterministic, so the command's resume files stay valid) and start its command."""
-    key = hashlib.sha256(json.dumps(asdict(job), sort_keys=True).encode()).hexdigest()[:10]
+    key = job_key(job)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     work_in = work / f"{job.id}.{key}.in.extxyz"
@@ -658,7 +664,7 @@ def finish_job(r: Running, mols: dict[str, Molecule], out: Path, cpu_seconds: fl
     if failures_file.exists():
         failures = [json.loads(line) for line in failures_file.read_text().splitlines() if line.strip()]
     sha = write_shard(out / job.output, kept) if kept else ""
-    entry = {"frames": len(kept), "dropped_bond_graph": dropped, "scf_failures": len(failures),
+    entry = {"key": job_key(job), "frames": len(kept), "dropped_bond_graph": dropped, "scf_failures": len(failures),
              "failures": [str(x.get("error", x))[:200] for x in failures][:5],
              "structures_in": r.n_input, "cpu_seconds": round(cpu_seconds, 2),
              "wall_seconds": round(time.perf_counter() - r.t0, 2), "output": job.output if kept else None,
@@ -684,6 +690,11 @@ def run_queue(jobs: list[Job], mols: dict[str, Molecule], conformers: dict[str, 
         raise SystemExit(f"another build is running on {out} (holds {lock.name}); wait for it or stop it first") from None
     state = json.loads(state_path.read_text()) if state_path.exists() else {"done": {}, "failed": {}}
     state["failed"] = {}  # failed jobs are tried again on every run
+    stale = [j.id for j in jobs if j.id in state["done"] and state["done"][j.id].get("key") != job_key(j)]
+    if stale:
+        raise SystemExit(f"{state_path}: {len(stale)} done jobs ({', '.join(stale[:4])}, ...) were computed for another "
+                         "job list (molecules or settings changed since): build into a new --out, or move "
+                         "state.json and shards/ away to start over")
     running: dict[str, Running] = {}
     started = 0
     blocked: set[str] = set()
@@ -717,7 +728,7 @@ def run_queue(jobs: list[Job], mols: dict[str, Molecule], conformers: dict[str, 
                     say(f"FAILED {j.id} (input): {exc}")
                     continue
                 if r is None:
-                    state["done"][j.id] = {"frames": 0, "note": "no intact starting frame", "output": None,
+                    state["done"][j.id] = {"key": job_key(j), "frames": 0, "note": "no intact starting frame", "output": None,
                                            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
                     write_json(state_path, state)
                     continue
