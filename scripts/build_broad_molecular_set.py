@@ -33,16 +33,9 @@ What it does, from one seed (default 0):
 from __future__ import annotations
 
 import argparse
-import ctypes
-import fcntl
-import gzip
 import hashlib
-import io
 import json
 import os
-import platform
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -54,6 +47,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from broad_molecules import MOLECULES  # noqa: E402
+from build_queue import (Running, acquire_lock, atomuq_command, check_exit, finished, launch, load_state,  # noqa: E402
+                         machine, read_failures, read_frames, say, write_json, write_shard)
 
 METHOD = "gfn2-xtb"
 #: tblite options passed to every command (tblite defaults otherwise: accuracy 1.0, electronic temperature 300 K)
@@ -98,11 +93,6 @@ QUICK = Plan(conformers=2, conformers_small_set=1, embed_attempts=4, frames=2, f
              burn_in_first=10, burn_in=5, rattles=(0.05, 0.2), stretches=(1.2,), compressions=(0.9,), torsions=1,
              batch_seconds=0.5, batch_max=2)
 QUICK_MOLECULES = ("paracetamol", "dmso", "sulfolane")
-
-
-def say(msg: str) -> None:
-    """Log one line with the time (UTC)."""
-    print(f"[{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}] {msg}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,60 +245,6 @@ def load_or_make_conformers(mols: list[Molecule], plan: Plan, seed: int, path: P
             by[m.name] = make_conformers(m, plan, seed)
     write_shard(path, [a for m in mols for a in by[m.name]])
     return by
-
-
-# ---------------------------------------------------------------------------------------------
-# files
-
-
-def extxyz_bytes(frames: list) -> bytes:
-    """Frames as gzip-compressed extxyz (mtime 0, so the bytes depend on the frames only)."""
-    from ase.io import write
-
-    buf = io.StringIO()
-    write(buf, frames, format="extxyz")
-    return gzip.compress(buf.getvalue().encode(), compresslevel=9, mtime=0)
-
-
-def write_shard(path: Path, frames: list) -> str:
-    """Write frames atomically (temporary file, then rename); return the sha256 of the bytes."""
-    data = extxyz_bytes(frames)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return hashlib.sha256(data).hexdigest()
-
-
-def dumps_lines(obj: dict) -> str:
-    """JSON with one line per entry of each top-level list or dict (small diffs when one job changes)."""
-    parts = []
-    for key, value in obj.items():
-        if isinstance(value, list) and value and isinstance(value[0], dict):
-            body = ",\n".join("  " + json.dumps(v, separators=(",", ":")) for v in value)
-            parts.append(f" {json.dumps(key)}: [\n{body}\n ]")
-        elif isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
-            body = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}" for k, v in value.items())
-            parts.append(f" {json.dumps(key)}: {{\n{body}\n }}")
-        else:
-            parts.append(f" {json.dumps(key)}: {json.dumps(value)}")
-    return "{\n" + ",\n".join(parts) + "\n}\n"
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Write JSON atomically, one line per entry (dumps_lines)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps_lines(obj))
-    os.replace(tmp, path)
-
-
-def read_frames(path: Path) -> list:
-    from ase.io import read
-
-    return list(read(path, ":"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,30 +515,6 @@ def label_inputs(job: Job, mols: dict[str, Molecule], plan: Plan, out: Path) -> 
 # running
 
 
-def atomuq_command() -> list[str]:
-    """The `atomuq` console script next to this Python (so the same environment), else on PATH."""
-    exe = Path(sys.executable).with_name("atomuq")
-    return [str(exe)] if exe.exists() else ["atomuq"]
-
-
-def _die_with_parent() -> None:
-    try:  # Linux: the command gets SIGTERM when this script dies, so no orphan keeps writing
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except OSError:
-        pass
-
-
-@dataclass
-class Running:
-    job: Job
-    proc: subprocess.Popen
-    work_in: Path
-    work_out: Path
-    log: Path
-    t0: float
-    n_input: int
-
-
 def start_job(job: Job, mols: dict[str, Molecule], conformers: dict[str, list], plan: Plan, out: Path) -> Running | None:
     """Write the job's input (deterministic, so the command's resume files stay valid) and start its command."""
     key = job_key(job)
@@ -622,23 +534,17 @@ def start_job(job: Job, mols: dict[str, Molecule], conformers: dict[str, list], 
     write(tmp, structures, format="extxyz")
     os.replace(tmp, work_in)
     log = work / f"{job.id}.log"
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     cmd = atomuq_command() + [job.command_args[0], str(work_in), "-o", str(work_out), *job.command_args[1:]]
     if work_out.exists():  # finished earlier, killed before its shard was written: no need to run again
         cmd = ["true"]
-    with open(log, "ab") as fh:
-        fh.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} {' '.join(cmd)}\n".encode())
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT, preexec_fn=_die_with_parent)
+    proc = launch(cmd, log)
     return Running(job, proc, work_in, work_out, log, time.perf_counter(), len(structures))
 
 
 def finish_job(r: Running, mols: dict[str, Molecule], out: Path, cpu_seconds: float, returncode: int) -> dict:
     """Filter and tag the command's output, write the shard; return the state entry (or raise RuntimeError)."""
     job = r.job
-    if returncode != 0 or not r.work_out.exists():
-        tail = r.log.read_text(errors="replace").strip().splitlines()[-3:]
-        raise RuntimeError(f"exit {returncode}: {' | '.join(tail)}")
+    check_exit(r, returncode)
     frames = read_frames(r.work_out)
     kept, dropped = [], 0
     broken_traj: set[tuple[str, int]] = set()
@@ -659,10 +565,7 @@ def finish_job(r: Running, mols: dict[str, Molecule], out: Path, cpu_seconds: fl
         f.positions[:] = np.round(f.positions, 6)
         f.calc.results["forces"] = np.round(f.calc.results["forces"], 5)
         kept.append(f)
-    failures_file = r.work_out.with_name(r.work_out.name + ".failures.jsonl")
-    failures = []
-    if failures_file.exists():
-        failures = [json.loads(line) for line in failures_file.read_text().splitlines() if line.strip()]
+    failures = read_failures(r.work_out)
     sha = write_shard(out / job.output, kept) if kept else ""
     entry = {"key": job_key(job), "frames": len(kept), "dropped_bond_graph": dropped, "scf_failures": len(failures),
              "failures": [str(x.get("error", x))[:200] for x in failures][:5],
@@ -682,13 +585,8 @@ def run_queue(jobs: list[Job], mols: dict[str, Molecule], conformers: dict[str, 
               workers: int, max_jobs: int | None, stop_at: float | None) -> None:
     """Run jobs whose dependencies are done, `workers` at a time, updating OUT/state.json after each."""
     state_path = out / "state.json"
-    (out / "work").mkdir(parents=True, exist_ok=True)
-    lock = open(out / "work" / "run.lock", "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when this process ends, however it ends
-    except BlockingIOError:
-        raise SystemExit(f"another build is running on {out} (holds {lock.name}); wait for it or stop it first") from None
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"done": {}, "failed": {}}
+    lock = acquire_lock(out)  # noqa: F841 (held until this process ends)
+    state = load_state(state_path)
     state["failed"] = {}  # failed jobs are tried again on every run
     stale = [j.id for j in jobs if j.id in state["done"] and state["done"][j.id].get("key") != job_key(j)]
     if stale:
@@ -738,13 +636,7 @@ def run_queue(jobs: list[Job], mols: dict[str, Molecule], conformers: dict[str, 
         if not running:
             break
         time.sleep(1.0)
-        for jid, r in list(running.items()):
-            pid, status, usage = os.wait4(r.proc.pid, os.WNOHANG)
-            if pid == 0:
-                continue
-            r.proc.returncode = os.waitstatus_to_exitcode(status)
-            del running[jid]
-            cpu = usage.ru_utime + usage.ru_stime
+        for jid, r, cpu in finished(running):
             try:
                 entry = finish_job(r, mols, out, cpu, r.proc.returncode)
             except Exception as exc:
@@ -788,15 +680,10 @@ def manifest_of(mols: list[Molecule], jobs: list[Job], plan: Plan, seed: int, qu
     }
 
 
-def machine() -> dict:
-    """Platform, Python version and core count of this machine."""
-    return {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count()}
-
-
 def status_report(manifest: dict, out: Path) -> str:
     """Jobs done / total, frames, measured CPU seconds per frame, projected remaining core-hours (from state.json)."""
     state_path = out / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"done": {}, "failed": {}}
+    state = load_state(state_path)
     jobs = {j["id"]: j for j in manifest["jobs"]}
     done = {k: v for k, v in state["done"].items() if k in jobs}
     frames = sum(v["frames"] for v in done.values())

@@ -1,0 +1,177 @@
+"""The job-queue pieces shared by the reference-set builders (scripts/build_broad_molecular_set.py,
+scripts/build_materials_set.py): shard and JSON files, the run lock, state.json, `atomuq` subprocesses.
+
+File formats (kept byte-for-byte: running builds and later sessions continue from them): shards are gzip extxyz
+(mtime 0, level 9) written once, atomically; manifest.json and state.json are JSON with one line per entry
+(dumps_lines); OUT/work/run.lock is held with flock while a build runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import gzip
+import hashlib
+import io
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def say(msg: str) -> None:
+    """Log one line with the time (UTC)."""
+    print(f"[{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def extxyz_bytes(frames: list) -> bytes:
+    """Frames as gzip-compressed extxyz (mtime 0, so the bytes depend on the frames only)."""
+    from ase.io import write
+
+    buf = io.StringIO()
+    write(buf, frames, format="extxyz")
+    return gzip.compress(buf.getvalue().encode(), compresslevel=9, mtime=0)
+
+
+def write_shard(path: Path, frames: list) -> str:
+    """Write frames atomically (temporary file, then rename); return the sha256 of the bytes."""
+    data = extxyz_bytes(frames)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def dumps_lines(obj: dict) -> str:
+    """JSON with one line per entry of each top-level list or dict (small diffs when one job changes)."""
+    parts = []
+    for key, value in obj.items():
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            body = ",\n".join("  " + json.dumps(v, separators=(",", ":")) for v in value)
+            parts.append(f" {json.dumps(key)}: [\n{body}\n ]")
+        elif isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            body = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}" for k, v in value.items())
+            parts.append(f" {json.dumps(key)}: {{\n{body}\n }}")
+        else:
+            parts.append(f" {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write JSON atomically, one line per entry (dumps_lines)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(dumps_lines(obj))
+    os.replace(tmp, path)
+
+
+def read_frames(path: Path) -> list:
+    """Every frame of an extxyz file (compressed or not)."""
+    from ase.io import read
+
+    return list(read(path, ":"))
+
+
+def read_failures(work_out: Path) -> list:
+    """The entries of a command's `<output>.failures.jsonl` next to work_out (empty when there is none)."""
+    failures_file = work_out.with_name(work_out.name + ".failures.jsonl")
+    if not failures_file.exists():
+        return []
+    return [json.loads(line) for line in failures_file.read_text().splitlines() if line.strip()]
+
+
+def load_state(state_path: Path) -> dict:
+    """OUT/state.json as a dict ({"done": {}, "failed": {}} when there is none yet)."""
+    return json.loads(state_path.read_text()) if state_path.exists() else {"done": {}, "failed": {}}
+
+
+def machine() -> dict:
+    """Platform, Python version and core count of this machine."""
+    return {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count()}
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+def acquire_lock(out: Path) -> IO[str]:
+    """Hold OUT/work/run.lock (flock) so only one build runs on OUT; exit with a message when another holds it."""
+    (out / "work").mkdir(parents=True, exist_ok=True)
+    lock = open(out / "work" / "run.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when this process ends, however it ends
+    except BlockingIOError:
+        raise SystemExit(f"another build is running on {out} (holds {lock.name}); wait for it or stop it first") from None
+    return lock
+
+
+def atomuq_command() -> list[str]:
+    """The `atomuq` console script next to this Python (so the same environment), else on PATH."""
+    exe = Path(sys.executable).with_name("atomuq")
+    return [str(exe)] if exe.exists() else ["atomuq"]
+
+
+def _die_with_parent() -> None:
+    try:  # Linux: the command gets SIGTERM when this script dies, so no orphan keeps writing
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def child_env() -> dict:
+    """Environment of every command: one thread, this checkout's src first on PYTHONPATH."""
+    return dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+
+
+def launch(cmd: list[str], log: Path) -> subprocess.Popen:
+    """Start cmd in ROOT with child_env(), appending a timestamped header and its output to log."""
+    with open(log, "ab") as fh:
+        fh.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} {' '.join(cmd)}\n".encode())
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT,
+                                preexec_fn=_die_with_parent)
+
+
+@dataclass
+class Running:
+    job: Any
+    proc: subprocess.Popen
+    work_in: Path
+    work_out: Path
+    log: Path
+    t0: float
+    n_input: int
+
+
+def check_exit(r: Running, returncode: int) -> None:
+    """Raise RuntimeError (exit code and the log's last lines) when the command failed or wrote no output."""
+    if returncode != 0 or not r.work_out.exists():
+        tail = r.log.read_text(errors="replace").strip().splitlines()[-3:]
+        raise RuntimeError(f"exit {returncode}: {' | '.join(tail)}")
+
+
+def finished(running: dict[str, Running]) -> Iterator[tuple[str, Running, float]]:
+    """Yield (job id, Running, CPU seconds) for each command that has ended, removing it from running."""
+    for jid, r in list(running.items()):
+        pid, status, usage = os.wait4(r.proc.pid, os.WNOHANG)
+        if pid == 0:
+            continue
+        r.proc.returncode = os.waitstatus_to_exitcode(status)
+        del running[jid]
+        yield jid, r, usage.ru_utime + usage.ru_stime
