@@ -52,7 +52,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_queue import (Running, acquire_lock, atomuq_command, check_exit, finished, launch, load_state,  # noqa: E402
-                         machine, read_failures, read_frames, say, write_json, write_shard)
+                         machine, progress, read_failures, read_frames, say, write_json, write_shard)
 from crystals import LATTICE_TOLERANCE, SYSTEMS, System  # noqa: E402
 
 METHOD = "gfn1-xtb"
@@ -647,13 +647,8 @@ def status_report(manifest: dict, out: Path) -> str:
     """Jobs done / total, frames, CPU seconds per frame per system, lattice checks, projected remaining core-hours."""
     state_path = out / "state.json"
     state = load_state(state_path)
-    jobs = {j["id"]: j for j in manifest["jobs"]}
-    done = {k: v for k, v in state["done"].items() if k in jobs}
-    frames = sum(v["frames"] for v in done.values())
-    cpu = sum(v.get("cpu_seconds", 0.0) for v in done.values())
-    est_done = sum(jobs[k]["est_core_seconds"] for k in done)
-    est_left = sum(j["est_core_seconds"] for k, j in jobs.items() if k not in done)
-    ratio = cpu / est_done if est_done else 1.0
+    pr = progress(manifest, state)
+    jobs, done, frames, cpu, est_left, ratio = pr.jobs, pr.done, pr.frames, pr.cpu, pr.est_left, pr.ratio
     lines = [f"jobs done: {len(done)} / {len(jobs)} ({len(state.get('failed', {}))} failed in the last run)",
              f"frames labelled: {frames} of {manifest['totals']['frames_expected']} planned "
              f"({sum(v.get('scf_failures', 0) for v in done.values())} SCF failures)",

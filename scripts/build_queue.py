@@ -175,3 +175,23 @@ def finished(running: dict[str, Running]) -> Iterator[tuple[str, Running, float]
         r.proc.returncode = os.waitstatus_to_exitcode(status)
         del running[jid]
         yield jid, r, usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class Progress:
+    jobs: dict  # job id -> manifest entry
+    done: dict  # job id -> state entry, done jobs of this manifest
+    frames: int
+    cpu: float  # CPU seconds of the done jobs
+    est_left: float  # estimated core-seconds of the jobs not done
+    ratio: float  # measured / estimated cost of the done jobs
+
+
+def progress(manifest: dict, state: dict) -> Progress:
+    """Done jobs, frames, CPU seconds and the measured / estimated cost ratio of a manifest's jobs (from state)."""
+    jobs = {j["id"]: j for j in manifest["jobs"]}
+    done = {k: v for k, v in state["done"].items() if k in jobs}
+    cpu = sum(v.get("cpu_seconds", 0.0) for v in done.values())
+    est_done = sum(jobs[k]["est_core_seconds"] for k in done)
+    est_left = sum(j["est_core_seconds"] for k, j in jobs.items() if k not in done)
+    return Progress(jobs, done, sum(v["frames"] for v in done.values()), cpu, est_left, cpu / est_done if est_done else 1.0)
