@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from broad_molecules import MOLECULES  # noqa: E402
 from build_queue import (Running, acquire_lock, atomuq_command, check_exit, finished, launch, load_state,  # noqa: E402
-                         machine, progress, read_failures, read_frames, say, write_json, write_shard)
+                         progress, read_failures, read_frames, say, sync_manifest, write_json, write_shard)
 
 METHOD = "gfn2-xtb"
 #: tblite options passed to every command (tblite defaults otherwise: accuracy 1.0, electronic temperature 300 K)
@@ -751,24 +751,7 @@ def main() -> None:
     manifest = manifest_of(mols, jobs, plan, args.seed, args.quick)
     manifest_path = out / "manifest.json"
     manifest = json.loads(json.dumps(manifest))  # tuples as lists, as read back
-    if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
-        if old.get("seed") != args.seed or old.get("plan") != manifest["plan"]:
-            raise SystemExit(f"{manifest_path}: written with another seed or plan; use --seed {old.get('seed')} "
-                             f"or another --out")
-        # the first run's versions and machine stay; the file is rewritten only when the job list changed
-        same = {k: v for k, v in old.items() if k not in ("versions", "machine")} == \
-            {k: v for k, v in manifest.items() if k not in ("versions", "machine")}
-        if (old.get("versions"), old.get("machine")) != (manifest["versions"], machine()):
-            say(f"note: this run uses {manifest['versions']} on {machine()['platform']}; "
-                f"the manifest records the first run's ({old.get('versions')})")
-        manifest["versions"], manifest["machine"] = old.get("versions"), old.get("machine")
-        if not same:
-            say(f"{manifest_path}: the job list changed (molecules or job settings); rewriting it, done jobs are kept")
-            write_json(manifest_path, manifest)
-    else:
-        manifest["machine"] = machine()
-        write_json(manifest_path, manifest)
+    sync_manifest(manifest_path, manifest, args.seed, " (molecules or job settings)", note_versions=True)
     if args.status:
         print(status_report(manifest, out))
         return

@@ -52,7 +52,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_queue import (Running, acquire_lock, atomuq_command, check_exit, finished, launch, load_state,  # noqa: E402
-                         machine, progress, read_failures, read_frames, say, write_json, write_shard)
+                         progress, read_failures, read_frames, say, sync_manifest, write_json, write_shard)
 from crystals import LATTICE_TOLERANCE, SYSTEMS, System  # noqa: E402
 
 METHOD = "gfn1-xtb"
@@ -705,20 +705,7 @@ def main() -> None:
     jobs = plan_jobs(systems, plan, args.seed)
     manifest = json.loads(json.dumps(manifest_of(systems, jobs, plan, args.seed, args.quick)))  # as read back
     manifest_path = out / "manifest.json"
-    if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
-        if old.get("seed") != args.seed or old.get("plan") != manifest["plan"]:
-            raise SystemExit(f"{manifest_path}: written with another seed or plan; use --seed {old.get('seed')} "
-                             f"or another --out")
-        same = {k: v for k, v in old.items() if k not in ("versions", "machine")} == \
-            {k: v for k, v in manifest.items() if k not in ("versions", "machine")}
-        manifest["versions"], manifest["machine"] = old.get("versions"), old.get("machine")
-        if not same:
-            say(f"{manifest_path}: the job list changed; rewriting it, done jobs are kept")
-            write_json(manifest_path, manifest)
-    else:
-        manifest["machine"] = machine()
-        write_json(manifest_path, manifest)
+    sync_manifest(manifest_path, manifest, args.seed)
     if args.status:
         print(status_report(manifest, out))
         return

@@ -195,3 +195,29 @@ def progress(manifest: dict, state: dict) -> Progress:
     est_done = sum(jobs[k]["est_core_seconds"] for k in done)
     est_left = sum(j["est_core_seconds"] for k, j in jobs.items() if k not in done)
     return Progress(jobs, done, sum(v["frames"] for v in done.values()), cpu, est_left, cpu / est_done if est_done else 1.0)
+
+
+def sync_manifest(manifest_path: Path, manifest: dict, seed: int, changed: str = "", note_versions: bool = False) -> None:
+    """Write manifest (given as read back: lists, not tuples) to manifest_path, keeping the first run's versions and machine.
+
+    A manifest of another seed or plan stops the script; the file is rewritten only when the job list changed
+    (say "the job list changed{changed}"); note_versions logs when this run's versions or machine differ.
+    """
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        if old.get("seed") != seed or old.get("plan") != manifest["plan"]:
+            raise SystemExit(f"{manifest_path}: written with another seed or plan; use --seed {old.get('seed')} "
+                             f"or another --out")
+        # the first run's versions and machine stay; the file is rewritten only when the job list changed
+        same = {k: v for k, v in old.items() if k not in ("versions", "machine")} == \
+            {k: v for k, v in manifest.items() if k not in ("versions", "machine")}
+        if note_versions and (old.get("versions"), old.get("machine")) != (manifest["versions"], machine()):
+            say(f"note: this run uses {manifest['versions']} on {machine()['platform']}; "
+                f"the manifest records the first run's ({old.get('versions')})")
+        manifest["versions"], manifest["machine"] = old.get("versions"), old.get("machine")
+        if not same:
+            say(f"{manifest_path}: the job list changed{changed}; rewriting it, done jobs are kept")
+            write_json(manifest_path, manifest)
+    else:
+        manifest["machine"] = machine()
+        write_json(manifest_path, manifest)
