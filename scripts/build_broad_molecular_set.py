@@ -47,7 +47,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from broad_molecules import MOLECULES  # noqa: E402
-from build_queue import (Running, acquire_lock, atomuq_command, check_exit, finished, launch, load_state,  # noqa: E402
+from build_queue import (Running, acquire_lock, atomuq_command, check_exit, finished, launch, load_state, lower_priority,  # noqa: E402
                          progress, read_failures, read_frames, say, sync_manifest, write_json, write_shard)
 
 METHOD = "gfn2-xtb"
@@ -682,11 +682,9 @@ def manifest_of(mols: list[Molecule], jobs: list[Job], plan: Plan, seed: int, qu
 
 def status_report(manifest: dict, out: Path) -> str:
     """Jobs done / total, frames, measured CPU seconds per frame, projected remaining core-hours (from state.json)."""
-    state_path = out / "state.json"
-    state = load_state(state_path)
-    pr = progress(manifest, state)
+    pr = progress(manifest, out)
     jobs, done, frames, cpu, est_left, ratio = pr.jobs, pr.done, pr.frames, pr.cpu, pr.est_left, pr.ratio
-    lines = [f"jobs done: {len(done)} / {len(jobs)} ({len(state.get('failed', {}))} failed in the last run)",
+    lines = [pr.jobs_line(),
              f"frames labelled: {frames} of about {manifest['totals']['frames_expected']} planned "
              f"({sum(v.get('dropped_bond_graph', 0) for v in done.values())} dropped by the bond-graph filter, "
              f"{sum(v.get('scf_failures', 0) for v in done.values())} SCF failures)",
@@ -736,11 +734,7 @@ def main() -> None:
     ap.add_argument("--max-jobs", type=int, default=None, help="start at most this many jobs, then stop")
     ap.add_argument("--hours", type=float, default=None, help="start no new job after this many hours")
     args = ap.parse_args()
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, 19)  # lowest priority: other work keeps the CPU first
-    except (OSError, AttributeError):
-        pass
-    os.environ["OMP_NUM_THREADS"] = "1"
+    lower_priority()
     plan = QUICK if args.quick else FULL
     out = args.out or (ROOT / ("out/molecular_broad_quick" if args.quick else "data/molecular_broad"))
     out.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_queue import (Running, acquire_lock, atomuq_command, check_exit, finished, launch, load_state,  # noqa: E402
+from build_queue import (Running, acquire_lock, atomuq_command, check_exit, finished, launch, load_state, lower_priority,  # noqa: E402
                          progress, read_failures, read_frames, say, sync_manifest, write_json, write_shard)
 from crystals import LATTICE_TOLERANCE, SYSTEMS, System  # noqa: E402
 
@@ -645,11 +645,9 @@ def manifest_of(systems: list[System], jobs: list[Job], plan: Plan, seed: int, q
 
 def status_report(manifest: dict, out: Path) -> str:
     """Jobs done / total, frames, CPU seconds per frame per system, lattice checks, projected remaining core-hours."""
-    state_path = out / "state.json"
-    state = load_state(state_path)
-    pr = progress(manifest, state)
+    pr = progress(manifest, out)
     jobs, done, frames, cpu, est_left, ratio = pr.jobs, pr.done, pr.frames, pr.cpu, pr.est_left, pr.ratio
-    lines = [f"jobs done: {len(done)} / {len(jobs)} ({len(state.get('failed', {}))} failed in the last run)",
+    lines = [pr.jobs_line(),
              f"frames labelled: {frames} of {manifest['totals']['frames_expected']} planned "
              f"({sum(v.get('scf_failures', 0) for v in done.values())} SCF failures)",
              f"CPU time so far: {cpu / 3600:.2f} core-hours; measured / estimated cost {ratio:.2f}",
@@ -690,11 +688,7 @@ def main() -> None:
     ap.add_argument("--relax-one", default=None, help=argparse.SUPPRESS)  # internal: the relax job's subprocess
     ap.add_argument("--relax-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, 19)  # lowest priority: other work keeps the CPU first
-    except (OSError, AttributeError):
-        pass
-    os.environ["OMP_NUM_THREADS"] = "1"
+    lower_priority()
     plan = QUICK if args.quick else FULL
     if args.relax_one:
         relax_one(args.relax_one, args.relax_out, plan)

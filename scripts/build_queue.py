@@ -179,6 +179,7 @@ def finished(running: dict[str, Running]) -> Iterator[tuple[str, Running, float]
 
 @dataclass
 class Progress:
+    state: dict  # OUT/state.json
     jobs: dict  # job id -> manifest entry
     done: dict  # job id -> state entry, done jobs of this manifest
     frames: int
@@ -187,14 +188,20 @@ class Progress:
     ratio: float  # measured / estimated cost of the done jobs
 
 
-def progress(manifest: dict, state: dict) -> Progress:
-    """Done jobs, frames, CPU seconds and the measured / estimated cost ratio of a manifest's jobs (from state)."""
+    def jobs_line(self) -> str:
+        """'jobs done: N / M (K failed in the last run)'."""
+        return f"jobs done: {len(self.done)} / {len(self.jobs)} ({len(self.state.get('failed', {}))} failed in the last run)"
+
+
+def progress(manifest: dict, out: Path) -> Progress:
+    """Done jobs, frames, CPU seconds and the measured / estimated cost ratio of a manifest's jobs (OUT/state.json)."""
+    state = load_state(out / "state.json")
     jobs = {j["id"]: j for j in manifest["jobs"]}
     done = {k: v for k, v in state["done"].items() if k in jobs}
     cpu = sum(v.get("cpu_seconds", 0.0) for v in done.values())
     est_done = sum(jobs[k]["est_core_seconds"] for k in done)
     est_left = sum(j["est_core_seconds"] for k, j in jobs.items() if k not in done)
-    return Progress(jobs, done, sum(v["frames"] for v in done.values()), cpu, est_left, cpu / est_done if est_done else 1.0)
+    return Progress(state, jobs, done, sum(v["frames"] for v in done.values()), cpu, est_left, cpu / est_done if est_done else 1.0)
 
 
 def sync_manifest(manifest_path: Path, manifest: dict, seed: int, changed: str = "", note_versions: bool = False) -> None:
@@ -221,3 +228,12 @@ def sync_manifest(manifest_path: Path, manifest: dict, seed: int, changed: str =
     else:
         manifest["machine"] = machine()
         write_json(manifest_path, manifest)
+
+
+def lower_priority() -> None:
+    """Run this process at the lowest priority (nice 19) with one OpenMP thread."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 19)  # lowest priority: other work keeps the CPU first
+    except (OSError, AttributeError):
+        pass
+    os.environ["OMP_NUM_THREADS"] = "1"
