@@ -1,7 +1,7 @@
 """The Force Delta paper's fine-tuning experiment (section 4.4, Fig. 4; A.4, Fig. 8) with `atomuq improve`.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/improve_experiment.py            # prepare, run, report
-    OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/improve_experiment.py --prepare  # only the input files
+    OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/improve_experiment.py --prepare  # rebuild data/improve/ (shipped)
     OMP_NUM_THREADS=1 PYTHONPATH=src python scripts/improve_experiment.py --report   # figures + docs from results
 
 Stages, all evaluated on the same test files, the same fixed adversarial search and the same
@@ -57,7 +57,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "improve_molecular.toml"
-INPUTS = ROOT / "out" / "improve_molecular" / "inputs"
+INPUTS = ROOT / "data" / "improve"  # shipped: configs/improve_molecular.toml reads them as written
 DOCS = ROOT / "docs"
 MOLECULES = ("aspirin", "caffeine")
 MD_FRAMES = (0, 8, 16, 24, 32, 40)  # frames of each molecule's 300 K test trajectory used as fixed NVE starts
@@ -102,9 +102,9 @@ def prepare() -> None:
     test = read(ROOT / "data/molecular/test_300K.extxyz.gz", ":")
     pick = {m: [a for a in test if a.info["molecule"] == m] for m in MOLECULES}
     files = {
-        "search_starts.extxyz": [a for a in train if a.info["molecule"] in MOLECULES],
-        "fresh_starts.extxyz": [a for m in MOLECULES for k, a in enumerate(pick[m]) if k % 5 == 2],
-        "md_starts.extxyz": [pick[m][k] for m in MOLECULES for k in MD_FRAMES],
+        "search_starts.extxyz.gz": [a for a in train if a.info["molecule"] in MOLECULES],
+        "fresh_starts.extxyz.gz": [a for m in MOLECULES for k, a in enumerate(pick[m]) if k % 5 == 2],
+        "md_starts.extxyz.gz": [pick[m][k] for m in MOLECULES for k in MD_FRAMES],
     }
     for name, frames in files.items():
         if not (INPUTS / name).is_file():
