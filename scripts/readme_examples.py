@@ -128,7 +128,11 @@ EXAMPLES: dict[str, Example] = {
         clean=("out/demo_ensemble.extxyz",),
     ),
     "attack": Example(
-        (Command("mkdir -p out"), _attack_starts(), Command("atomuq attack out/attack_start8.extxyz -o out/attack.extxyz --kT 0.05 --steps 200")),
+        (
+            Command("mkdir -p out"),
+            _attack_starts(),
+            Command("atomuq attack out/attack_start8.extxyz -o out/attack.extxyz --kT 0.05 --steps 200 --top 4"),
+        ),
         clean=("out/attack_start8.extxyz", "out/attack.extxyz", "out/attack.selected.extxyz"),
     ),
     "md": Example(
@@ -136,7 +140,8 @@ EXAMPLES: dict[str, Example] = {
             Command(
                 f"atomuq md {DEMO} -o out/demo_md.extxyz --steps 400 --temperature 300 \\\n"
                 '    --monitor "force_delta,every=10,max=1.5xmedian,action=rollback" \\\n'
-                '    --monitor "temperature,every=10,max=1500,action=stop" --fallback mts --mts-inner 4'
+                '    --monitor "temperature,every=10,max=1500,action=stop" --fallback mts --mts-inner 4',
+                expect=3,  # a monitor stopped the run
             ),
             Command("grep -v ' ok$' out/demo_md.extxyz.log"),
             Command("atomuq drift out/demo_md.extxyz --plot out/demo_md.png"),
@@ -155,7 +160,7 @@ EXAMPLES: dict[str, Example] = {
         clean=("out/bench_adv",),
     ),
     "improve-quick": Example(
-        (Command("atomuq improve configs/improve_quick.toml", keep=rows(r"^generation \d \w+: done", r"^run folder", r"^/", first=0, last=9)),),
+        (Command("atomuq improve configs/improve_quick.toml", keep=rows(r"^generation", r"^training in", r"^epoch", last=10)),),
         clean=("out/improve_quick",),
     ),
     "label": Example(
@@ -165,7 +170,10 @@ EXAMPLES: dict[str, Example] = {
     "sample": Example(
         (
             Command("mkdir -p out"),
-            Command("python -c \"from ase.io import read, write; write('out/naproxen.extxyz', read('data/molecular/heldout_300K.extxyz.gz', 0))\""),
+            Command(
+                "python -c \"from ase.io import read, write; "
+                "write('out/naproxen.extxyz', read('data/molecular/heldout_300K.extxyz.gz', 0))\""
+            ),
             Command(
                 "atomuq sample out/naproxen.extxyz -o out/naproxen_md.extxyz --method gfn2-xtb -T 300 -T 1200 \\\n"
                 "    --steps 40 --interval 20 --timestep 0.5 --seed 0 --workers 1"
@@ -186,8 +194,9 @@ EXAMPLES: dict[str, Example] = {
         (
             Command("mkdir -p out"),
             Command(
-                "python -c \"from atomuq.models.adapters.orb import new_orb_model, save_orb; save_orb(new_orb_model('orb-v3-direct', "
-                "latent_dim=32, base_mlp_hidden_dim=64, head_mlp_hidden_dim=32, num_message_passing_steps=2), 'out/orb-v3-direct-small.pt')\""
+                "python -c \"from atomuq.models.adapters.orb import new_orb_model, save_orb; "
+                "save_orb(new_orb_model('orb-v3-direct', latent_dim=32, base_mlp_hidden_dim=64, head_mlp_hidden_dim=32, "
+                "num_message_passing_steps=2), 'out/orb-v3-direct-small.pt')\""
             ),
             Command(f"atomuq score {DEMO} --model orb:out/orb-v3-direct-small.pt -o out/orb_scored.extxyz --top 3"),
         ),
@@ -200,7 +209,10 @@ EXAMPLES: dict[str, Example] = {
                 "-o out/ltau.npz"
             ),
             Command("atomuq ltau score data/molecular/test_1200K.extxyz.gz -e out/ltau.npz -o out/ltau_1200.extxyz -k 5 --top 3"),
-            Command("atomuq ltau calibrate data/molecular/test_600K.extxyz.gz -e out/ltau.npz -o out/ltau_cal600.npz -k 5 --plot out/cal600.png"),
+            Command(
+                "atomuq ltau calibrate data/molecular/test_600K.extxyz.gz -e out/ltau.npz -o out/ltau_cal600.npz -k 5 "
+                "--plot out/cal600.png"
+            ),
         ),
         clean=("out/ltau*", "out/cal600.png"),
     ),
@@ -246,7 +258,8 @@ def blocks(document: str, text: str | None = None) -> list[Block]:
                 end = next((j for j in range(i + 2, len(lines)) if lines[j].startswith("```")), None)
                 if end is None:
                     raise ValueError(f"{document}:{i + 2}: unclosed code block")
-                out.append(Block(document, "check", f"{Path(document).stem}-line-{i + 1}", i, end, tuple(lines[i + 2 : end]), fence[3:].strip()))
+                name = f"{Path(document).stem}-line-{i + 1}"
+                out.append(Block(document, "check", name, i, end, tuple(lines[i + 2 : end]), fence[3:].strip()))
                 i = end
         i += 1
     return out
@@ -301,7 +314,7 @@ def environment() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = f"{ROOT / 'src'}{os.pathsep}{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(ROOT / "src")
-    env.update(COLUMNS=str(COLUMNS), OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), NO_COLOR="1", TERM="dumb")
+    env.update(COLUMNS=str(COLUMNS), OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), NO_COLOR="1", TERM="dumb", PYTHONUNBUFFERED="1")
     return env
 
 
@@ -322,8 +335,9 @@ def run_example(name: str, example: Example) -> list[str]:
     lines = ["```text"]
     for command in example.commands:
         t0 = time.perf_counter()
-        done = subprocess.run(["bash", "-c", command.text], cwd=ROOT, env=environment(), capture_output=True, text=True)
-        output = clean_output(done.stdout + done.stderr)
+        done = subprocess.run(["bash", "-c", command.text], cwd=ROOT, env=environment(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)  # one stream: lines stay in the order printed
+        output = clean_output(done.stdout)
         print(f"  {name}: {command.text.splitlines()[0][:90]} ... exit {done.returncode}, {time.perf_counter() - t0:.1f} s", flush=True)
         if done.returncode != command.expect:
             raise SystemExit(f"{name}: `{command.text}` exited {done.returncode}, expected {command.expect}:\n" + "\n".join(output))
@@ -395,7 +409,7 @@ def options_table(name: str) -> list[str]:
             value = param.default
             default = "`" + (", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)) + "`"
         lines.append(f"| {label} | {default} | {_cell(getattr(param, 'help', '') or '')} |")
-    return lines
+    return lines if len(lines) > 4 else lines[:2] + ["No arguments or options."]
 
 
 # ------------------------------------------------------------------------------------------ writing documents
@@ -437,13 +451,15 @@ def main() -> None:
     for block in found:
         if block.kind == "options":
             generated["options", block.name] = options_table(block.name)
-    if not args.options:
-        (ROOT / "out").mkdir(exist_ok=True)
-        for name in args.names or [b.name for b in found if b.kind == "example"]:
-            if ("example", name) not in generated:
-                generated["example", name] = run_example(name, EXAMPLES[name])
     for document in DOCUMENTS:
-        print(f"{document}: {rewrite(document, generated)} block(s) rewritten")
+        print(f"{document}: {rewrite(document, generated)} option table(s) rewritten")
+    if args.options:
+        return
+    (ROOT / "out").mkdir(exist_ok=True)
+    for name in dict.fromkeys(args.names or [b.name for b in found if b.kind == "example"]):
+        block = {("example", name): run_example(name, EXAMPLES[name])}
+        for document in DOCUMENTS:  # written at once: a later failure keeps what ran
+            rewrite(document, block)
 
 
 if __name__ == "__main__":
