@@ -213,6 +213,7 @@ EXAMPLES: dict[str, Example] = {
                 "atomuq ltau calibrate data/molecular/test_600K.extxyz.gz -e out/ltau.npz -o out/ltau_cal600.npz -k 5 "
                 "--plot out/cal600.png"
             ),
+            Command("atomuq ltau weights -e out/ltau.npz --scheme hard --lambda 4.5 -o out/ltau_weights.npy"),
         ),
         clean=("out/ltau*", "out/cal600.png"),
     ),
