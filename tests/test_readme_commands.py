@@ -246,23 +246,24 @@ def run_case(case: Case, folder: Path) -> str | None:
 
 
 @pytest.fixture(scope="session")
-def case_results(request, tmp_path_factory) -> dict[str, str | None]:
-    """Every selected case, run WORKERS at a time (one core each); case id -> None or its failure."""
+def case_futures(request, tmp_path_factory):
+    """Every selected case submitted at once, run WORKERS at a time (one core each); case id -> future of None or its
+    failure. Each test waits for its own case only, so the time (and pytest's per-test timeout) is spread over them."""
     selected = [item.callspec.params["case"] for item in request.session.items
                 if getattr(item, "originalname", "") == "test_shown_commands_run_on_tiny_inputs"]
-    with ThreadPoolExecutor(max_workers=max(1, WORKERS)) as pool:
-        futures = {case.id: pool.submit(run_case, case, tmp_path_factory.mktemp("doc")) for case in selected if _runs(case)}
-    return {case_id: future.result() for case_id, future in futures.items()}
+    pool = ThreadPoolExecutor(max_workers=max(1, WORKERS))
+    yield {case.id: pool.submit(run_case, case, tmp_path_factory.mktemp("doc")) for case in selected if _runs(case)}
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_shown_commands_run_on_tiny_inputs(case, case_results):
+def test_shown_commands_run_on_tiny_inputs(case, case_futures):
     if case.missing:
         pytest.skip(f"needs {case.missing}")
     if case.slow and SKIP_SLOW:
         pytest.skip("slow; ATOMUQ_SKIP_SLOW_DOCS=1")
     assert case.commands, "a block marked for checking shows no command (run scripts/readme_examples.py)"
-    failure = case_results[case.id]
+    failure = case_futures[case.id].result()
     assert failure is None, failure
 
 
