@@ -42,7 +42,7 @@ _spec = importlib.util.spec_from_file_location("readme_examples", ROOT / "script
 examples = sys.modules.setdefault("readme_examples", importlib.util.module_from_spec(_spec))
 _spec.loader.exec_module(examples)
 
-COMMAND_TIMEOUT = 180
+COMMAND_TIMEOUT = 300  # one command, on a busy machine
 SKIP_SLOW = os.environ.get("ATOMUQ_SKIP_SLOW_DOCS") == "1"
 #: blocks run side by side (each one's commands in order): one per core, at most 2 by default
 WORKERS = int(os.environ.get("ATOMUQ_DOC_WORKERS", min(2, os.cpu_count() or 1)))
@@ -57,7 +57,7 @@ TINY_CONFIGS = {
 }
 TINY_FRAMES = 4
 CONFIG_FRAMES = 8  # files a config names (training sets with a validation split, search starts)
-CALIBRATION_FRAMES = 12  # --calibrate-on splits its file in thirds
+CALIBRATION_FRAMES = 60  # --calibrate-on splits its file in thirds; a 0.95 bound needs 20 in its third
 STRUCTURE_SUFFIXES = (".extxyz", ".extxyz.gz", ".xyz", ".traj")
 #: ltau fit matches its training file to the error log by SHA-256: these stay full size
 REAL_AFTER = re.compile(r"(?:--train|--logs)\s+(\S+)")
