@@ -9,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.atomuq-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench docs docs-options clean
 
 install: $(STAMP)
 
@@ -29,6 +29,14 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_force_delta.py
+
+# Rewrite the outputs shown in README.md and docs/*.md from real runs (a few minutes), or only the
+# option tables read from the CLI (seconds); tests/test_readme_commands.py checks both.
+docs: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) scripts/readme_examples.py
+
+docs-options: $(STAMP)
+	$(PY) scripts/readme_examples.py --options
 
 clean:
 	rm -rf out .pytest_cache

@@ -281,8 +281,9 @@ def figures(results: dict) -> dict:
         modes = [m for m in MODES if f"{prefix}/{m}" in results]
         paths = [OUT / f"{system}_s{idx}.nve_{m}.extxyz" for m in modes]
         names = [LABELS[m] for m in modes]
+        title = f"{system} (start {idx}): NVE with direct, conservative and MTS forces"
         figs[prefix] = plot_drift(
-            paths, DOCS / f"md_stability_nve_{system}.png", names, symlog=True
+            paths, DOCS / f"md_stability_nve_{system}.png", names, symlog=True, title=title
         )
         figs[f"{prefix}_zoom"] = plot_drift(
             paths,
@@ -290,6 +291,7 @@ def figures(results: dict) -> dict:
             names,
             tmax_ps=1.0,
             symlog=True,
+            title=f"{title}, first ps",
         )
     fig, axes = plt.subplots(
         len(NVT_TDAMP), 1, figsize=(7, 3 * len(NVT_TDAMP)), sharex=True
@@ -309,7 +311,7 @@ def figures(results: dict) -> dict:
                 label=f"{LABELS[m]}: std {std:.1f} K ({results[key]['status']})",
             )
         ax.set_ylabel("T (K)")
-        ax.set_title(f"Nosé–Hoover chain, τ = {tdamp:g} fs", fontsize=9)
+        ax.set_title(f"{SYSTEMS[0]} (start {STARTS[0]}), NVT 300 K, Nosé–Hoover chain, τ = {tdamp:g} fs", fontsize=9)
         ax.legend(fontsize=8)
     np.atleast_1d(axes)[-1].set_xlabel("time (ps)")
     fig.tight_layout()
@@ -332,7 +334,7 @@ def figures(results: dict) -> dict:
                 ax.scatter(x[sel], drift[sel], label=system, s=30)
             ax.set_xlabel(f"{name} (eV/Å)")
             ax.set_yscale("log")
-            ax.set_title(f"r_s = {rs:.2f} (n = {len(rows)})")
+            ax.set_title(f"r_s = {rs:.2f} (n = {len(rows)}: {len(SYSTEMS)} molecules × {len(STARTS)} starts)", fontsize=10)
         axes[0].set_ylabel("|energy drift| (meV/atom/ps)")
         axes[0].legend(fontsize=7)
         fig.tight_layout()

@@ -3,6 +3,8 @@
 Run (after training, see configs/train_molecular.toml):
     .venv/bin/python scripts/model_card.py --model runs/molecular/best.pt \
         --compare runs/molecular_noequigrad/best.pt --out docs/model_card
+Only the parity figure (the bundled model, about a minute; needs no other model):
+    PYTHONPATH=src python scripts/model_card.py --model src/atomuq/data/models/molecular-small.pt --only parity --out docs/model_card
 Writes OUT.md, OUT.json and figures OUT_parity.png, OUT_equigrad.png, OUT_confidence.png; with
 --members M1 M2 ..., OUT_ensemble.md with every member's force errors per split.
 
@@ -21,6 +23,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import matplotlib.colors
 import matplotlib.ticker
 
 matplotlib.use("Agg")
@@ -58,6 +61,39 @@ def split_metrics(records, scored) -> dict:
     }
 
 
+PARITY_SPLITS = (("test_300K", "tab:blue"), ("test_1200K", "tab:red"), ("heldout_300K", "tab:green"))
+
+
+def parity_figure(scored: dict, path: str) -> None:
+    """Model against GFN2-xTB force components, direct (top) and conservative (bottom), one column per split.
+
+    One panel per split so that no split hides another; colour is the log density of points (hexagonal bins).
+    """
+    splits = [(split, colour) for split, colour in PARITY_SPLITS if split in scored]
+    fig, axes = plt.subplots(2, len(splits), figsize=(4.2 * len(splits), 8.4), sharex=True, sharey=True, squeeze=False)
+    lim = 12
+    for row, kind in enumerate(("forces_direct", "forces_conservative")):
+        for col, (split, colour) in enumerate(splits):
+            ax = axes[row, col]
+            ref = np.concatenate([a.arrays["REF_forces"] for a in scored[split]]).ravel()
+            pred = np.concatenate([a.arrays[kind] for a in scored[split]]).ravel()
+            light = 0.7 + 0.3 * np.array(matplotlib.colors.to_rgb(colour))  # single points stay visible
+            cmap = matplotlib.colors.LinearSegmentedColormap.from_list(split, [light * 0.9, colour])
+            ax.hexbin(ref, pred, gridsize=70, extent=(-lim, lim, -lim, lim), bins="log", mincnt=1, cmap=cmap, linewidths=0)
+            ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.7)
+            ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal")
+            ax.set_title(f"{split}, {kind.split('_')[1]} forces\nMAE {np.abs(pred - ref).mean():.3f} eV/Å, "
+                         f"{len(ref):,} components", fontsize=10)
+            if row == 1:
+                ax.set_xlabel("GFN2-xTB force component (eV/Å)")
+            if col == 0:
+                ax.set_ylabel(f"model {kind.split('_')[1]} force (eV/Å)")
+    fig.suptitle("Force parity of the bundled model (colour: log count per hexagon)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def rotation_study(model, structures, n_rotations: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Per structure: ||Delta_rot|| (eV) and the energy std over random rotations (eV)."""
     grads, spreads = [], []
@@ -76,6 +112,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/model_card")
     ap.add_argument("--rotation-structures", type=int, default=40)
     ap.add_argument("--members", nargs="*", default=[], help="ensemble members: their errors go to OUT_ensemble.md")
+    ap.add_argument("--only", choices=["parity"], help="only redraw OUT_parity.png (scores the three splits it shows)")
     args = ap.parse_args()
     reuse_freed_memory()
     torch.manual_seed(0)
@@ -88,7 +125,7 @@ def main() -> None:
                   "wall_time_s": meta.get("wall_time_s"), "trained_on": meta.get("trained_on"), "splits": {}}
 
     per_split = {}
-    for split in SPLITS:
+    for split in SPLITS if args.only is None else [name for name, _ in PARITY_SPLITS]:
         path = Path(args.data) / f"{split}.extxyz.gz"
         if not path.exists():
             continue
@@ -98,25 +135,9 @@ def main() -> None:
         card["splits"][split] = split_metrics(records, scored)
         print(split, json.dumps(card["splits"][split]))
 
-    # parity plot: direct and conservative forces on the 300 K and 1200 K test sets
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
-    for ax, kind in zip(axes, ("forces_direct", "forces_conservative")):
-        for split, colour in (("test_300K", "tab:blue"), ("test_1200K", "tab:red"), ("heldout_300K", "tab:green")):
-            if split not in per_split:
-                continue
-            scored = per_split[split][1]
-            ref = np.concatenate([a.arrays["REF_forces"] for a in scored]).ravel()
-            pred = np.concatenate([a.arrays[kind] for a in scored]).ravel()
-            mae = np.abs(pred - ref).mean()
-            ax.scatter(ref, pred, s=1, alpha=0.3, color=colour, label=f"{split} (MAE {mae:.3f} eV/Å)", rasterized=True)
-        lim = 12
-        ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
-        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="GFN2-xTB force component (eV/Å)",
-               ylabel=f"model {kind.split('_')[1]} force (eV/Å)", title=kind.replace("_", " "))
-        ax.legend(fontsize=8, markerscale=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(f"{out}_parity.png", dpi=130)
-    plt.close(fig)
+    parity_figure({split: scored for split, (_, scored) in per_split.items()}, f"{out}_parity.png")
+    if args.only == "parity":
+        return
 
     # equigrad: ||Delta_rot|| against the measured energy spread under 32 rotations
     rng = np.random.default_rng(0)

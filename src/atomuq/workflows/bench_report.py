@@ -174,18 +174,26 @@ def write_figures(data: BenchData, report: dict[str, Any], calibration: Calibrat
         paths.append(plots.save_figure(axes[0], out / FIGURES["calibration"]))
 
     if calibration is not None:
-        fig = Figure(figsize=(11, 4.8))
-        axes = fig.subplots(1, 2)
-        for ax, norm in zip(axes, report["calibration"]["coverage"][next(iter(report["calibration"]["coverage"]))]["coverage"]):
-            series = {
-                Path(name).name + (" (in-sample)" if f["in_sample"] else ""): [Coverage(**c) for c in f["coverage"][norm]]
-                for name, f in report["calibration"]["coverage"].items()
-            }
-            plots.plot_coverage(series, ax=ax)
-            ax.set_title(f"conformal ε_nc ≤ q̂·{norm} (fitted on {Path(calibration.source).name})")
-            ax.legend(fontsize=6, loc="upper left")
-        paths.append(plots.save_figure(axes[0], out / FIGURES["coverage"]))
+        paths.append(coverage_figure(report, out / FIGURES["coverage"]))
     return paths
+
+
+def coverage_figure(report: dict[str, Any], path: Path) -> Path:
+    """Empirical against requested coverage of the conformal bounds per input file, one panel per normaliser.
+
+    Drawn from the report alone (bench.json), so a saved report can be redrawn without scoring again.
+    """
+    coverage = report["calibration"]["coverage"]
+    fig = Figure(figsize=(11, 5.6))
+    axes = fig.subplots(1, 2)
+    for ax, norm in zip(axes, coverage[next(iter(coverage))]["coverage"]):
+        series = {
+            Path(name).name + (" (in-sample)" if f["in_sample"] else ""): [Coverage(**c) for c in f["coverage"][norm]]
+            for name, f in coverage.items()
+        }
+        plots.plot_coverage(series, ax=ax)
+        ax.set_title(f"conformal ε_nc ≤ q̂·{norm} (fitted on {Path(report['calibration']['source']).name})", fontsize=10)
+    return plots.save_figure(axes[0], path)
 
 
 def markdown(report: dict[str, Any], figures: list[Path]) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from numpy.typing import ArrayLike
 
 from .calibration import BinnedCalibration
@@ -27,8 +28,21 @@ def save_figure(ax: Axes, path: str | Path, dpi: int = 130) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure = ax.get_figure()
     figure.tight_layout()
-    figure.savefig(path, dpi=dpi)
+    figure.savefig(path, dpi=dpi, bbox_inches="tight")  # legends under the axes and titles of equal-aspect axes stay in
     return path
+
+
+def _plain_log_ticks(ax: Axes) -> None:
+    """Log axes labelled at 1, 2 and 5 per decade in plain numbers, minor ticks unlabelled (no colliding labels)."""
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.set_minor_formatter(NullFormatter())
+
+
+def _legend_below(ax: Axes, fontsize: float = 7) -> None:
+    """Legend under the axes, so that it never covers a curve."""
+    ax.legend(fontsize=fontsize, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
 
 
 def _diagonal(ax: Axes, low: float, high: float) -> None:
@@ -51,6 +65,7 @@ def plot_rmse_vs_rmv(
         ylabel=f"RMSE per bin ({unit})",
         title="RMSE vs RMV (equal-count bins)",
     )
+    _plain_log_ticks(ax)
     ax.legend(fontsize=8)
     return ax
 
@@ -106,7 +121,7 @@ def plot_coverage(
         ylabel="empirical coverage",
         title="split-conformal coverage",
     )
-    ax.legend(fontsize=8, loc="upper left")
+    _legend_below(ax)
     return ax
 
 

@@ -110,10 +110,12 @@ def plot_drift(
     labels: list[str] | None = None,
     tmax_ps: float | None = None,
     symlog: bool = False,
+    title: str | None = None,
 ) -> Path:
-    """PNG of total energy per atom (meV, relative to the start), U_Δ and temperature against time (ps).
+    """PNG of total energy per atom (meV/atom, relative to the start), U_Δ and temperature against time (ps).
 
-    symlog: symmetric-log energy axis (linear within ±1 meV/atom) for runs differing by orders of magnitude.
+    symlog: symmetric-log energy axis (linear within ±1 meV/atom) for runs differing by orders of magnitude;
+    title: figure title (e.g. the system and what differs between the runs).
     """
     import matplotlib
 
@@ -143,6 +145,8 @@ def plot_drift(
     if tmax_ps is not None:
         axes[2].set_xlim(0, tmax_ps)
     axes[0].legend(fontsize=8)
+    if title:
+        axes[0].set_title(title, fontsize=10)
     fig.tight_layout()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
