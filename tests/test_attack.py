@@ -267,7 +267,7 @@ def test_batch_select_equals_batching_the_chosen_structures():
     structures = [ethanol(), copper_cell(), molecule("H2O")]
     picked = Batch.from_atoms(structures).select(torch.tensor([2, 0]))
     direct = Batch.from_atoms([structures[2], structures[0]])
-    for name in ("positions", "numbers", "cell", "pbc", "batch", "n_atoms", "fixed"):
+    for name in ("positions", "numbers", "cell", "pbc", "structure_index", "atoms_per_structure", "fixed"):
         assert torch.equal(getattr(picked, name), getattr(direct, name)), name
 
 
