@@ -4,8 +4,9 @@ Everything but the computing is the local engine's (engines.local): the driver v
 checks the output before Ray is touched (the same errors as `--engine local`), keeps the manifest and the shard
 store, writes each shard the moment an actor returns it (so a killed driver or worker loses only the shards in
 flight, and a rerun resumes, refusing changed settings or inputs by name), and makes the one ordered output file
-(or, as_folder, the folder of shards). Shards of a local run and of a Ray run on the same device are the same
-bytes, so either engine resumes the other's work folder.
+(or, as_folder, the folder of shards). Shards of a local run and of a Ray run hold the same structures, keys and
+values (floats to round-off: an actor's torch thread count changes the order of sums), and either engine resumes
+the other's work folder.
 
 Why actors with a task queue rather than Ray Data: the unit of work, of resume and of output is our shard, whose
 records the driver has already read and validated, so there is nothing for a Ray Data reader to do; its blocks
