@@ -129,7 +129,7 @@ def attack(
         output_file(output)
         output_file(selected, "--selected")
         records = read_structures(inputs)
-        net = load_model_option(model, device)
+        net = load_model_option(model, device, records)
         check_records(records, net.elements, min_distance)
         structures = [r.atoms for r in records]
         rounds = -(-len(structures) // batch_size)

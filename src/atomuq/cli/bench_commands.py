@@ -32,7 +32,7 @@ def summary(report: dict) -> Table:
 def bench(
     inputs: List[Path] = typer.Argument(..., help="Labelled structure files (reference forces required)."),
     output: Path = typer.Option(..., "-o", "--output", help="Report directory: bench.json, bench.md, PNG figures."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=model_help()),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=model_help(default=DEFAULT_MODEL)),
     ensemble: Optional[List[str]] = typer.Option(
         None, "--ensemble", help=ensemble_help()
     ),

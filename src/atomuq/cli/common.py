@@ -86,7 +86,12 @@ def check_device(device: str) -> str:
     return device
 
 
-def model_help(what: str = "Model", default: str | None = DEFAULT_MODEL) -> str:
+#: the --model default of commands that read structures first (cli.ensemble_options.chosen_spec)
+CHOSEN_MODEL = ("the bundled model that knows every element of the input (molecular for molecules, materials for "
+                "periodic structures; said on stderr)")
+
+
+def model_help(what: str = "Model", default: str | None = CHOSEN_MODEL) -> str:
     """Help text of a --model option (plain text), listing every spec form the resolver accepts (models.registry)."""
     tail = f" Default: {default}." if default else ""
     return f"{what}: {registry.spec_help(one_line=True)}.{tail}"

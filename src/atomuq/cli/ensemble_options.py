@@ -7,14 +7,29 @@ from typing import Sequence
 
 from atomuq.cli.common import note
 from atomuq.core.io import Record
+from atomuq.models.catalog import choose_model
 from atomuq.models.protocol import AtomisticModel
 from atomuq.models.registry import DEFAULT_MODEL, normalise_spec, resolve_model
 from atomuq.uq.ensemble import check_members
 
 
-def load_model_option(spec: str | None, device: str) -> AtomisticModel:
-    """The model a --model value names (None: the default); a deprecated spelling is read with a note on stderr."""
-    canonical, deprecation = normalise_spec(spec or DEFAULT_MODEL)
+def chosen_spec(spec: str | None, records: Sequence[Record] | None) -> str:
+    """The --model value, or when it is not given the bundled model for the records' elements and periodicity
+    (models.catalog.choose_model, said on stderr), or the default model without records."""
+    if spec is not None:
+        return spec
+    if not records:
+        return DEFAULT_MODEL
+    choice = choose_model({int(z) for rec in records for z in rec.atoms.numbers},
+                          (bool(rec.atoms.pbc.any()) for rec in records))
+    note(f"--model not given: using {choice.reason}")
+    return choice.entry.name
+
+
+def load_model_option(spec: str | None, device: str, records: Sequence[Record] | None = None) -> AtomisticModel:
+    """The model a --model value names (None: chosen_spec's choice for the records); a deprecated spelling is
+    read with a note on stderr."""
+    canonical, deprecation = normalise_spec(chosen_spec(spec, records))
     if deprecation:
         note(deprecation)
     return resolve_model(canonical, device=device)

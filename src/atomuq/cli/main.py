@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from ase.data import chemical_symbols
 from rich.table import Table
 
 import atomuq
@@ -27,7 +26,8 @@ from atomuq.core.io import read_structures
 from atomuq.core.memory import reuse_freed_memory
 from atomuq.core.validate import DEFAULT_MIN_DISTANCE, check_records, check_references
 from atomuq.models.checkpoint import load_model
-from atomuq.models.registry import DEFAULT_MODEL, bundled_models
+from atomuq.models.catalog import catalog
+from atomuq.models.registry import DEFAULT_MODEL, bundled_dir
 from atomuq.engines.local import score_file
 from atomuq.engines.ray import score_file_ray  # imports ray only when used
 from atomuq.workflows.score import ScoreRow, ScoreSettings, check_direct_head
@@ -89,7 +89,7 @@ def score(
     with user_errors():
         output_file(output)
         records = read_structures(inputs)
-        net = load_model_option(model, device)
+        net = load_model_option(model, device, records)
         check_direct_head(net)
         check_records(records, net.elements, min_distance)
         check_references(records, forces_key)
@@ -109,21 +109,23 @@ def score(
 
 @app.command()
 def models() -> None:
-    """List the bundled models."""
+    """List the bundled models: domain, elements, reference method, data, size; which one a command takes."""
     table = Table(title=f"bundled models (atomuq {atomuq.__version__})")
-    for name in ("name", "elements", "cutoff Å", "layers", "latent", "parameters", "trained on", "file"):
+    for name in ("name", "domain", "elements", "reference", "trained on", "cutoff Å", "parameters"):
         table.add_column(name)
     with user_errors():
-        for name, path in bundled_models().items():
-            m = load_model(path)
+        for entry in catalog():
+            m = load_model(entry.path)
             cfg = m.config
+            role = f" (member of {entry.member_of})" if entry.member_of else ""
             table.add_row(
-                name + (" (default)" if name == DEFAULT_MODEL else ""),
-                " ".join(chemical_symbols[z] for z in cfg.elements), f"{cfg.cutoff:g}", str(cfg.num_layers),
-                str(cfg.latent), f"{sum(p.numel() for p in m.parameters()):,}",
-                cell(m.metadata.get("trained_on", "-")), cell(path.name),
+                cell(entry.name + (" (default)" if entry.name == DEFAULT_MODEL else "") + role), entry.domain,
+                entry.symbols, cell(entry.reference), cell(entry.data), f"{cfg.cutoff:g}",
+                f"{sum(p.numel() for p in m.parameters()):,}",
             )
     console.print(table)
+    say(f"files in {bundled_dir()}; without --model, score, attack and md take the first primary model above of the "
+        "input's domain (periodic: materials) that knows all its elements, and say which")
 
 
 app.command()(train)

@@ -11,12 +11,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from atomuq.cli.ensemble_options import load_model_option
+from atomuq.cli.ensemble_options import chosen_spec, load_model_option
 from atomuq.cli.common import model_help, EXIT_INTERRUPTED, check_device, console, fail, progress_bar, user_errors
 from atomuq.core.errors import InputError
 from atomuq.core.io import atomic_path, read_structures
 from atomuq.core.paths import check_output_file
-from atomuq.models.registry import DEFAULT_MODEL
 from atomuq.uq.ltau.estimator import LTAUEstimator
 from atomuq.workflows.md.drift import analyse, plot_drift
 from atomuq.workflows.md.driver import MDRun, RunResult
@@ -166,10 +165,10 @@ def md(
         if not -len(records) <= index < len(records):
             raise InputError(f"{input}: --index {index} out of range (the file has {len(records)} structures)")
         record = records[index]
-        net = load_model_option(model, device)
+        name = chosen_spec(model, [record])
+        net = load_model_option(name, device)
         plan = plan_from_specs(monitor, settings, net.has_direct_forces)
         estimator = LTAUEstimator.load(ltau) if ltau is not None else None
-        name = model or DEFAULT_MODEL
 
         def say(msg: str) -> None:
             console.print(escape(msg), highlight=False)
