@@ -40,6 +40,33 @@ def small_orb(kind: str = "orb-v3-direct", seed: int = 0, dtype: torch.dtype = t
     return new_orb_model(kind, **kwargs).to(dtype)
 
 
+def orb_atoms_adapter(model):
+    """orb-models' own ASE-to-graph conversion with an atomuq OrbModel's graph settings: graph(atoms) -> AtomGraphs.
+
+    orb-models >= 0.6 keeps the radius and neighbour limit on an atoms adapter, 0.5.x on the model's system_config."""
+    try:
+        from orb_models.forcefield.forcefield_adapter import ForcefieldAtomsAdapter
+    except ImportError:  # orb-models 0.5.x
+        from orb_models.forcefield.atomic_system import ase_atoms_to_atom_graphs
+
+        return lambda atoms: ase_atoms_to_atom_graphs(atoms, model.orb.system_config)
+    adapter = ForcefieldAtomsAdapter(radius=model.cutoff, max_num_neighbors=model.max_num_neighbors)
+    return lambda atoms: adapter.from_ase_atoms(atoms)
+
+
+def orb_calculator(model):
+    """orb-models' own ASE calculator (ORBCalculator, on the cpu) for the network inside an atomuq OrbModel."""
+    try:
+        from orb_models.forcefield.forcefield_adapter import ForcefieldAtomsAdapter
+        from orb_models.forcefield.inference.calculator import ORBCalculator
+    except ImportError:  # orb-models 0.5.x
+        from orb_models.forcefield.calculator import ORBCalculator
+
+        return ORBCalculator(model.orb, device="cpu")
+    adapter = ForcefieldAtomsAdapter(radius=model.cutoff, max_num_neighbors=model.max_num_neighbors)
+    return ORBCalculator(model.orb, adapter, device="cpu")
+
+
 def small_pet(seed: int = 0, dtype: torch.dtype = torch.float64):
     """A randomly initialised metatrain PET with energy and non_conservative_force heads, for H C N O."""
     from metatrain.pet import PET

@@ -15,8 +15,6 @@ pytest.importorskip(
     "orb_models", reason="orb-models is not installed (pip install 'atomuq[orb]')"
 )
 
-from orb_models.forcefield.calculator import ORBCalculator
-
 from atomuq.cli.main import app
 from atomuq.core.batch import Batch
 from atomuq.core.errors import InputError, ModelFileError
@@ -26,7 +24,7 @@ from atomuq.models.registry import resolve_model
 from atomuq.uq.confidence import bin_centres, confidence
 from atomuq.uq.force_delta import force_delta
 from model_kinds import ORB_SMALL as SMALL
-from model_kinds import small_orb
+from model_kinds import orb_atoms_adapter, orb_calculator, small_orb
 
 
 
@@ -44,9 +42,10 @@ def direct():
     return small_orb()
 
 
-def orb_results(orb, atoms, **kwargs):
+def orb_results(model, atoms):
+    """orb-models' own calculator's results for the network inside an atomuq OrbModel."""
     atoms = atoms.copy()
-    atoms.calc = ORBCalculator(orb, device="cpu", **kwargs)
+    atoms.calc = orb_calculator(model)
     atoms.get_potential_energy()
     return atoms.calc.results
 
@@ -56,7 +55,7 @@ def test_direct_forces_energy_confidence_equal_orbs_calculator(direct):
     batch = Batch.from_atoms(atoms)
     pred = evaluate(direct, batch, conservative=False).detach()
     for k, a in enumerate(atoms):
-        ref = orb_results(direct.orb, a)
+        ref = orb_results(direct, a)
         assert float(pred.energy[k]) == pytest.approx(float(ref["energy"]), abs=1e-4)
         np.testing.assert_allclose(
             batch.split(pred.forces_direct)[k].detach().numpy(),
@@ -69,7 +68,7 @@ def test_direct_forces_energy_confidence_equal_orbs_calculator(direct):
         np.testing.assert_allclose(probs, ref["confidence"], atol=1e-6)
     np.testing.assert_allclose(
         pred.stress_direct[1].detach().numpy(),
-        orb_results(direct.orb, atoms[1])["stress"],
+        orb_results(direct, atoms[1])["stress"],
         atol=1e-5,
     )
     assert torch.equal(
@@ -78,10 +77,9 @@ def test_direct_forces_energy_confidence_equal_orbs_calculator(direct):
 
 
 def test_force_delta_equals_manual_computation_with_orbs_api(direct):
-    from orb_models.forcefield.atomic_system import ase_atoms_to_atom_graphs
-
+    to_graph = orb_atoms_adapter(direct)
     for atoms in structures():
-        graph = ase_atoms_to_atom_graphs(atoms, direct.orb.system_config)
+        graph = to_graph(atoms)
         vectors, _, _ = graph.compute_differentiable_edge_vectors(
             use_stress_displacement=False, use_rotation=False
         )
@@ -119,7 +117,7 @@ def test_conservative_orb_matches_its_own_gradients():
     atoms = structures()[1]
     batch = Batch.from_atoms([atoms])
     pred = evaluate(model, batch, conservative=True, stress=True, rotational=True)
-    ref = orb_results(model.orb, atoms)
+    ref = orb_results(model, atoms)
     np.testing.assert_allclose(
         pred.forces_conservative.detach().numpy(), ref["forces"], atol=1e-5
     )
@@ -266,3 +264,59 @@ def test_monitored_md_runs_on_an_orb_model(tmp_path):
     assert len(frames) == result.frames_written
     log = (tmp_path / "orb.extxyz.log").read_text()
     assert "force_delta" in log and "confidence_error" in log
+
+
+def test_charge_and_spin_reach_a_conditioned_orb_model(direct, tmp_path):
+    """Orb-v3 OMol-style conditioning: load_orb's charge and spin give orb's own results for atoms.info charge/spin
+    (orb-models 0.5 reads total_spin, 0.7 spin_multiplicity: the adapter sets both)."""
+    from atomuq.models.adapters.orb import new_orb_model
+
+    torch.manual_seed(4)
+    path = save_orb(new_orb_model("orb-v3-direct", **SMALL, has_charge_spin_cond=True), tmp_path / "omol.pt")
+    atoms = structures()[0]
+    batch = Batch.from_atoms([atoms])
+    energies = []
+    for charge, spin in ((0, 1), (1, 2)):
+        model = load_orb(path, charge=charge, spin=spin)
+        assert model.needs_charge_spin
+        pred = evaluate(model, batch, conservative=False)
+        labelled = atoms.copy()
+        labelled.info.update(charge=charge, spin=spin)
+        ref = orb_results(model, labelled)
+        assert float(pred.energy[0]) == pytest.approx(float(ref["energy"]), abs=1e-4)
+        np.testing.assert_allclose(pred.forces_direct.detach().numpy(), ref["forces"], atol=1e-5)
+        energies.append(float(pred.energy[0]))
+    assert abs(energies[1] - energies[0]) > 1e-3  # the conditioning is read, not ignored
+
+
+def test_released_model_file_loads_through_orbs_own_loader(tmp_path):
+    """A file named after a released model (random weights of its architecture) goes through orb's loader: the
+    release's graph settings (0.5: on the model, 0.7: on the atoms adapter the loader returns) and orb's results."""
+    from orb_models.forcefield.pretrained import orb_v3_direct_architecture
+
+    torch.manual_seed(5)
+    path = tmp_path / "orb-v3-direct-20-omat-20250404.ckpt"
+    torch.save(orb_v3_direct_architecture(device="cpu").state_dict(), path)
+    model = resolve_model(f"orb:{path}")
+    assert (model.architecture, model.cutoff, model.max_num_neighbors) == ("orb-v3-direct-20-omat", 6.0, 20)
+    assert model.has_direct_forces and not any(p.requires_grad for p in model.parameters())
+    atoms = structures()[0]
+    pred = evaluate(model, Batch.from_atoms([atoms]), conservative=False)
+    ref = orb_results(model, atoms)
+    assert float(pred.energy[0]) == pytest.approx(float(ref["energy"]), abs=1e-3)
+    np.testing.assert_allclose(pred.forces_direct.detach().numpy(), ref["forces"], atol=1e-4)
+
+
+def test_orb_models_with_learned_electrostatics_are_refused():
+    """orb-models >= 0.6 only: a Coulomb module and latent-charge head (OrbMol-v2) is refused with a clear error."""
+    from packaging.version import Version
+
+    from atomuq.models.adapters.orb import OrbModel, orb_api
+
+    if Version(orb_api().version) < Version("0.6"):
+        pytest.skip(f"orb-models {orb_api().version} has no electrostatics (0.6 and later)")
+    from orb_models.forcefield.pretrained import orb_v3_conservative_architecture
+
+    orb = orb_v3_conservative_architecture(**SMALL, has_electrostatics=True, device="cpu")
+    with pytest.raises(ModelFileError, match="Coulomb module or latent charges are not supported"):
+        OrbModel(orb, 6.0, 20, "orb-v3-conservative")

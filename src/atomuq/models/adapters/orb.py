@@ -15,8 +15,11 @@ defines as the mean absolute force component error (eV/Å), not the norm atomuq'
 model uses.
 
 orb-models 0.7 (Python >= 3.12) and 0.5.x (Python 3.11) move modules and change small parts
-of the API; orb_api() hides both behind one lazy import. Weights come only from a local file:
-nothing here downloads. compile=False by default.
+of the API (0.7: released loaders return (model, atoms adapter), the graph settings live on the
+adapter, spin is `spin_multiplicity`, absolute energies come in float64); orb_api() hides both
+behind one lazy import. Both are tested: 0.5.5 in the project environment, 0.7 in a Python 3.12
+side environment (scripts/orb07_side_env.sh). Weights come only from a local file: nothing here
+downloads. compile=False by default.
 """
 
 from __future__ import annotations
@@ -241,7 +244,8 @@ class OrbModel(AtomisticModel):
         )
 
     def forward(self, batch: Batch) -> ModelOutput:
-        """Energy (B,) eV; direct forces (N, 3) eV/Å and stress (B, 6) eV/Å³ of direct models; node features; logits."""
+        """Energy (B,) eV (float64 on orb-models >= 0.6, as orb's predict); direct forces (N, 3) eV/Å and stress
+        (B, 6) eV/Å³ of direct models; node features; logits."""
         graph = self.atom_graphs(batch)
         heads = self.orb.heads
         features = self.orb.model(graph)["node_features"]
