@@ -40,7 +40,10 @@ def table() -> str:
         "  `atoms.get_forces()`, `atoms.get_stress()` on a structure read back (a single-point calculator);",
         "  on files atomuq writes they are the model's predictions, never reference labels (reference labels",
         "  are kept as `REF_energy`, `REF_forces`, `REF_stress`);",
-        "- md monitors of per-atom results are named `<quantity>_<max|mean|rms>` (e.g. `confidence_error_max`).",
+        "- md monitors of per-atom results are named `<quantity>_<max|mean|rms>` (e.g. `confidence_error_max`);",
+        "- `score` and `ltau score` run on a file the other wrote replace only their own keys (and say so): the",
+        "  other's results stay when the same model made them, and are dropped (with a note) when another model did,",
+        "  so that the provenance keys always name the one model behind every result on a structure.",
         "",
     ]
     for level, title in (("structure", "Per structure"), (ATOM, "Per atom")):

@@ -381,6 +381,26 @@ def test_cli_fit_score_calibrate_weights(trained, tmp_path):
     assert res.exit_code == 1 and "nope.npz: LTAU estimator file not found" in res.output
 
 
+def test_score_and_ltau_score_keep_each_others_results(trained, tmp_path):
+    folder, runs = trained
+    model, est_path = str(runs[0] / "best.pt"), tmp_path / "est.npz"
+    assert runner.invoke(app, ["ltau", "fit", "--logs", str(runs[0] / "error_log"), "--train",
+                               str(folder / "tiny_train.extxyz"), "--model", model, "-o", str(est_path)]).exit_code == 0
+    scored, both, again = tmp_path / "s.extxyz", tmp_path / "sl.extxyz", tmp_path / "sls.extxyz"
+    res = runner.invoke(app, ["score", str(folder / "tiny_val.extxyz"), "-m", model, "-o", str(scored)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["ltau", "score", str(scored), "-e", str(est_path), "-o", str(both)])
+    assert res.exit_code == 0, res.output
+    assert "kept the `atomuq score` results (same model) on 6 of 6 structures" in res.output
+    res = runner.invoke(app, ["score", str(both), "-m", model, "-o", str(again)])
+    assert res.exit_code == 0, res.output
+    assert "replaced the earlier `atomuq score` results on 6 of 6" in res.output and "kept the `atomuq ltau score`" in res.output
+    for first, last in zip(read(scored, ":"), read(again, ":")):
+        assert last.info["force_delta"] == pytest.approx(first.info["force_delta"])
+        assert "ltau_uncertainty" in last.info and "ltau_uncertainty_atoms" in last.arrays
+        assert last.info["atomuq_model_fingerprint"] == first.info["atomuq_model_fingerprint"]
+
+
 def test_ase_calculator_gives_the_same_ltau_as_the_workflow(trained):
     from atomuq.calculator import AtomuqCalculator
 

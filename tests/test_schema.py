@@ -19,13 +19,18 @@ from atomuq.core.schema import (
     MORE_TRUSTED,
     NOT_A_SCORE,
     BUILTIN_KEYS,
+    LTAU,
     REGISTRY,
+    SCORE,
     SCHEMA_VERSION,
     STRUCTURE,
+    EarlierResults,
     Provenance,
     SchemaError,
     carries_prediction,
+    earlier_results,
     lookup,
+    own_keys,
     upgrade,
     write_results,
 )
@@ -138,6 +143,42 @@ def test_rewriting_replaces_every_earlier_result():
     write_results(atoms, {"energy": 2.0, "forces": np.zeros((3, 3)), "force_delta": 0.1}, PROV)
     assert "eps_nc" not in atoms.info and "eps_nc_atoms" not in atoms.arrays
     assert atoms.get_potential_energy() == 2.0 and atoms.info["model_energy"] == 2.0
+
+
+SCORED = {"energy": 1.0, "forces": np.zeros((3, 3)), "force_delta": 0.1, "force_delta_max": 0.2,
+          "ensemble_std": 0.05, "eps_c": 0.4}
+LTAU_SCORED = {"energy": 1.0, "forces": np.zeros((3, 3)), "ltau_uncertainty": 0.3, "ltau_threshold": 0.05,
+               "ltau_uncertainty_atoms": np.full(3, 0.3)}
+
+
+def test_score_and_ltau_score_replace_only_their_own_keys():
+    atoms = molecule("H2O")
+    write_results(atoms, SCORED, PROV, writer=SCORE)
+    assert earlier_results(atoms, LTAU, PROV) == EarlierResults(own=False, kept=(SCORE,), dropped=None)
+    write_results(atoms, LTAU_SCORED, PROV, writer=LTAU)
+    assert atoms.info["force_delta"] == 0.1 and atoms.info["ltau_uncertainty"] == 0.3  # both commands' results
+    assert earlier_results(atoms, SCORE, PROV).own and earlier_results(atoms, SCORE, PROV).kept == (LTAU,)
+    rescored = {k: v for k, v in SCORED.items() if k != "ensemble_std"}  # a rerun without the ensemble
+    write_results(atoms, {**rescored, "energy": 2.0}, PROV, writer=SCORE)
+    assert "ensemble_std" not in atoms.info  # the command's own stale key goes
+    assert atoms.info["ltau_uncertainty"] == 0.3 and "ltau_uncertainty_atoms" in atoms.arrays
+    assert atoms.get_potential_energy() == 2.0 and atoms.info["model_energy"] == 2.0
+    assert atoms.info["atomuq_model_fingerprint"] == PROV.model_fingerprint
+    assert "force_delta_max" in own_keys(SCORE) and "ltau_threshold" in own_keys(LTAU)
+    assert not set(own_keys(SCORE)) & set(own_keys(LTAU)) and "eps_c" not in own_keys(SCORE)  # shared: not own
+
+
+def test_results_of_another_model_are_dropped_not_mixed_under_one_provenance():
+    atoms = molecule("H2O")
+    write_results(atoms, SCORED, PROV, writer=SCORE)
+    other = Provenance(model="other-model", model_fingerprint="fedcba9876543210")
+    assert earlier_results(atoms, LTAU, other).dropped == "test-model"
+    write_results(atoms, LTAU_SCORED, other, writer=LTAU)
+    assert "force_delta" not in atoms.info and atoms.info["atomuq_model"] == "other-model"
+    weightless = Provenance(model="ase:a", model_fingerprint="none")  # ASE calculators have no weights to compare
+    write_results(atoms, SCORED, weightless, writer=SCORE)
+    assert earlier_results(atoms, LTAU, Provenance(model="ase:b", model_fingerprint="none")).dropped == "ase:a"
+    assert earlier_results(atoms, LTAU, weightless).kept == (SCORE,)
 
 
 def test_uq_results_take_names_units_and_orientation_from_the_registry(native_model):

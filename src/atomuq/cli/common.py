@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import typer
+from ase import Atoms
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -15,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from atomuq.core.device import resolve_device
 from atomuq.core.errors import AtomuqError
 from atomuq.core.paths import check_output_dir, check_output_file
+from atomuq.core.schema import Provenance, earlier_results
 from atomuq.models import registry
 from atomuq.models.registry import DEFAULT_MODEL
 
@@ -75,6 +77,22 @@ def output_folder(path: Path, flag: str = "--output", *, resume: bool = False) -
     if check_output_dir(path, flag) and not resume and any(Path(path).iterdir()):
         note(f"{flag} {path} exists; the files this command writes there will be replaced")
     return path
+
+
+def note_earlier_results(structures: Sequence[Atoms], writer: str, provenance: Provenance) -> None:
+    """Say which atomuq results already on the input structures a `writer` run (score, ltau score) replaced,
+    kept or dropped (core.schema.earlier_results)."""
+    found = [earlier_results(atoms, writer, provenance) for atoms in structures]
+    own = sum(e.own for e in found)
+    if own:
+        note(f"replaced the earlier `atomuq {writer}` results on {own} of {len(found)} structures")
+    for other in sorted({c for e in found for c in e.kept}):
+        count = sum(other in e.kept for e in found)
+        note(f"kept the `atomuq {other}` results (same model) on {count} of {len(found)} structures")
+    for model in sorted({e.dropped for e in found if e.dropped is not None}):
+        count = sum(e.dropped == model for e in found)
+        note(f"dropped the earlier results of another model ({model}) on {count} of {len(found)} structures: "
+             "a structure carries one model's results (write to separate files to compare models)")
 
 
 def check_device(device: str) -> str:

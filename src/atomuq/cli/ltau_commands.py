@@ -18,6 +18,7 @@ from atomuq.cli.common import (
     console,
     fail,
     model_help,
+    note_earlier_results,
     output_file,
     progress_bar,
     say,
@@ -26,6 +27,7 @@ from atomuq.cli.common import (
 from atomuq.core.errors import InputError
 from atomuq.core.io import Record, atomic_path, read_structures, write_structures
 from atomuq.core.paths import check_distinct_outputs
+from atomuq.core.schema import LTAU
 from atomuq.core.validate import check_records, check_references
 from atomuq.models.registry import DEFAULT_MODEL
 from atomuq.uq.ltau.estimator import LTAUEstimator
@@ -160,6 +162,7 @@ def score(
                       f"{r.uncertainty:.3f}", f"{r.uncertainty_max:.3f}", f"{r.expected_error:.4f}",
                       f"{r.distance_max:.3g}", "-" if r.error is None else f"{r.error:.4f}")
     console.print(table)
+    note_earlier_results([r.atoms for r in records], LTAU, scored.provenance)
     say(f"wrote {len(atoms)} structures to {output}")
 
 

@@ -15,7 +15,8 @@ from atomuq.cli.bench_commands import bench
 from atomuq.cli.ensemble_options import load_ensemble, load_model_option
 from atomuq.cli.improve_commands import improve
 from atomuq.cli.common import (
-    HELP_MARKUP, cell, check_device, console, ensemble_help, fail, model_help, output_file, progress_bar, say, user_errors,
+    HELP_MARKUP, cell, check_device, console, ensemble_help, fail, model_help, note_earlier_results, output_file, progress_bar,
+    say, user_errors,
 )
 from atomuq.cli.data_commands import label, sample
 from atomuq.cli.ltau_commands import ltau_app
@@ -24,9 +25,11 @@ from atomuq.cli.train_commands import train
 from atomuq.cli.view_commands import view
 from atomuq.core.io import read_structures
 from atomuq.core.memory import reuse_freed_memory
+from atomuq.core.schema import SCORE
 from atomuq.core.validate import DEFAULT_MIN_DISTANCE, check_records, check_references
 from atomuq.models.checkpoint import load_model
 from atomuq.models.catalog import catalog
+from atomuq.models.provenance import model_provenance
 from atomuq.models.registry import DEFAULT_MODEL, bundled_dir
 from atomuq.engines.local import score_file
 from atomuq.engines.ray import score_file_ray  # imports ray only when used
@@ -100,6 +103,7 @@ def score(
                              members, names, min_distance, progress=lambda n: bar.advance(task, n))
     rows = run.rows
     console.print(summary_table(rows, top))
+    note_earlier_results([r.atoms for r in records], SCORE, model_provenance(net))
     resumed = f" (resumed {run.resumed} of {run.n_shards} shards)" if run.resumed else ""
     say(f"model {net.source or model}; wrote {len(rows)} structures to {output}{resumed}")
     if members:

@@ -12,7 +12,10 @@ A key names one quantity at one level and means the same in a file and in the AS
   (``model_energy`` in ``atoms.info`` records the same energy, which marks calculator results
   as the model's predictions, never reference labels);
 - provenance (``atomuq_model``, ``atomuq_model_fingerprint``, ``atomuq_version``,
-  ``atomuq_schema_version``) is recorded on every written structure.
+  ``atomuq_schema_version``) is recorded on every written structure;
+- score and ltau score add results to structures in place: rerunning one of them on a file the
+  other wrote replaces only its own keys (`write_results(..., writer=...)`); the other's results
+  stay as long as they are the same model's (the provenance names one model per structure).
 
 SCHEMA_VERSION counts changes of this registry that a reader must know about; files of
 version 0 (written before the registry existed) are upgraded on read by `upgrade`.
@@ -46,6 +49,10 @@ INFO, ARRAYS, CALCULATOR = "info", "arrays", "calculator"
 SCORE, LTAU, ATTACK, MD, CALC = "score", "ltau score", "attack", "md", "calculator"
 IMPROVE, LABEL = "improve", "label"
 EVERY = (SCORE, LTAU, ATTACK, MD, CALC)
+#: the commands whose results are written to files (the calculator's live only on the atoms it is attached to)
+COMMANDS = (SCORE, LTAU, ATTACK, MD)
+#: the commands that add results to structures without moving them (write_results(..., writer=...))
+IN_PLACE = (SCORE, LTAU)
 
 ATOM_SUFFIX = "_atoms"
 #: per-structure reductions of a per-atom value that a name may carry (md monitors key:RESULT,reduce=...)
@@ -318,6 +325,62 @@ def clear_results(atoms: Atoms, *, keep_calculator: bool = False) -> Atoms:
     return atoms
 
 
+def own_keys(writer: str) -> list[str]:
+    """The keys that, of the commands writing files, only `writer` writes: on a structure they mark its results."""
+    others = [c for c in COMMANDS if c != writer]
+    return [name for name, key in REGISTRY.items()
+            if writer in key.writers and key.clears and not any(c in key.writers for c in others)]
+
+
+def _present(atoms: Atoms, names: list[str]) -> bool:
+    return any(name in atoms.info or name in atoms.arrays for name in names)
+
+
+@dataclass(frozen=True)
+class EarlierResults:
+    """What a structure carries before `writer` writes onto it in place (write_results(..., writer=...)).
+
+    own: results of an earlier run of the same command (replaced); kept: the other commands whose
+    results stay; dropped: the model (name) of earlier results that are removed because another model made them.
+    """
+
+    own: bool
+    kept: tuple[str, ...]
+    dropped: str | None
+
+
+def earlier_results(atoms: Atoms, writer: str, provenance: Provenance) -> EarlierResults:
+    """Which atomuq results on atoms a write by `writer` (one of IN_PLACE) with `provenance` replaces, keeps, drops."""
+    if writer not in IN_PLACE:
+        raise ValueError(f"{writer!r} does not write in place; choose one of {IN_PLACE}")
+    own = _present(atoms, own_keys(writer))
+    others = tuple(c for c in COMMANDS if c != writer and _present(atoms, own_keys(c)))
+    if not others:
+        return EarlierResults(own, (), None)
+    info = atoms.info
+    same = info.get("atomuq_model_fingerprint") == provenance.model_fingerprint
+    if provenance.model_fingerprint == "none":  # a model without weights: only its name tells
+        same = same and info.get("atomuq_model") == provenance.model
+    if not same:
+        return EarlierResults(own, (), str(info.get("atomuq_model", "an unrecorded model")))
+    return EarlierResults(own, others, None)
+
+
+def clear_own_results(atoms: Atoms, writer: str, written: Mapping[str, Any]) -> Atoms:
+    """Remove (in place) `writer`'s own keys, the keys about to be written (`written`, with model_energy and
+    free_energy beside energy) and a prediction calculator; other commands' results stay."""
+    names = set(own_keys(writer)) | set(written)
+    if "energy" in written:
+        names |= {"model_energy", "free_energy"}
+    if carries_prediction(atoms):
+        atoms.calc = None
+    for name in names:
+        atoms.info.pop(name, None)
+        if REGISTRY[name].store != INFO:
+            atoms.arrays.pop(name, None)
+    return atoms
+
+
 @dataclass
 class PreparedResults:
     """Checked results split by where they go: atoms.info, atoms.arrays, and the ASE calculator's results."""
@@ -347,17 +410,22 @@ def prepare_results(results: Mapping[str, Any], provenance: Provenance, n_atoms:
 
 
 def write_results(atoms: Atoms, results: Mapping[str, Any], provenance: Provenance, *,
-                  attach_calculator: bool = True) -> Atoms:
+                  attach_calculator: bool = True, writer: str | None = None) -> Atoms:
     """Write results onto atoms (in place) under their registered keys, with provenance, and return atoms.
 
     Per-structure keys go to atoms.info, per-atom keys to atoms.arrays; energy, free_energy, forces
     and stress go into a SinglePointCalculator (attach_calculator=False: left to the calculator
     already attached, as the ASE calculator does), and energy is also recorded as model_energy.
-    Earlier atomuq results on atoms are removed first. Unknown keys, wrong shapes and non-finite
-    values raise SchemaError before atoms is changed.
+    Earlier atomuq results on atoms are removed first: all of them (the atoms may have moved), or
+    with writer (one of IN_PLACE: the atoms have not moved) only that command's own keys and the keys
+    written now, so that another command's results of the same model stay (earlier_results says
+    which). Unknown keys, wrong shapes and non-finite values raise SchemaError before atoms is changed.
     """
     prepared = prepare_results(results, provenance, len(atoms))
-    clear_results(atoms, keep_calculator=not attach_calculator)
+    if writer is not None and earlier_results(atoms, writer, provenance).kept:
+        clear_own_results(atoms, writer, {**prepared.info, **prepared.arrays, **prepared.calculator})
+    else:
+        clear_results(atoms, keep_calculator=not attach_calculator)
     atoms.arrays.update(prepared.arrays)
     atoms.info.update(prepared.info)
     if attach_calculator and prepared.calculator:

@@ -15,7 +15,7 @@ import atomuq
 from atomuq.core.batch import Batch
 from atomuq.core.errors import InputError
 from atomuq.core.io import Record, detach_reference, file_sha256, read_structures, reference_forces
-from atomuq.core.schema import Provenance, write_results
+from atomuq.core.schema import LTAU, Provenance, write_results
 from atomuq.core.validate import check_records
 from atomuq.models.checkpoint import weights_fingerprint
 from atomuq.models.derivatives import evaluate
@@ -245,7 +245,7 @@ def annotate(records: Sequence[Record], scored: ScoredAtoms, kind: str) -> tuple
     out_atoms, rows = [], []
     for rec, result in zip(records, values):
         result.update(source_file=rec.source, source_index=rec.index)
-        atoms = write_results(detach_reference(rec.atoms), result, scored.provenance)
+        atoms = write_results(detach_reference(rec.atoms), result, scored.provenance, writer=LTAU)
         info = atoms.info
         out_atoms.append(atoms)
         rows.append(LTAURow(rec.source, rec.index, structure_tag(rec.atoms), rec.atoms.get_chemical_formula(),

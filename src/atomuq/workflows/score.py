@@ -16,7 +16,7 @@ from ase import Atoms
 from atomuq.core.batch import Batch
 from atomuq.core.errors import InputError
 from atomuq.core.io import Record, detach_reference, reference_forces
-from atomuq.core.schema import Provenance, write_results
+from atomuq.core.schema import SCORE, Provenance, write_results
 from atomuq.models.derivatives import Prediction, evaluate
 from atomuq.models.protocol import AtomisticModel
 from atomuq.models.provenance import model_provenance
@@ -190,7 +190,7 @@ def score_shard(
         values = prediction_results(model, batch, pred, "direct", ref_tensor, has_ref, extra)
         for rec, result in zip(chunk, values):
             result.update(source_file=rec.source, source_index=rec.index)
-            out.append(write_results(detach_reference(rec.atoms), result, provenance))
+            out.append(write_results(detach_reference(rec.atoms), result, provenance, writer=SCORE))
         if progress is not None:
             progress(len(chunk))
     return out
