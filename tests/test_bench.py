@@ -15,11 +15,12 @@ from atomuq.cli.main import app
 from atomuq.core.errors import InputError
 from atomuq.core.io import read_structures
 from atomuq.models.registry import resolve_model
-from atomuq.uq.evaluate import ConformalCalibrator, IsotonicMap, bootstrap_ci, ence, roc_auc, spearman, zms
+from atomuq.uq.evaluate import ConformalCalibrator, IsotonicMap, bootstrap_ci, ence, min_calibration_size, roc_auc, spearman, zms
 from atomuq.workflows.bench import (
     BenchData,
     BenchSettings,
     bench_files,
+    check_calibration_size,
     check_labelled,
     collect,
     evaluate_bench,
@@ -143,6 +144,28 @@ def test_bad_settings_are_rejected():
     for bad in (BenchSettings(n_boot=5), BenchSettings(levels=(0.9, 1.0)), BenchSettings(flag_quantile=0.0)):
         with pytest.raises(InputError):
             evaluate_bench(synthetic(), bad)
+
+
+@pytest.mark.parametrize("level", [0.8, 0.9, 0.95])
+def test_calibration_file_needs_three_times_the_conformal_minimum(level):
+    needed = 3 * min_calibration_size(level)  # its conformal third: 0.9 needs 9 there, a file of 27
+    check_calibration_size(needed, (0.5, level), "cal.xyz")
+    data = synthetic(needed)
+    calibration = fit_calibration(data.subset(data.systems == "a"), "cal.xyz")
+    bound = calibration.conformal["U_Δ"].coverage(*calibration.held_back, level)
+    assert calibration.n_conformal == min_calibration_size(level) and np.isfinite(bound.mean_bound)
+    with pytest.raises(InputError, match=f"cal.xyz: {needed - 1} labelled .* coverage {level:g} needs "
+                                         f"{min_calibration_size(level)} there: give at least {needed} structures"):
+        check_calibration_size(needed - 1, (level, 0.5), "cal.xyz")
+
+
+def test_too_small_calibration_file_is_refused_before_any_scoring(model, tmp_path):
+    small = tmp_path / "cal.extxyz"
+    write(small, read(DEMO, ":26"))  # its third, 8, is one short of the 9 that coverage 0.9 needs
+    scored = []
+    with pytest.raises(InputError, match="cal.extxyz: 26 labelled structures.*give at least 27"):
+        bench_files([DEMO], model, settings=BenchSettings(levels=(0.9,)), calibrate_on=small, progress=scored.append)
+    assert not scored
 
 
 def test_cli_writes_report(tmp_path):

@@ -16,6 +16,7 @@ from atomuq.uq.evaluate import (
     bootstrap_ci,
     calibration_curve,
     ence,
+    min_calibration_size,
     miscalibration_area,
     plots,
     rmse_vs_rmv,
@@ -319,6 +320,16 @@ def test_conformal_hand_computed_quantile():
     np.testing.assert_allclose(conformal.predict([0.5, 2.0], 0.8), [4.0, 16.0])
     with pytest.raises(InputError, match="needs at least 19 calibration"):
         conformal.quantile(0.95)  # ceil(10 · 0.95) = 10 > 9
+
+
+@pytest.mark.parametrize("level", [0.7, 0.8, 0.9, 0.95, 0.99])
+def test_conformal_minimum_size_is_the_smallest_that_gives_a_finite_bound(level):
+    """The count the message names is exact: n = min_calibration_size works, n - 1 does not (0.9: 9, not 10)."""
+    n = min_calibration_size(level)
+    assert ConformalCalibrator("score").fit(np.ones(n), np.arange(1.0, n + 1)).quantile(level) == n  # the largest
+    with pytest.raises(InputError, match=f"coverage {level} needs at least {n} calibration structures.*got {n - 1}"):
+        ConformalCalibrator("score").fit(np.ones(n - 1), np.arange(1.0, n)).quantile(level)
+    assert min_calibration_size(0.9) == 9 and min_calibration_size(0.8) == 4
 
 
 def test_conformal_round_trip(tmp_path):

@@ -57,7 +57,7 @@ TINY_CONFIGS = {
 }
 TINY_FRAMES = 4
 CONFIG_FRAMES = 8  # files a config names (training sets with a validation split, search starts)
-CALIBRATION_FRAMES = 60  # --calibrate-on splits its file in thirds; a 0.95 bound needs 20 in its third
+CALIBRATION_FRAMES = 60  # --calibrate-on splits its file in thirds; a 0.95 bound needs 19 in its third (57)
 STRUCTURE_SUFFIXES = (".extxyz", ".extxyz.gz", ".xyz", ".traj")
 #: ltau fit matches its training file to the error log by SHA-256: these stay full size
 REAL_AFTER = re.compile(r"(?:--train|--logs)\s+(\S+)")

@@ -37,6 +37,7 @@ from atomuq.uq.evaluate import (
     IsotonicMap,
     bootstrap_ci,
     ence,
+    min_calibration_size,
     miscalibration_area,
     rmse_vs_rmv,
     roc_auc,
@@ -201,6 +202,17 @@ class Calibration:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (the map's knots; the calibrators' residuals are saved separately)."""
         return {"source": self.source, "n_map": self.n_map, "n_conformal": self.n_conformal, "n_held_back": len(self.held_back[0])}
+
+
+def check_calibration_size(n: int, levels: Sequence[float], source: str) -> None:
+    """InputError unless a calibration file of n structures gives finite conformal bounds at every level: its
+    conformal third (n // 3 structures) needs uq.evaluate.min_calibration_size(level) of them."""
+    level = max(levels)
+    needed = max(MIN_CALIBRATION, 3 * min_calibration_size(level))
+    if n < needed:
+        raise InputError(f"{source}: {n} labelled structures; a third of them calibrates the conformal bounds, and "
+                         f"coverage {level:g} needs {min_calibration_size(level)} there: give at least {needed} "
+                         "structures, or lower --levels")
 
 
 def fit_calibration(data: BenchData, source: str, seed: int = 0) -> Calibration:
@@ -425,6 +437,8 @@ def bench_files(
     settings.check()
     records = load_labelled(inputs, model, forces_key)
     cal_records = load_labelled([calibrate_on], model, forces_key, minimum=MIN_CALIBRATION) if calibrate_on is not None else []
+    if calibrate_on is not None:
+        check_calibration_size(len(cal_records), settings.levels, str(calibrate_on))
     if on_total is not None:
         on_total(len(records) + len(cal_records))
     score = dict(

@@ -20,7 +20,7 @@ from .calibration import (
     rmse_vs_rmv,
     zms,
 )
-from .conformal import ConformalCalibrator, Coverage
+from .conformal import ConformalCalibrator, Coverage, min_calibration_size
 from .isotonic import IsotonicMap
 from .ranking import RocAuc, roc_auc, spearman
 
@@ -35,6 +35,7 @@ __all__ = [
     "calibration_curve",
     "ence",
     "miscalibration_area",
+    "min_calibration_size",
     "rmse_vs_rmv",
     "roc_auc",
     "spearman",

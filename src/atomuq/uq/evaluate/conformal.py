@@ -22,6 +22,24 @@ VERSION = 1
 Scale = IsotonicMap | Literal["score", "none"]
 
 
+#: slack of the rank ⌈(n+1)·level⌉ against round-off ((n+1)·0.9 is 9.000000000000002 at n = 9)
+_RANK_SLACK = 1e-12
+
+
+def conformal_rank(n: int, level: float) -> int:
+    """The rank k = ⌈(n+1)·level⌉ of q̂ among n sorted calibration residuals (k > n: the bound is infinite)."""
+    return int(np.ceil((n + 1) * level - _RANK_SLACK))
+
+
+def min_calibration_size(level: float) -> int:
+    """The fewest calibration structures n whose bound at coverage `level` is finite (conformal_rank(n) ≤ n)."""
+    level = check_level(level)
+    n = max(1, int(np.floor(level / (1 - level))) - 1)  # within one or two of the answer; step up to it exactly
+    while conformal_rank(n, level) > n:
+        n += 1
+    return n
+
+
 @dataclass(frozen=True)
 class Coverage:
     """Empirical coverage of conformal bounds on a test set.
@@ -88,10 +106,10 @@ class ConformalCalibrator:
             )
         level = check_level(level)
         n = len(self.residuals)
-        k = int(np.ceil((n + 1) * level - 1e-12))
+        k = conformal_rank(n, level)
         if k > n:
             raise InputError(
-                f"coverage {level} needs at least {int(np.ceil(level / (1 - level)))} calibration "
+                f"coverage {level} needs at least {min_calibration_size(level)} calibration "
                 f"structures (the bound would be infinite); got {n}"
             )
         return float(self.residuals[k - 1])
