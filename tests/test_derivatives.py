@@ -8,8 +8,10 @@ from ase import Atoms
 from ase.build import molecule
 from scipy.linalg import expm
 
-from atomuq.core.batch import Batch
+from atomuq.core.batch import Batch, scatter_sum
+from atomuq.core.errors import ModelError
 from atomuq.models.derivatives import evaluate, rotational_gradient_norm
+from atomuq.models.protocol import AtomisticModel, ModelOutput
 from atomuq.uq.force_delta import force_delta
 from conftest import copper_cell, ethanol, make_native, triclinic_alcu
 
@@ -208,3 +210,32 @@ def test_batch_names_its_atom_counts_and_atom_to_structure_index():
     assert sub.atoms_per_structure.tolist() == [sizes[2], sizes[0]]
     assert sub.structure_index.tolist() == [0] * sizes[2] + [1] * sizes[0]
     assert torch.equal(sub.positions[: sizes[2]], batch.positions[-sizes[2]:])
+
+
+class DetachedModel(AtomisticModel):
+    """A model that computes its energy from the positions outside autograd (and has no parameters)."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float64
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        r = batch.positions.detach()
+        return ModelOutput(energy=scatter_sum((r**2).sum(1), batch.structure_index, batch.num_structures))
+
+
+def test_an_energy_without_autograd_graph_is_refused_with_a_message_not_a_runtime_error(pair_model):
+    from atomuq.calculator import AtomuqCalculator
+
+    batch = Batch.from_atoms([molecule("H2O")], dtype=torch.float64)
+    model = DetachedModel()
+    assert evaluate(model, batch, conservative=False).energy.item() > 0  # the energy alone needs no graph
+    for options in ({}, {"conservative": False, "stress": True}, {"conservative": False, "rotational": True}):
+        with pytest.raises(ModelError, match=r"DetachedModel: its energy has no autograd graph.*batch\.positions"):
+            evaluate(model, batch, **options)
+    atoms = molecule("H2O")
+    atoms.calc = AtomuqCalculator(model, conservative="always")
+    with pytest.raises(ModelError, match="no autograd graph"):
+        atoms.get_forces()
+    lone = Batch.from_atoms([Atoms("H", positions=[[0.0, 0.0, 0.0]])], dtype=torch.float64)
+    assert torch.equal(evaluate(pair_model, lone).forces_conservative, torch.zeros(1, 3, dtype=torch.float64))  # no edges

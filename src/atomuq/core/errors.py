@@ -11,3 +11,7 @@ class InputError(AtomuqError):
 
 class ModelFileError(AtomuqError):
     """A model file that is missing, corrupt or inconsistent; the message names the file."""
+
+
+class ModelError(AtomuqError):
+    """A model that cannot give what was asked of it (e.g. derivatives of an energy outside autograd); names the model."""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from atomuq.core.batch import Batch
+from atomuq.core.errors import ModelError
 
 
 @dataclass
@@ -102,6 +103,21 @@ class AtomisticModel(torch.nn.Module):
         for p in self.parameters():
             return p.device
         return torch.device("cpu")
+
+    def __call__(self, batch: Batch, *args: Any, **kwargs: Any) -> ModelOutput:
+        """forward(batch), checked: when derivatives are wanted (grad mode on and batch.positions or batch.cell
+        requiring grad, as in derivatives.evaluate), an energy that autograd cannot trace back to them is refused
+        with a ModelError naming the model (torch's own error would be a bare RuntimeError)."""
+        out = super().__call__(batch, *args, **kwargs)
+        wanted = torch.is_grad_enabled() and (batch.positions.requires_grad or batch.cell.requires_grad)
+        if wanted and not out.energy.requires_grad:
+            name = self.source or type(self).__name__
+            raise ModelError(
+                f"{name}: its energy has no autograd graph back to the atom positions and cell, so conservative "
+                "forces, stress, the Force Delta and the rotational gradient cannot be taken; the model must compute "
+                "its edge vectors from batch.positions and batch.cell with torch operations (atomuq.models.protocol), "
+                "or a model outside torch can be wrapped as an ASE calculator (ase:MODULE:CLASS)")
+        return out
 
     def forward(self, batch: Batch) -> ModelOutput:  # pragma: no cover - abstract
         """Energy (B,) eV and whatever heads the model has, for a batch of structures."""
