@@ -165,6 +165,15 @@ def test_interrupt_keeps_everything_found_so_far(native_model):
     assert [f.step for f in result.frames] == [0, 1]
 
 
+def test_interrupt_at_the_start_of_a_later_batch_keeps_the_earlier_batches(native_model):
+    # ethanol (carbon first: never sabotaged) is searched to its end; Ctrl-C comes in water's first model call
+    result = attack(Sabotaged(native_model, after=0, mode="interrupt"), [ethanol(), molecule("H2O")],
+                    AttackSettings(steps=4, budget_kT=None, patience=None), batch_size=1)
+    assert result.interrupted and [o.index for o in result.outcomes] == [0]
+    assert [f.step for f in result.frames] == list(range(5)) and {f.source for f in result.frames} == {0}
+    assert not attack(native_model, [ethanol()], AttackSettings(steps=1)).interrupted
+
+
 def test_patience_stops_a_flat_search(native_model):
     # with lr tiny nothing rises by min_gain, so patience ends the search before the budget
     result = attack(native_model, [ethanol()], AttackSettings(steps=50, lr=1e-9, init_scale=0.0, patience=5))
@@ -317,6 +326,21 @@ def test_cli_attack_stopped_by_ctrl_c_exits_130_and_writes_what_it_found(tmp_pat
     steps = {k: [f.info["attack_step"] for f in frames if f.info["source_index"] == k] for k in (0, 1)}
     assert steps[0] == list(range(10))
     assert 0 < len(steps[1]) < 10 and steps[1] == list(range(len(steps[1])))
+    assert (tmp_path / "traj.selected.extxyz").is_file()
+
+
+def test_cli_attack_ctrl_c_in_the_first_model_call_of_a_later_batch_writes_the_earlier_frames(tmp_path, monkeypatch):
+    import atomuq.cli.attack_commands as commands
+
+    bundled = resolve_model("molecular-small")
+    monkeypatch.setattr(commands, "load_model_option", lambda *a, **k: Sabotaged(bundled, after=0, mode="interrupt"))
+    src, out = tmp_path / "in.extxyz", tmp_path / "traj.extxyz"
+    write(src, [molecule("CH4"), molecule("H2O")])
+    result = runner.invoke(app, ["attack", str(src), "-o", str(out), "--steps", "3", "--batch-size", "1",
+                                 "--percentile", "0"])
+    assert result.exit_code == 130, result.output
+    assert "1 structures not searched" in result.output and "Traceback" not in result.output
+    assert [f.info["attack_step"] for f in read(out, ":")] == [0, 1, 2, 3]
     assert (tmp_path / "traj.selected.extxyz").is_file()
 
 

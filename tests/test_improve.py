@@ -268,6 +268,28 @@ def test_evaluation_keeps_its_finished_parts(folder, tmp_path):
     assert (config.run_dir / "gen_001" / SEARCH_FILE).is_file() and not (config.run_dir / "gen_001" / SELECTED_FILE).exists()
 
 
+class StopInSearch(ImproveCallback):
+    """Raises KeyboardInterrupt after the first step of generation 1's adversarial search (inside the attack)."""
+
+    def __init__(self) -> None:
+        self.stage = None
+
+    def on_stage_start(self, generation, stage, total):
+        self.stage = (generation, stage)
+
+    def advance(self, n):
+        if self.stage == (1, "search"):
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_search_is_not_a_finished_stage(folder, tmp_path):
+    config = dataclasses.replace(ImproveConfig.from_toml(folder / "improve.toml"), run_dir=tmp_path / "loop")
+    with pytest.raises(KeyboardInterrupt):
+        run_improve(config, StopInSearch())
+    state = json.loads((config.run_dir / STATE_FILE).read_text())
+    assert "gen_001/search" not in state["done"] and not (config.run_dir / "gen_001" / SEARCH_FILE).exists()
+
+
 def test_finetune_on_several_small_files_with_a_validation_split(folder, tmp_path):
     """Issue 12 item 2: a later generation fine-tunes on several small labelled files (finetune.accumulate) plus the
     replay subset; a file with no structure in the validation split (or none left for training) used to crash it."""

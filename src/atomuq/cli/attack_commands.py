@@ -148,8 +148,7 @@ def attack(
     for o in failed:
         say(f"input {o.index} ({records[o.index].where}) at step {o.failed_step}: {o.stop_reason}; its frames up to "
             "then are kept", label="[red]failed:[/red]")
-    interrupted = len(result.outcomes) < len(records) or any(o.stop_reason.startswith("interrupted") for o in result.outcomes)
-    if interrupted:
+    if result.interrupted:
         say(f"{len(records) - len(result.outcomes)} structures not searched; the frames found before are written",
             label="[yellow]interrupted:[/yellow]")
     say(
@@ -157,7 +156,7 @@ def attack(
         f"{len(chosen)} (U_Δ > {cut:.4f} eV/Å, the {percentile:g}th percentile of the start; Ē ≤ "
         f"{settings.energy_budget:.3g} eV/atom; RMSD ≥ {rmsd:g} Å; at most {max_selected}) to {selected}"
     )
-    if interrupted:
+    if result.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
     if strict and failed:
         raise typer.Exit(2)

@@ -137,6 +137,7 @@ class AttackResult:
     outcomes: list[Outcome] = field(default_factory=list)
     settings: AttackSettings = field(default_factory=AttackSettings)
     provenance: Provenance | None = None  # the model searched
+    interrupted: bool = False  # stopped by Ctrl-C (KeyboardInterrupt): structures without an outcome were not searched
 
     def to_atoms(self, structures: Sequence[Atoms], sources: Sequence[str] | None = None) -> list[Atoms]:
         """Frames as ase.Atoms written through the output schema (model energy and direct forces as ASE results,
@@ -253,16 +254,26 @@ class _Search:
         """attack_objective for the structures idx."""
         return attack_objective(u, e_rel, self.settings, self.weights[idx])
 
-    def run(self, progress: Callable[[int], None] | None = None) -> None:
-        """Evaluate the start, then up to `steps` Adam steps; frames and outcomes fill self.frames/outcomes."""
-        s, b = self.settings, self.batch
+    def run(self, progress: Callable[[int], None] | None = None) -> bool:
+        """Evaluate the start, then up to `steps` Adam steps; frames and outcomes fill self.frames/outcomes.
+        Returns False when Ctrl-C stopped it: active structures are marked interrupted, or, when it came before
+        the start was evaluated, the batch has no outcome (not searched)."""
+        b = self.batch
         saved = self.delta.detach().clone()
-        with torch.no_grad():
-            self.delta.zero_()
-        start_idx = torch.arange(b.num_structures, device=b.device)
-        u0, e0 = self._start(start_idx)
+        try:
+            with torch.no_grad():
+                self.delta.zero_()
+            u0, e0 = self._start(torch.arange(b.num_structures, device=b.device))
+        except KeyboardInterrupt:
+            self.outcomes, self.frames = [], []
+            return False
         with torch.no_grad():
             self.delta.copy_(saved)
+        return self._search(u0, e0, progress)
+
+    def _search(self, u0: torch.Tensor, e0: torch.Tensor, progress: Callable[[int], None] | None) -> bool:
+        """The Adam steps from the evaluated start (u0, e0); False when Ctrl-C stopped them."""
+        s = self.settings
         self.e0, self.u0 = e0, u0
         self.weights = s.energy_weight * torch.ones_like(u0) if s.energy_weight is not None else u0 / (2 * s.kT)
         self.j0 = u0.abs() if s.objective == "delta" else u0**2
@@ -278,6 +289,8 @@ class _Search:
         except KeyboardInterrupt:
             for k in torch.nonzero(self.active).flatten().tolist():
                 self.stop(k, f"interrupted at step {step}", step)
+            return False
+        return True
 
     def _start(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """U_Δ and energy of the unperturbed structures; a structure that fails here is stopped at step 0."""
@@ -413,10 +426,15 @@ def attack(
     result = AttackResult(settings=settings, provenance=model_provenance(model))
     size = batch_size or max(len(structures), 1)
     for first in range(0, len(structures), size):
-        search = _Search(model, structures[first : first + size], settings, first)
-        search.run(progress)
+        try:
+            search = _Search(model, structures[first : first + size], settings, first)
+        except KeyboardInterrupt:  # while building the batch: what earlier batches found stays
+            result.interrupted = True
+            break
+        finished = search.run(progress)
         result.frames.extend(search.frames)
         result.outcomes.extend(search.outcomes)
-        if any(o.stop_reason.startswith("interrupted") for o in search.outcomes):
+        if not finished:
+            result.interrupted = True
             break
     return result

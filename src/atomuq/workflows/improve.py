@@ -146,6 +146,8 @@ def search_stage(config: ImproveConfig, model: AtomisticModel, generation: int, 
     size = config.search.batch_size
     callback.on_stage_start(generation, "search", -(-len(starts) // size) * (settings.steps + 1))
     result = attack(model, starts, settings, size, progress=callback.advance)
+    if result.interrupted:  # the stage is not finished: Ctrl-C goes on up, and a rerun repeats the search
+        raise KeyboardInterrupt
     frames = result.to_atoms(starts)
     for f in frames:
         f.info["generation"] = generation

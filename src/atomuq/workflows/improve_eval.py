@@ -69,6 +69,8 @@ def fresh_search(
 ) -> dict[str, float]:
     """Mean U_Δ (eV/Å) at the start and at the best in-budget frame of a fixed search; best frames to output."""
     result = attack(model, list(starts), settings, batch_size)
+    if result.interrupted:  # a partial search would give wrong means: Ctrl-C goes on up
+        raise KeyboardInterrupt
     frames = result.to_atoms(list(starts))
     best = {(f.info["source_index"], f.info["attack_step"]): f for f in frames}
     chosen = [best[(o.index, o.best_step)] for o in result.outcomes if (o.index, o.best_step) in best]
