@@ -149,7 +149,8 @@ def attack(
         say(f"input {o.index} ({records[o.index].where}) at step {o.failed_step}: {o.stop_reason}; its frames up to "
             "then are kept", label="[red]failed:[/red]")
     if result.interrupted:
-        say(f"{len(records) - len(result.outcomes)} structures not searched; the frames found before are written",
+        cut_short = len(records) - len(result.outcomes) + sum(o.stop_reason.startswith("interrupted") for o in result.outcomes)
+        say(f"{cut_short} of {len(records)} structures not searched to the end; the frames found before are written",
             label="[yellow]interrupted:[/yellow]")
     say(
         f"model {getattr(net, 'source', model)}; wrote {len(frames)} frames to {output}; selected "
