@@ -3,9 +3,11 @@
 import pytest
 import torch
 
+import atomuq
+
 from atomuq.core.batch import Batch
 from atomuq.core.errors import ModelFileError
-from atomuq.models.checkpoint import load_model, save_model, weights_fingerprint
+from atomuq.models.checkpoint import NO_DOWNLOADS, load_model, read_payload, save_model, save_payload, weights_fingerprint
 from atomuq.models.derivatives import evaluate
 from atomuq.models.registry import DEFAULT_MODEL, bundled_models, resolve_model
 from conftest import copper_cell, ethanol, make_native
@@ -66,3 +68,19 @@ def test_bundled_default_model_loads():
     assert DEFAULT_MODEL in bundled_models()
     model = resolve_model()
     assert model.has_direct_forces and model.has_confidence
+
+
+def test_every_model_file_kind_is_written_and_read_by_one_pair_of_helpers(tmp_path):
+    """save_payload / read_payload (native, orb and fairchem files): header, fields, CPU weights; errors name the file."""
+    weights = torch.nn.Linear(3, 2).double()
+    path = save_payload(tmp_path / "w.pt", "atomuq-test", weights, radius=5.0, task="omol")
+    payload = read_payload(path, "test file")
+    assert payload["format"] == "atomuq-test" and payload["atomuq_version"] == atomuq.__version__
+    assert payload["radius"] == 5.0 and payload["task"] == "omol"
+    assert all(torch.equal(payload["state_dict"][k], v) for k, v in weights.state_dict().items())
+    assert not any(v.requires_grad for v in payload["state_dict"].values())
+    with pytest.raises(ModelFileError, match=f"{tmp_path / 'none.pt'}: orb weights file not found" + r" \(atomuq never"):
+        read_payload(tmp_path / "none.pt", "orb weights file", NO_DOWNLOADS)
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(ModelFileError, match="bad.pt: not a readable fairchem model file"):
+        read_payload(tmp_path / "bad.pt", "fairchem model file")

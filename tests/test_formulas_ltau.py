@@ -11,6 +11,7 @@ from atomuq.core.errors import InputError
 from atomuq.uq.ltau import distribution
 from atomuq.uq.ltau.calibration import ReliabilityCurve, brier_score, fit_scale, reliability_curve
 from atomuq.uq.ltau.distribution import (
+    DEFAULT_EDGES,
     HistogramBins,
     RunConfidences,
     cdf_at,
@@ -162,6 +163,54 @@ def test_histogram_mean_puts_each_column_at_its_geometric_centre():
     p = np.array([[0.5, 0.0, 0.5, 0.0], [0.0, 0.25, 0.0, 0.75]])
     want = [0.5 * 1.0 + 0.5 * math.sqrt(8.0), 0.25 * math.sqrt(2.0) + 0.75 * 4.0]
     assert histogram_mean(p, BINS).tolist() == pytest.approx(want)
+
+
+# --- on larger random data: counts by brute force, the CDF at edges, chunked accumulation -------------------
+
+
+def test_confidence_is_the_direct_count_with_less_or_equal():
+    errors = np.array([[0.1, 0.5, 0.2],
+                       [0.2, 0.1, 0.2],
+                       [0.3, 0.1, 0.25],
+                       [0.1, 0.4, 0.2]])
+    # atom 0: 0.1, 0.2, 0.3, 0.1 -> three of four <= 0.2 (0.2 itself counts)
+    assert np.allclose(sample_confidence(errors, 0.2), [3 / 4, 2 / 4, 3 / 4])
+    assert np.allclose(sample_confidence(errors, 0.1), [2 / 4, 2 / 4, 0.0])
+    norms = np.array([0.0, 1.0, 0.5])  # relative form: atol + rtol·|F_ref|
+    assert np.allclose(sample_confidence(errors, 0.1, rtol=0.3, reference_norms=norms), [2 / 4, 3 / 4, 1.0])
+    brute = [[np.mean([e <= 0.15 for e in errors[:, i]])] for i in range(3)]
+    assert np.allclose(sample_confidence(errors, 0.15), np.ravel(brute))
+
+
+def test_mean_and_spread_over_runs():
+    rng = np.random.default_rng(0)
+    runs = [rng.lognormal(-2, 0.7, (e, 50)) for e in (20, 30, 40)]
+    conf = run_confidences(runs, 0.12)
+    per_run = np.array([[np.sum(r[:, i] <= 0.12) / len(r) for i in range(50)] for r in runs])
+    assert np.allclose(conf.mean, per_run.mean(axis=0))
+    assert np.allclose(conf.spread, per_run.std(axis=0))
+    with pytest.raises(InputError, match="different numbers of atoms"):
+        run_confidences([runs[0], runs[1][:, :10]], 0.1)
+
+
+def test_histogram_cdf_is_exact_at_edges_and_mean_within_bin_resolution():
+    rng = np.random.default_rng(1)
+    errors = rng.lognormal(-3, 1.0, (60, 300)).astype(np.float32)
+    errors[5, :10] = DEFAULT_EDGES[40]  # values exactly on an edge count as <= that edge
+    bins = HistogramBins(DEFAULT_EDGES)
+    probs = normalise(error_histogram(errors, bins))
+    for edge in DEFAULT_EDGES[[20, 40, 41, 60]]:
+        assert np.allclose(cdf_at(probs, bins, edge), sample_confidence(errors, edge), atol=1e-12)
+    between = np.sqrt(DEFAULT_EDGES[45] * DEFAULT_EDGES[46])
+    lo, hi = cdf_at(probs, bins, DEFAULT_EDGES[45]), cdf_at(probs, bins, DEFAULT_EDGES[46])
+    mid = cdf_at(probs, bins, between)
+    assert np.all(mid >= lo - 1e-12) and np.all(mid <= hi + 1e-12)
+    exact = mean_error(errors)
+    approx = histogram_mean(probs, bins)
+    assert np.all(np.abs(approx / exact - 1) <= bins.resolution - 1)
+    # chunked accumulation gives the same counts as one pass
+    twice = error_histogram(errors[30:], bins, out=error_histogram(errors[:30], bins))
+    assert np.array_equal(twice, error_histogram(errors, bins))
 
 
 # --- calibration of the probabilities ---------------------------------------------------------------------

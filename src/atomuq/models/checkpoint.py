@@ -1,4 +1,8 @@
-"""Saving and loading native models: one file with weights, config, elements, reference energies and version."""
+"""Saving and loading native models: one file with weights, config, elements, reference energies and version.
+
+save_payload / read_payload write and read every kind of atomuq model file (native, orb, fairchem): a dict with
+the format name, the atomuq version, what the kind needs to rebuild the model and its weights on the CPU.
+"""
 
 from __future__ import annotations
 
@@ -28,24 +32,49 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def save_model(model: NativeModel, path: str | Path, training_data_hash: str = "", metadata: dict[str, Any] | None = None) -> Path:
-    """Write the model atomically to path (a .pt file)."""
+def save_payload(path: str | Path, file_format: str, weights: torch.nn.Module, **fields: Any) -> Path:
+    """Write a model file atomically with torch.save: {format, atomuq_version, **fields, state_dict} where
+    state_dict is weights' state dict, detached, on the CPU."""
     path = Path(path)
     payload = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format": file_format,
         "atomuq_version": atomuq.__version__,
-        "architecture": "native",
-        "config": model.config.to_dict(),
-        "elements": list(model.elements),
-        "reference_energies": model.reference_energies.detach().cpu().double().tolist(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "training_data_hash": training_data_hash,
-        "metadata": dict(metadata or {}),
+        **fields,
+        "state_dict": {k: v.detach().cpu() for k, v in weights.state_dict().items()},
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
+
+
+def read_payload(path: str | Path, what: str = "model file", hint: str = "") -> Any:
+    """torch.load (weights only, to the CPU) of a model file; ModelFileError '<path>: <what> not found<hint>' or
+    'not a readable <what>' otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: {what} not found{hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise ModelFileError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc})") from exc
+
+
+#: the hint of a missing third-party weights file
+NO_DOWNLOADS = " (atomuq never downloads weights: give a local file)"
+
+
+def save_model(model: NativeModel, path: str | Path, training_data_hash: str = "", metadata: dict[str, Any] | None = None) -> Path:
+    """Write the model atomically to path (a .pt file)."""
+    return save_payload(
+        path, FORMAT, model,
+        format_version=FORMAT_VERSION,
+        architecture="native",
+        config=model.config.to_dict(),
+        elements=list(model.elements),
+        reference_energies=model.reference_energies.detach().cpu().double().tolist(),
+        training_data_hash=training_data_hash,
+        metadata=dict(metadata or {}),
+    )
 
 
 def _check(condition: bool, path: Path, message: str) -> None:
@@ -56,11 +85,7 @@ def _check(condition: bool, path: Path, message: str) -> None:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> NativeModel:
     """Load a model file written by save_model, checking every part of it."""
     path = Path(path)
-    _check(path.is_file(), path, "model file not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise ModelFileError(f"{path}: not a readable model file ({type(exc).__name__}: {exc})") from exc
+    payload = read_payload(path)
     _check(isinstance(payload, dict), path, "not an atomuq model file (no header)")
     missing = [k for k in REQUIRED if k not in payload]
     _check(not missing, path, f"missing fields {missing}; was it written by atomuq.models.checkpoint.save_model?")

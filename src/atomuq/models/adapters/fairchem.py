@@ -26,12 +26,11 @@ from typing import Any
 
 import torch
 
-import atomuq
 from atomuq.core.batch import Batch
 from atomuq.core.errors import InputError, ModelFileError
-from atomuq.core.io import atomic_path
 from atomuq.core.neighbors import build_graph
 from atomuq.models.adapters import require
+from atomuq.models.checkpoint import NO_DOWNLOADS, read_payload, save_payload
 from atomuq.models.protocol import AtomisticModel, ModelOutput
 
 FORMAT = "atomuq-fairchem"
@@ -237,19 +236,8 @@ def _unwrap(outputs: dict[str, Any], key: str, task: str) -> torch.Tensor:
 
 def save_fairchem(model: FairchemModel, path: str | Path) -> Path:
     """Write an atomuq-fairchem file: the fairchem model_config, the task and the weights."""
-    path = Path(path)
-    payload = {
-        "format": FORMAT,
-        "atomuq_version": atomuq.__version__,
-        "fairchem_version": fairchem_version(),
-        "architecture": model.architecture,
-        "task": model.task,
-        "model_config": model.config,
-        "state_dict": {k: v.detach().cpu() for k, v in model.hydra.state_dict().items()},
-    }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return path
+    return save_payload(path, FORMAT, model.hydra, fairchem_version=fairchem_version(), architecture=model.architecture,
+                        task=model.task, model_config=model.config)
 
 
 def load_fairchem(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -258,12 +246,7 @@ def load_fairchem(path: str | Path, *, device: str | torch.device = "cpu", dtype
     task to the stored one."""
     path = Path(path)
     fairchem_version()
-    if not path.is_file():
-        raise ModelFileError(f"{path}: fairchem model file not found (atomuq never downloads weights: give a local file)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise ModelFileError(f"{path}: not a readable model file ({type(exc).__name__}: {exc})") from exc
+    payload = read_payload(path, "fairchem model file", NO_DOWNLOADS)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not an atomuq-fairchem file (write one with atomuq.models.adapters.fairchem."
                              "save_fairchem); fairchem's own inference checkpoints are not read yet")

@@ -35,12 +35,11 @@ from typing import Any
 
 import torch
 
-import atomuq
 from atomuq.core.batch import Batch
 from atomuq.core.errors import InputError, ModelFileError
-from atomuq.core.io import atomic_path
 from atomuq.core.neighbors import build_graph, edge_vectors
 from atomuq.models.adapters import require
+from atomuq.models.checkpoint import NO_DOWNLOADS, read_payload, save_payload
 from atomuq.models.protocol import AtomisticModel, ModelOutput
 
 FORMAT = "atomuq-orb"
@@ -278,19 +277,6 @@ class OrbModel(AtomisticModel):
         )
 
 
-def _read_weights(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ModelFileError(
-            f"{path}: orb weights file not found (atomuq never downloads weights: give a local file)"
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise ModelFileError(
-            f"{path}: not a readable weights file ({type(exc).__name__}: {exc})"
-        ) from exc
-
-
 def infer_architecture(path: Path) -> str:
     """The released model a weights file is named after (longest name found in the file name)."""
     names = sorted(orb_api().pretrained_models, key=len, reverse=True)
@@ -341,7 +327,7 @@ def load_orb(
     default: from the file name) or a builder name from BUILDERS with architecture_kwargs.
     """
     path = Path(path)
-    payload = _read_weights(path)
+    payload = read_payload(path, "orb weights file", NO_DOWNLOADS)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         architecture = payload["architecture"]
         architecture_kwargs = payload["architecture_kwargs"]
@@ -397,17 +383,6 @@ def load_orb(
 
 def save_orb(model: OrbModel, path: str | Path) -> Path:
     """Write an atomuq-orb file: orb weights plus the architecture and graph settings to rebuild them."""
-    path = Path(path)
-    payload = {
-        "format": FORMAT,
-        "atomuq_version": atomuq.__version__,
-        "orb_models_version": orb_api().version,
-        "architecture": model.architecture,
-        "architecture_kwargs": model.architecture_kwargs,
-        "radius": model.cutoff,
-        "max_num_neighbors": model.max_num_neighbors,
-        "state_dict": {k: v.detach().cpu() for k, v in model.orb.state_dict().items()},
-    }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return path
+    return save_payload(path, FORMAT, model.orb, orb_models_version=orb_api().version, architecture=model.architecture,
+                        architecture_kwargs=model.architecture_kwargs, radius=model.cutoff,
+                        max_num_neighbors=model.max_num_neighbors)
