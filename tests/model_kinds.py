@@ -10,6 +10,18 @@ import warnings
 from pathlib import Path
 
 import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+
+def molecule_and_silicon() -> list[Atoms]:
+    """A rattled ethanol molecule and a rattled periodic Si cell (neighbours across the faces; more than 20
+    neighbours within 6 Å): the structures the adapter tests run every model kind on."""
+    ethanol = molecule("CH3CH2OH")
+    ethanol.rattle(0.05, seed=1)
+    silicon = bulk("Si", "diamond", a=5.43, cubic=True)
+    silicon.rattle(0.05, seed=2)
+    return [ethanol, silicon]
+
 
 #: a small Orb-v3 configuration (orb-models builder keyword arguments)
 ORB_SMALL = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ase.build import bulk, molecule
+from ase.build import bulk
 from ase.io import read, write
 from scipy.spatial.transform import Rotation
 from typer.testing import CliRunner
@@ -26,18 +26,9 @@ from atomuq.models.adapters.fairchem import build_hydra, check_config, fairchem_
 from atomuq.models.derivatives import evaluate
 from atomuq.models.registry import resolve_model
 from atomuq.uq.force_delta import force_delta
-from model_kinds import FAIRCHEM_SMALL, small_fairchem
+from model_kinds import FAIRCHEM_SMALL, molecule_and_silicon, small_fairchem
 
 ARCHITECTURES = ["esen-direct", "uma-direct"]
-
-
-def structures():
-    """A molecule and a rattled periodic Si cell (neighbours across the faces)."""
-    ethanol = molecule("CH3CH2OH")
-    ethanol.rattle(0.05, seed=1)
-    silicon = bulk("Si", "diamond", a=5.43, cubic=True)
-    silicon.rattle(0.05, seed=2)
-    return [ethanol, silicon]
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
@@ -61,7 +52,7 @@ def fairchem_own(model, atoms):
 
 
 def test_energy_and_direct_forces_equal_fairchems_own_forward(model):
-    atoms = structures()
+    atoms = molecule_and_silicon()
     batch = Batch.from_atoms(atoms)
     pred = evaluate(model, batch, conservative=False)
     assert model.hydra.backbone.otf_graph is False  # atomuq's edges, fairchem's edge vectors from positions and cell
@@ -72,7 +63,7 @@ def test_energy_and_direct_forces_equal_fairchems_own_forward(model):
 
 
 def test_force_delta_and_node_features(model):
-    atoms = structures()
+    atoms = molecule_and_silicon()
     batch = Batch.from_atoms(atoms)
     pred = evaluate(model, batch, conservative=True)
     result = force_delta(pred, batch)
@@ -87,7 +78,7 @@ def test_force_delta_and_node_features(model):
 
 
 def test_save_load_round_trip_and_spec(model, tmp_path):
-    batch = Batch.from_atoms(structures())
+    batch = Batch.from_atoms(molecule_and_silicon())
     before = evaluate(model, batch, conservative=True)
     path = save_fairchem(model, tmp_path / "small.pt")
     loaded = resolve_model(f"fairchem:{path}")
@@ -115,7 +106,7 @@ def test_model_file_errors(tmp_path):
 
 def test_uma_task_is_checked_and_changes_the_prediction():
     uma = small_fairchem("uma-direct", seed=0)
-    batch = Batch.from_atoms(structures()[1:])
+    batch = Batch.from_atoms(molecule_and_silicon()[1:])
     omat = float(uma(batch).energy[0])
     uma.task = "omol"
     assert float(uma(batch).energy[0]) != pytest.approx(omat, abs=1e-6)  # per-task experts and dataset embedding
@@ -135,7 +126,7 @@ def test_partially_periodic_structure_is_refused():
 def test_cli_score_with_a_fairchem_spec(tmp_path):
     path = save_fairchem(small_fairchem("esen-direct", seed=1), tmp_path / "esen.pt")
     src, out = tmp_path / "in.extxyz", tmp_path / "out.extxyz"
-    write(src, structures())
+    write(src, molecule_and_silicon())
     result = CliRunner().invoke(app, ["score", str(src), "-o", str(out), "--model", f"fairchem:{path}"])
     assert result.exit_code == 0, result.output
     scored = read(out, ":")

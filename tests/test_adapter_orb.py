@@ -24,17 +24,7 @@ from atomuq.models.registry import resolve_model
 from atomuq.uq.confidence import bin_centres, confidence
 from atomuq.uq.force_delta import force_delta
 from model_kinds import ORB_SMALL as SMALL
-from model_kinds import orb_atoms_adapter, orb_calculator, small_orb
-
-
-
-def structures():
-    """A molecule (no neighbour limit reached) and a rattled Si cell (more than 20 neighbours within 6 Å)."""
-    ethanol = molecule("CH3CH2OH")
-    ethanol.rattle(0.05, seed=1)
-    silicon = bulk("Si", "diamond", a=5.43, cubic=True)
-    silicon.rattle(0.05, seed=2)
-    return [ethanol, silicon]
+from model_kinds import molecule_and_silicon, orb_atoms_adapter, orb_calculator, small_orb
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +41,7 @@ def orb_results(model, atoms):
 
 
 def test_direct_forces_energy_confidence_equal_orbs_calculator(direct):
-    atoms = structures()
+    atoms = molecule_and_silicon()
     batch = Batch.from_atoms(atoms)
     pred = evaluate(direct, batch, conservative=False).detach()
     for k, a in enumerate(atoms):
@@ -78,7 +68,7 @@ def test_direct_forces_energy_confidence_equal_orbs_calculator(direct):
 
 def test_force_delta_equals_manual_computation_with_orbs_api(direct):
     to_graph = orb_atoms_adapter(direct)
-    for atoms in structures():
+    for atoms in molecule_and_silicon():
         graph = to_graph(atoms)
         vectors, _, _ = graph.compute_differentiable_edge_vectors(
             use_stress_displacement=False, use_rotation=False
@@ -99,7 +89,7 @@ def test_force_delta_equals_manual_computation_with_orbs_api(direct):
 
 
 def test_node_features_and_confidence_error(direct):
-    atoms = structures()
+    atoms = molecule_and_silicon()
     batch = Batch.from_atoms(atoms)
     pred = evaluate(direct, batch, conservative=False)
     assert pred.node_features.shape == (batch.num_atoms, SMALL["latent_dim"])
@@ -114,7 +104,7 @@ def test_node_features_and_confidence_error(direct):
 def test_conservative_orb_matches_its_own_gradients():
     model = small_orb("orb-v3-conservative", seed=3)
     assert not model.has_direct_forces and model.has_confidence
-    atoms = structures()[1]
+    atoms = molecule_and_silicon()[1]
     batch = Batch.from_atoms([atoms])
     pred = evaluate(model, batch, conservative=True, stress=True, rotational=True)
     ref = orb_results(model, atoms)
@@ -135,7 +125,7 @@ def test_conservative_orb_matches_its_own_gradients():
 
 def test_orb_v2_architecture_runs_with_256_features():
     model = small_orb("orb-v2")
-    batch = Batch.from_atoms(structures())
+    batch = Batch.from_atoms(molecule_and_silicon())
     pred = evaluate(model, batch, conservative=True)
     assert pred.node_features.shape == (batch.num_atoms, 256)
     assert pred.confidence_logits is None and pred.forces_direct.shape == (
@@ -145,7 +135,7 @@ def test_orb_v2_architecture_runs_with_256_features():
 
 
 def test_save_load_round_trip(direct, tmp_path):
-    batch = Batch.from_atoms(structures())
+    batch = Batch.from_atoms(molecule_and_silicon())
     before = evaluate(direct, batch, conservative=True)
     path = save_orb(direct, tmp_path / "small-orb.pt")
     loaded = resolve_model(f"orb:{path}")
@@ -193,7 +183,7 @@ def test_partially_periodic_structure_is_refused(direct):
 def test_cli_score_with_orb_spec(direct, tmp_path):
     path = save_orb(direct, tmp_path / "small-orb.pt")
     src, out = tmp_path / "in.extxyz", tmp_path / "out.extxyz"
-    write(src, structures())
+    write(src, molecule_and_silicon())
     result = CliRunner().invoke(
         app, ["score", str(src), "-o", str(out), "--model", f"orb:{path}"]
     )
@@ -209,7 +199,7 @@ def test_md_with_direct_forces_and_a_force_delta_monitor(direct):
 
     from atomuq.calculator import AtomuqCalculator
 
-    atoms = structures()[0]
+    atoms = molecule_and_silicon()[0]
     atoms.calc = AtomuqCalculator(direct, forces="direct")
     monitor = []
     dyn = VelocityVerlet(atoms, timestep=0.5 * units.fs)
@@ -230,7 +220,7 @@ def test_ltau_and_ensembles_work_through_the_orb_adapter():
     from atomuq.workflows.ltau import compute_descriptors
 
     orb_a, orb_b = small_orb(seed=0), small_orb(seed=1)
-    atoms = structures()
+    atoms = molecule_and_silicon()
     descriptors = compute_descriptors(orb_a, atoms)
     n = sum(len(a) for a in atoms)
     assert descriptors.shape == (n, SMALL["latent_dim"])
@@ -273,7 +263,7 @@ def test_charge_and_spin_reach_a_conditioned_orb_model(direct, tmp_path):
 
     torch.manual_seed(4)
     path = save_orb(new_orb_model("orb-v3-direct", **SMALL, has_charge_spin_cond=True), tmp_path / "omol.pt")
-    atoms = structures()[0]
+    atoms = molecule_and_silicon()[0]
     batch = Batch.from_atoms([atoms])
     energies = []
     for charge, spin in ((0, 1), (1, 2)):
@@ -300,7 +290,7 @@ def test_released_model_file_loads_through_orbs_own_loader(tmp_path):
     model = resolve_model(f"orb:{path}")
     assert (model.architecture, model.cutoff, model.max_num_neighbors) == ("orb-v3-direct-20-omat", 6.0, 20)
     assert model.has_direct_forces and not any(p.requires_grad for p in model.parameters())
-    atoms = structures()[0]
+    atoms = molecule_and_silicon()[0]
     pred = evaluate(model, Batch.from_atoms([atoms]), conservative=False)
     ref = orb_results(model, atoms)
     assert float(pred.energy[0]) == pytest.approx(float(ref["energy"]), abs=1e-3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,27 +222,17 @@ def test_md_and_drift_commands(tmp_path):
     )
 
 
+def paper_preset(start: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    """Arguments of `atomuq md START -o OUT --preset paper` with `steps` steps of equilibration and of NVE."""
+    return ["md", str(start), "-o", str(out), "--preset", "paper", "--steps", str(steps),
+            "--equilibration-steps", str(steps), *extra]
+
+
 def test_md_preset_paper_runs_its_three_stages(tmp_path):
     start = tmp_path / "water.extxyz"
     write(start, molecule("H2O"))
     out = tmp_path / "nve.extxyz"
-    res = runner.invoke(
-        app,
-        [
-            "md",
-            str(start),
-            "-o",
-            str(out),
-            "--preset",
-            "paper",
-            "--steps",
-            "10",
-            "--equilibration-steps",
-            "10",
-            "--traj-every",
-            "5",
-        ],
-    )
+    res = runner.invoke(app, paper_preset(start, out, 10, "--traj-every", "5"))
     assert res.exit_code == 0, res.output
     assert (tmp_path / "nve.extxyz.relaxed.extxyz").exists()
     eq = scan_trajectory(tmp_path / "nve.extxyz.equil.extxyz").frames
@@ -331,21 +322,7 @@ def test_preset_paper_can_equilibrate_on_conservative_forces(tmp_path):
     start = tmp_path / "water.extxyz"
     write(start, molecule("H2O"))
     out = tmp_path / "nve.extxyz"
-    args = [
-        "md",
-        str(start),
-        "-o",
-        str(out),
-        "--preset",
-        "paper",
-        "--steps",
-        "4",
-        "--equilibration-steps",
-        "4",
-        "--equilibration-forces",
-        "conservative",
-    ]
-    res = runner.invoke(app, args)
+    res = runner.invoke(app, paper_preset(start, out, 4, "--equilibration-forces", "conservative"))
     assert res.exit_code == 0, res.output
     assert {
         f.info["force_mode"]

@@ -20,14 +20,16 @@ def as_vector(name: str, values: ArrayLike, min_len: int = 2) -> np.ndarray:
         )
     if len(array) < min_len:
         raise InputError(f"{name}: need at least {min_len} values, got {len(array)}")
-    bad = ~np.isfinite(array)
+    _refuse(name, array, ~np.isfinite(array), "are NaN or infinite", "remove or fix them first")
+    return array
+
+
+def _refuse(name: str, values: np.ndarray, bad: np.ndarray, what: str, advice: str) -> None:
+    """InputError counting the values where `bad` holds and naming the first, unless there are none."""
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
-        raise InputError(
-            f"{name}: {int(bad.sum())} of {len(array)} values are NaN or infinite "
-            f"(first at index {first}: {array[first]}); remove or fix them first"
-        )
-    return array
+        raise InputError(f"{name}: {int(bad.sum())} of {len(values)} values {what} "
+                         f"(first at index {first}: {values[first]}); {advice}")
 
 
 def as_pair(
@@ -44,13 +46,7 @@ def as_pair(
 
 def check_positive(name: str, values: np.ndarray) -> np.ndarray:
     """`values` unchanged if all > 0, else InputError (an uncertainty σ or a scale must be positive)."""
-    bad = values <= 0
-    if bad.any():
-        first = int(np.flatnonzero(bad)[0])
-        raise InputError(
-            f"{name}: {int(bad.sum())} of {len(values)} values are not positive "
-            f"(first at index {first}: {values[first]}); an uncertainty must be > 0"
-        )
+    _refuse(name, values, values <= 0, "are not positive", "an uncertainty must be > 0")
     return values
 
 
