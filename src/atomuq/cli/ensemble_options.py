@@ -6,8 +6,10 @@ from typing import Sequence
 
 
 from atomuq.cli.common import note
+from atomuq.core.errors import InputError
 from atomuq.core.io import Record
-from atomuq.models.catalog import choose_model
+from atomuq.core.validate import check_records
+from atomuq.models.catalog import catalog, choose_model
 from atomuq.models.protocol import AtomisticModel
 from atomuq.models.registry import DEFAULT_MODEL, normalise_spec, resolve_model
 from atomuq.uq.ensemble import check_members
@@ -20,8 +22,13 @@ def chosen_spec(spec: str | None, records: Sequence[Record] | None) -> str:
         return spec
     if not records:
         return DEFAULT_MODEL
-    choice = choose_model({int(z) for rec in records for z in rec.atoms.numbers},
-                          (bool(rec.atoms.pbc.any()) for rec in records))
+    try:
+        choice = choose_model({int(z) for rec in records for z in rec.atoms.numbers},
+                              (bool(rec.atoms.pbc.any()) for rec in records))
+    except InputError:  # name the first structure with an element no bundled model knows, as check_records does
+        known = sorted({z for entry in catalog() if entry.member_of is None for z in entry.elements})
+        check_records(records, known, min_distance=0.0, knower="any bundled model; give --model one that knows it")
+        raise
     note(f"--model not given: using {choice.reason}")
     return choice.entry.name
 

@@ -31,8 +31,10 @@ def check_structure(
     where: str,
     elements: Sequence[int] | None = None,
     min_distance: float = DEFAULT_MIN_DISTANCE,
+    knower: str = "the model",
 ) -> None:
-    """Raise InputError naming `where` if the structure is empty, non-finite, cell-less, overlapping or has unsupported elements."""
+    """Raise InputError naming `where` if the structure is empty, non-finite, cell-less, overlapping or has
+    unsupported elements (not in `elements`, the atomic numbers `knower` knows)."""
     if len(atoms) == 0:
         raise InputError(f"{where}: the structure has no atoms")
     positions = atoms.positions
@@ -58,7 +60,7 @@ def check_structure(
         if unknown:
             names = ", ".join(chemical_symbols[z] for z in unknown)
             have = " ".join(chemical_symbols[int(z)] for z in elements)
-            raise InputError(f"{where}: element(s) {names} not supported by the model (it knows {have})")
+            raise InputError(f"{where}: element(s) {names} not supported by {knower} (elements known: {have})")
     if min_distance > 0 and len(atoms) > 1:
         box = cell if pbc.any() else np.zeros((3, 3))
         span = max(extent, float(lengths[pbc].max())) if pbc.any() else extent
@@ -77,14 +79,15 @@ def check_records(
     records: Sequence[Record],
     elements: Sequence[int] | None = None,
     min_distance: float = DEFAULT_MIN_DISTANCE,
+    knower: str = "the model",
 ) -> None:
     """Check every structure before any work (check_structure: file and structure index named, elements as
-    symbols), so a bad one stops the run with nothing written. elements: atomic numbers the model knows; None
-    skips the element check. InputError also when there is no structure."""
+    symbols), so a bad one stops the run with nothing written. elements: atomic numbers the model (`knower`)
+    knows; None skips the element check. InputError also when there is no structure."""
     if not records:
         raise InputError("no structures given")
     for rec in records:
-        check_structure(rec.atoms, rec.where, elements, min_distance)
+        check_structure(rec.atoms, rec.where, elements, min_distance, knower)
 
 
 def _per_atom_names(atoms: Atoms) -> list[str]:
