@@ -18,7 +18,6 @@ from atomuq.core.errors import AtomuqError
 from atomuq.core.paths import check_output_dir, check_output_file
 from atomuq.core.schema import Provenance, earlier_results
 from atomuq.models import registry
-from atomuq.models.registry import DEFAULT_MODEL
 
 # rich falls back to 80 columns when not on a terminal, which wraps the tables badly in logs
 console = Console(width=None if sys.stdout.isatty() else 160)
