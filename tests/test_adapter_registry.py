@@ -92,7 +92,8 @@ def test_cli_help_and_option_use_the_one_resolver(capsys):
     for shown in (model_help(), ensemble_help()):  # plain text: the CLI's help is not rendered as markup
         assert "ase:MODULE:CLASS" in shown and "metatomic:PATH" in shown and "orb:PATH" in shown
     assert "pip install 'atomuq[orb]'" in model_help()
-    assert f"Default: {registry.DEFAULT_MODEL}" in model_help()
+    assert "the bundled model that knows every element of the input" in model_help()
+    assert f"Default: {registry.DEFAULT_MODEL}" in model_help(default=registry.DEFAULT_MODEL)
     model = load_model_option("ase.calculators.emt:EMT", "cpu")
     assert isinstance(model, CalculatorModel)
     assert "deprecated; write ase:ase.calculators.emt:EMT" in capsys.readouterr().err

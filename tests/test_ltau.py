@@ -28,6 +28,7 @@ from atomuq.uq.ltau.distribution import DEFAULT_EDGES, sample_confidence
 from atomuq.uq.ltau.estimator import LTAUEstimator, fit_estimator
 from atomuq.uq.ltau.index import build_index, measure_recall
 from atomuq.uq.ltau.reweight import loss_weights
+from atomuq.workflows.error_log import compact_error_log
 from atomuq.workflows.ltau import compute_descriptors, fit_from_logs, load_runs, predict_records
 from atomuq.workflows.train import TrainConfig, train_model
 
@@ -203,7 +204,7 @@ def test_fit_from_real_logs_uses_the_logged_training_atoms(trained):
     est = fit_from_logs([r / "error_log" for r in runs], model, [folder / "tiny_train.extxyz"], atol=0.2)
     trajectories, logs = load_runs([r / "error_log" for r in runs])
     assert est.n_atoms == logs[0].n_atoms and est.metadata["n_runs"] == 2
-    assert np.allclose(est.confidence, np.mean([sample_confidence(t, 0.2) for t in trajectories], axis=0))
+    assert np.allclose(est.confidence, np.mean([sample_confidence(t.errors, 0.2) for t in trajectories], axis=0))
     # each training atom's descriptor finds itself
     structures = read(folder / "tiny_train.extxyz", ":")
     descriptors = compute_descriptors(model, structures)
@@ -211,6 +212,38 @@ def test_fit_from_real_logs_uses_the_logged_training_atoms(trained):
     assert np.allclose(pred.confidence, est.confidence)
     with pytest.raises(InputError, match="no --train file has that content"):
         fit_from_logs([runs[0] / "error_log"], model, [folder / "tiny_val.extxyz"])
+
+
+def test_fit_from_compact_logs_equals_the_full_logs_at_the_default_atol(trained, tmp_path):
+    folder, runs = trained
+    model = load_model(runs[0] / "best.pt")
+    train = [folder / "tiny_train.extxyz"]
+    full = [r / "error_log" for r in runs]
+    compact = [compact_error_log(log, tmp_path / f"compact{i}", skip_epochs=1).directory for i, log in enumerate(full)]
+    # one run: its default atol (the mean final-epoch error) is an edge of its compact log
+    exact = fit_from_logs(full[:1], model, train, skip_epochs=1)
+    binned = fit_from_logs(compact[:1], model, train)  # the epochs the compact log holds: 2-3
+    assert binned.atol == exact.atol and np.allclose(binned.confidence, exact.confidence, atol=1e-12)
+    # two runs at a power of ten (an edge of every compact log): μ_M and σ_M exact
+    exact = fit_from_logs(full, model, train, skip_epochs=1, atol=0.1)
+    binned = fit_from_logs(compact, model, train, atol=0.1)
+    assert binned.metadata["epochs_per_run"] == [2, 2]
+    assert np.allclose(binned.confidence, exact.confidence, atol=1e-12)
+    assert np.allclose(binned.spread, exact.spread, atol=1e-12)
+    assert [r["form"] for r in binned.metadata["runs"]] == ["histogram"] * 2
+    assert [r["epochs"] for r in binned.metadata["runs"]] == [[2, 3]] * 2
+    with pytest.raises(InputError, match="holding epochs 2-3 only"):
+        fit_from_logs(compact, model, train, skip_epochs=0)
+    out = tmp_path / "est.npz"
+    res = runner.invoke(app, ["ltau", "fit", "--logs", str(compact[0]), "--train", str(train[0]),
+                              "-m", str(runs[0] / "best.pt"), "-o", str(out), "--skip-epochs", "2"])
+    assert res.exit_code == 1 and "--skip-epochs 1" in res.output and not out.exists()
+    assert binned.metadata["confidence_read_out"] == "exact"
+    res = runner.invoke(app, ["ltau", "fit", "--logs", str(compact[0]), "--train", str(train[0]),
+                              "-m", str(runs[0] / "best.pt"), "-o", str(out), "--atol", "0.3"])
+    assert res.exit_code == 0, res.output
+    assert "interpolated: atol 0.3 eV/Å lies between the histogram edges 0.2512 and 0.3162" in " ".join(res.output.split())
+    assert LTAUEstimator.load(out).metadata["runs"][0]["form"] == "histogram"
 
 
 def test_fit_refuses_a_model_that_wrote_none_of_the_logs(trained, tmp_path):

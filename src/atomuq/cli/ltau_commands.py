@@ -1,4 +1,4 @@
-"""`atomuq ltau fit | score | calibrate | weights`: LTAU-FF from training error logs and latent nearest neighbours."""
+"""`atomuq ltau fit | score | calibrate | weights | compact`: LTAU-FF from training error logs and latent nearest neighbours."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from atomuq.cli.common import (
     console,
     fail,
     model_help,
+    note,
     note_earlier_results,
     output_file,
+    output_folder,
     progress_bar,
     say,
     user_errors,
@@ -34,6 +36,7 @@ from atomuq.uq.ltau.estimator import LTAUEstimator
 from atomuq.uq.ltau.index import KINDS
 from atomuq.uq.ltau.plots import reliability_figure
 from atomuq.uq.ltau.reweight import SCHEMES, loss_weights
+from atomuq.workflows.error_log import EDGES_PER_DECADE, HISTOGRAM_RANGE, compact_error_log
 from atomuq.workflows.ltau import ScoredAtoms, annotate, calibrate, fit_from_logs, predict_records
 
 ltau_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=HELP_MARKUP,
@@ -86,7 +89,9 @@ def fit(
     errors: str = typer.Option("direct", "--errors", help="Which logged errors: direct or conservative forces."),
     atol: Optional[float] = typer.Option(None, "--atol", help="Tolerance in eV/Å (default: mean final-epoch error norm)."),
     rtol: float = typer.Option(0.0, "--rtol", min=0.0, help="Relative tolerance: threshold atol + rtol·|F_ref|."),
-    skip_epochs: int = typer.Option(0, "--skip-epochs", min=0, help="Ignore the first epochs of every run."),
+    skip_epochs: Optional[int] = typer.Option(
+        None, "--skip-epochs", min=0, help="Ignore the first N training epochs of every run (default: every epoch the log holds)."
+    ),
     index: str = typer.Option("flat", "--index", help=f"FAISS index: {', '.join(KINDS)} (flat is exact)."),
     index_param: List[str] = typer.Option([], "--index-param", help="KEY=VALUE: M, ef_construction, ef_search (hnsw); nlist, nprobe (ivf)"),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Structures per batch for descriptors."),
@@ -108,6 +113,8 @@ def fit(
                                       on_total=lambda n: bar.update(task, total=n))
         estimator.metadata["model_name"] = model or DEFAULT_MODEL
         estimator.save(output)
+    if estimator.metadata["confidence_read_out"] != "exact":
+        note(f"p_i {estimator.metadata['confidence_read_out']}")
     p = estimator.confidence
     table = Table(title=cell(f"LTAU estimator {output}"))
     table.add_column("quantity")
@@ -225,3 +232,27 @@ def weights(
             np.save(handle, w.astype(np.float32))
     say(f"{len(w):,} weights ({scheme}, λ = {lam:g}): min {w.min():.3f}, median {np.median(w):.3f}, "
         f"max {w.max():.3f}; wrote {output} (set data.atom_weights in the training configuration)")
+
+
+@ltau_app.command("compact")
+def compact_log(
+    log: Path = typer.Argument(..., help="A full error-log folder <run_dir>/error_log."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder to write the compact log to (error_log.json, error_histograms.npz)."),
+    skip_epochs: int = typer.Option(0, "--skip-epochs", min=0, help="Keep only the epochs after the first N (ltau fit then reads those)."),
+    per_decade: int = typer.Option(
+        EDGES_PER_DECADE, "--bins-per-decade", min=1, max=100,
+        help=f"Log-spaced histogram edges per decade from {HISTOGRAM_RANGE[0]:g} to {HISTOGRAM_RANGE[1]:g} eV/Å.",
+    ),
+) -> None:
+    """Per-atom histograms of a full error log (a few MB to commit instead of hundreds): `ltau fit --logs` reads
+    either form; p_i is exact at every bin edge and at the mean final-epoch error, log-linear in between."""
+    with user_errors():
+        output_folder(output)
+        compact = compact_error_log(log, output, skip_epochs=skip_epochs, per_decade=per_decade)
+    full = sum(p.stat().st_size for p in Path(log).iterdir() if p.is_file())
+    small = sum(p.stat().st_size for p in output.iterdir() if p.is_file())
+    first, last = compact.epochs
+    finals = compact.metadata["final_epoch_mean_error"]
+    say(f"{compact.n_atoms:,} atoms, epochs {first}-{last}, {per_decade} edges per decade; mean final-epoch error "
+        f"{finals['direct']:.4g} (direct), {finals['conservative']:.4g} (conservative) eV/Å; "
+        f"{full / 1e3:,.0f} kB -> {small / 1e3:,.0f} kB; wrote {output}")

@@ -15,19 +15,45 @@ Global atom id = structure_offsets[structure] + atom index, structures in traini
 sparse, zeros); readers see only the completed rows (n_epochs_completed in the metadata). The two
 large arrays are memory maps (np.lib.format.open_memmap), written in place one epoch row at a time;
 a resumed run continues writing the same arrays.
+
+The compact (histogram) form of a finished log, written by `compact_error_log` (`atomuq ltau compact`),
+is a folder with two files: error_log.json (the same metadata, with form = "histogram", the epochs it
+holds and each kind's mean final-epoch error) and error_histograms.npz (bzip2-compressed .npy members):
+
+- atom_numbers, reference_force_norms (float16: 5e-4 relative, enough for rtol), structure_offsets, and
+  structure_frames when the run had them;
+- per kind (direct, conservative): counts_<kind> (n_atoms, n_edges + 1) in the smallest unsigned dtype, and
+  edges_<kind> (eV/Å): EDGES_PER_DECADE fixed log-spaced edges per decade from 1e-3 to 1e2 eV/Å, plus that
+  kind's mean final-epoch error (the default atol of `ltau fit`, so p_i at it is exact). Column 0 counts
+  ε ≤ edges[0], column j edges[j-1] < ε ≤ edges[j], the last ε > edges[-1].
+
+p_i read from counts is exact at every edge and log-linear inside a bin (uq.ltau.distribution.BinnedErrors).
+`ErrorLog.distribution` hands either form to LTAU through one interface (uq.ltau.distribution.ErrorDistribution).
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+import atomuq
 from atomuq.core.errors import InputError
 from atomuq.core.io import atomic_path
+from atomuq.uq.ltau.distribution import (
+    BinnedErrors,
+    ErrorDistribution,
+    ErrorTrajectory,
+    HistogramBins,
+    count_dtype,
+    log_edges,
+    with_edges,
+)
 
 FORMAT = "atomuq-error-log"
 FORMAT_VERSION = 1
@@ -37,6 +63,14 @@ CONSERVATIVE = "errors_conservative.npy"
 NUMBERS = "atom_numbers.npy"
 REFERENCE_NORMS = "reference_force_norms.npy"
 OFFSETS = "structure_offsets.npy"
+FRAMES = "structure_frames.npy"
+HISTOGRAMS = "error_histograms.npz"
+#: the two logged error kinds: direct (non-conservative) and conservative forces
+FORCE_KINDS = ("direct", "conservative")
+FULL, HISTOGRAM = "full", "histogram"
+#: fixed edges of a compact log: EDGES_PER_DECADE per decade over HISTOGRAM_RANGE (eV/Å)
+EDGES_PER_DECADE = 10
+HISTOGRAM_RANGE = (1e-3, 1e2)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -199,25 +233,74 @@ class ErrorLogWriter:
 
 @dataclass
 class ErrorLog:
-    """A read-only error log: completed epoch rows only (eV/Å), atom metadata and the JSON metadata."""
+    """A read-only error log of either form: atom metadata, the JSON metadata and, per kind, the completed epoch
+    rows (full form, eV/Å, memory-mapped) or the per-atom counts on log-spaced bins (histogram form)."""
 
     directory: Path
-    errors_direct: np.ndarray
-    errors_conservative: np.ndarray
     atom_numbers: np.ndarray
     reference_force_norms: np.ndarray
     structure_offsets: np.ndarray
     metadata: dict[str, Any]
+    trajectories: dict[str, np.ndarray] = field(default_factory=dict)
+    binned: dict[str, BinnedErrors] = field(default_factory=dict)
+    structure_frames: np.ndarray | None = None  # (n_structures, 2) training-file number and frame, when recorded
+    first_epoch: int = 1  # training epoch (1-based) of the first epoch held
+
+    @property
+    def form(self) -> str:
+        """'full' (every epoch's errors) or 'histogram' (per-atom counts)."""
+        return HISTOGRAM if self.binned else FULL
 
     @property
     def n_epochs(self) -> int:
-        """Number of completed (logged) epochs."""
-        return int(self.errors_direct.shape[0])
+        """Number of epochs held (completed epochs for a full log)."""
+        held = self.binned or self.trajectories
+        run = next(iter(held.values()))
+        return int(run.n_epochs if isinstance(run, BinnedErrors) else run.shape[0])
 
     @property
     def n_atoms(self) -> int:
         """Number of training atoms."""
-        return int(self.errors_direct.shape[1])
+        return int(len(self.atom_numbers))
+
+    @property
+    def epochs(self) -> tuple[int, int]:
+        """First and last training epoch held (1-based, inclusive)."""
+        return self.first_epoch, self.first_epoch + self.n_epochs - 1
+
+    @property
+    def errors_direct(self) -> np.ndarray:
+        """Direct-force error norms (completed epochs, atoms) in eV/Å; full form only."""
+        return self._exact("direct")
+
+    @property
+    def errors_conservative(self) -> np.ndarray:
+        """Conservative-force error norms (completed epochs, atoms) in eV/Å; full form only."""
+        return self._exact("conservative")
+
+    def _exact(self, kind: str) -> np.ndarray:
+        if kind not in self.trajectories:
+            raise InputError(f"{self.directory}: a compact (histogram) error log holds per-atom counts, not every "
+                             f"epoch's errors; use the full log it was made from ({self.metadata.get('compacted_from')})")
+        return self.trajectories[kind]
+
+    def distribution(self, kind: str, skip_epochs: int | None = None) -> ErrorDistribution:
+        """The errors of one kind (direct or conservative) over the epochs after the first skip_epochs training
+        epochs (None: every epoch held), for LTAU. A compact log gives only the epochs it holds."""
+        if kind not in FORCE_KINDS:
+            raise InputError(f"unknown error kind {kind!r}; use direct or conservative")
+        first, last = self.epochs
+        if self.form == HISTOGRAM:
+            if skip_epochs is not None and skip_epochs != first - 1:
+                raise InputError(
+                    f"{self.directory}: a compact error log holding epochs {first}-{last} only (counts, not single "
+                    f"epochs), so it cannot give the epochs after {skip_epochs} (--skip-epochs {skip_epochs}); omit "
+                    f"--skip-epochs or give --skip-epochs {first - 1}, or use the full log it was made from")
+            return self.binned[kind]
+        skip = skip_epochs or 0
+        if skip >= self.n_epochs:
+            raise InputError(f"{self.directory}: skip_epochs = {skip} leaves none of its {self.n_epochs} epochs")
+        return ErrorTrajectory(self.trajectories[kind][skip:])
 
     def global_ids(self, structure: int | np.ndarray, atom: int | np.ndarray) -> np.ndarray:
         """Global atom ids of (structure index, atom index) pairs in training-set order."""
@@ -234,6 +317,9 @@ def _read_metadata(directory: Path) -> dict[str, Any]:
         raise InputError(f"{path}: unreadable error-log metadata ({exc}); the file is damaged") from exc
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise InputError(f"{path}: not an atomuq error-log metadata file (format {metadata.get('format')!r})")
+    if int(metadata.get("format_version", 1)) > FORMAT_VERSION or metadata.get("form", FULL) not in (FULL, HISTOGRAM):
+        raise InputError(f"{path}: error-log format version {metadata.get('format_version')}, form "
+                         f"{metadata.get('form')!r} is newer than this atomuq reads; upgrade atomuq")
     return metadata
 
 
@@ -250,8 +336,14 @@ def _load_array(path: Path, shape: tuple[int, ...], what: str, mmap: bool) -> np
     return array
 
 
+def _check_offsets(where: Path, offsets: np.ndarray, n_atoms: int) -> None:
+    if offsets[0] != 0 or offsets[-1] != n_atoms or (np.diff(offsets) <= 0).any():
+        raise InputError(f"{where}: offsets must rise from 0 to n_atoms = {n_atoms}")
+
+
 def load_error_log(directory: str | Path, check_finite: bool = True) -> ErrorLog:
-    """Open an error log read-only (errors in eV/Å, memory-mapped), validating every file's shape.
+    """Open an error log of either form read-only (errors in eV/Å; a full log memory-mapped), validating every
+    file's shape.
 
     Raises InputError naming the file when a file is missing, truncated or of the wrong shape,
     when no epoch has been logged yet, or (check_finite) when a completed row holds NaN.
@@ -265,6 +357,8 @@ def load_error_log(directory: str | Path, check_finite: bool = True) -> ErrorLog
         raise InputError(f"{directory / METADATA}: missing or invalid size field ({exc})") from exc
     if not 0 <= done <= planned:
         raise InputError(f"{directory / METADATA}: n_epochs_completed = {done} outside 0..{planned}")
+    if meta.get("form", FULL) == HISTOGRAM:
+        return _load_histogram_log(directory, meta, n_atoms, n_structures, done)
     if done == 0:
         raise InputError(f"{directory / DIRECT}: the error log is empty (0 of {planned} epochs logged); "
                          "train for at least one epoch first")
@@ -273,8 +367,7 @@ def load_error_log(directory: str | Path, check_finite: bool = True) -> ErrorLog
     numbers = _load_array(directory / NUMBERS, (n_atoms,), "atomic numbers", mmap=False)
     norms = _load_array(directory / REFERENCE_NORMS, (n_atoms,), "reference force norms", mmap=False)
     offsets = _load_array(directory / OFFSETS, (n_structures + 1,), "structure offsets", mmap=False)
-    if offsets[0] != 0 or offsets[-1] != n_atoms or (np.diff(offsets) <= 0).any():
-        raise InputError(f"{directory / OFFSETS}: offsets must rise from 0 to n_atoms = {n_atoms}")
+    _check_offsets(directory / OFFSETS, offsets, n_atoms)
     direct, conservative = direct[:done], conservative[:done]
     if check_finite:
         for name, array in ((DIRECT, direct), (CONSERVATIVE, conservative)):
@@ -283,4 +376,122 @@ def load_error_log(directory: str | Path, check_finite: bool = True) -> ErrorLog
                 epoch = int(np.flatnonzero(~finite)[0]) + 1
                 raise InputError(f"{directory / name}: epoch {epoch} of {done} logged epochs holds NaN or infinite "
                                  "values; the file was damaged or the run was interrupted while writing it")
-    return ErrorLog(directory, direct, conservative, numbers, norms, offsets, meta)
+    frames_file = directory / str(meta.get("structure_frames", FRAMES))
+    frames = _load_array(frames_file, (n_structures, 2), "structure frames", mmap=False) if frames_file.is_file() else None
+    return ErrorLog(directory, numbers, norms, offsets, meta, trajectories={"direct": direct, "conservative": conservative},
+                    structure_frames=frames)
+
+
+def _load_histogram_log(directory: Path, meta: dict[str, Any], n_atoms: int, n_structures: int, done: int) -> ErrorLog:
+    """The histogram form (error_histograms.npz), every array checked against the metadata."""
+    path = directory / str((meta.get("arrays") or {}).get("histograms", HISTOGRAMS))
+    if not path.is_file():
+        raise InputError(f"{path}: missing (per-atom error histograms); the compact error log is incomplete")
+    try:
+        first, last = (int(e) for e in meta["epochs_held"])
+        finals = {kind: float(meta["final_epoch_mean_error"][kind]) for kind in FORCE_KINDS}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{directory / METADATA}: missing or invalid compact-log field ({exc})") from exc
+    if not 1 <= first <= last == done:
+        raise InputError(f"{directory / METADATA}: epochs_held {first}-{last} must end at the last completed epoch "
+                         f"{done}; the file is damaged")
+    shapes = {"atom_numbers": (n_atoms,), "reference_force_norms": (n_atoms,), "structure_offsets": (n_structures + 1,)}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in (*shapes, *(f"{p}_{k}" for k in FORCE_KINDS for p in ("counts", "edges")))
+                       if k not in data.files]
+            if missing:
+                raise InputError(f"{path}: not a complete compact error log (missing {', '.join(missing)})")
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{path}: unreadable compact error log, truncated or not an .npz file ({exc})") from exc
+    for key, shape in shapes.items():
+        if arrays[key].shape != shape:
+            raise InputError(f"{path}: {key} of shape {arrays[key].shape}, expected {shape} from {METADATA}; "
+                             "the file is from another run")
+    _check_offsets(path, arrays["structure_offsets"], n_atoms)
+    binned = {}
+    for kind in FORCE_KINDS:
+        try:
+            bins = HistogramBins(arrays[f"edges_{kind}"])
+            if arrays[f"counts_{kind}"].shape[0] != n_atoms:
+                raise ValueError(f"{arrays[f'counts_{kind}'].shape[0]} rows of counts for {n_atoms} atoms")
+            binned[kind] = BinnedErrors(arrays[f"counts_{kind}"], bins, finals[kind])
+        except ValueError as exc:
+            raise InputError(f"{path}: {kind} histograms are inconsistent ({exc}); the file is damaged") from exc
+        if binned[kind].n_epochs != last - first + 1:
+            raise InputError(f"{path}: {kind} histograms count {binned[kind].n_epochs} epochs per atom, the metadata "
+                             f"says epochs {first}-{last}; the file is damaged")
+    frames = arrays.get("structure_frames")
+    if frames is not None and frames.shape != (n_structures, 2):
+        raise InputError(f"{path}: structure_frames of shape {frames.shape}, expected ({n_structures}, 2)")
+    return ErrorLog(directory, arrays["atom_numbers"].astype(np.int32), arrays["reference_force_norms"].astype(np.float32),
+                    arrays["structure_offsets"], meta, binned=binned, structure_frames=frames, first_epoch=first)
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write arrays atomically as an .npz with bzip2-compressed members (np.load reads it; ~30 % smaller than
+    np.savez_compressed's deflate on histogram counts)."""
+    with atomic_path(path) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_BZIP2, compresslevel=9) as archive:
+            for name, array in arrays.items():
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+
+def _half(values: np.ndarray) -> np.ndarray:
+    """float16 (relative precision 5e-4, half the bytes) where every value fits, else float32."""
+    values = np.asarray(values, dtype=np.float32)
+    return values.astype(np.float16) if np.isfinite(values).all() and np.abs(values).max() < 6e4 else values
+
+
+def compact_error_log(source: str | Path, output: str | Path, *, skip_epochs: int = 0,
+                      per_decade: int = EDGES_PER_DECADE) -> ErrorLog:
+    """Write the compact (histogram) form of a full error log into the folder output and return it loaded.
+
+    It holds the epochs after the first skip_epochs, as per-atom counts (direct and conservative errors) on
+    per_decade log-spaced edges per decade from 1e-3 to 1e2 eV/Å plus each kind's mean final-epoch error.
+    """
+    log = load_error_log(source)
+    output = Path(output)
+    if log.form != FULL:
+        raise InputError(f"{log.directory}: already a compact (histogram) error log; compact the full log "
+                         f"({log.metadata.get('compacted_from')})")
+    if output.resolve() == log.directory.resolve() or (output / DIRECT).exists() or (output / CONSERVATIVE).exists():
+        raise InputError(f"-o {output}: holds a full error log, which the compact one would replace; "
+                         "choose another folder")
+    if not 1 <= per_decade <= 100:
+        raise InputError(f"--bins-per-decade {per_decade}: give 1 to 100 edges per decade (10: 26 % wide bins)")
+    runs = {kind: log.distribution(kind, skip_epochs) for kind in FORCE_KINDS}
+    grid = HistogramBins(log_edges(per_decade, *HISTOGRAM_RANGE))
+    arrays: dict[str, np.ndarray] = {
+        "atom_numbers": log.atom_numbers.astype(count_dtype(int(log.atom_numbers.max()))),
+        "reference_force_norms": _half(log.reference_force_norms),
+        "structure_offsets": np.asarray(log.structure_offsets, dtype=np.int64),
+    }
+    if log.structure_frames is not None:
+        arrays["structure_frames"] = log.structure_frames
+    finals = {}
+    for kind, run in runs.items():
+        finals[kind] = run.final_mean_error
+        bins = with_edges(grid, [finals[kind]])
+        arrays[f"counts_{kind}"] = run.histogram(
+            bins, out=np.zeros((log.n_atoms, bins.n_columns), dtype=count_dtype(run.n_epochs)))
+        arrays[f"edges_{kind}"] = bins.edges
+    first, last = skip_epochs + 1, log.n_epochs
+    meta = {key: value for key, value in log.metadata.items() if key not in ("arrays", "structure_frames")}
+    meta.update(
+        form=HISTOGRAM, arrays={"histograms": HISTOGRAMS}, epochs_held=[first, last],
+        final_epoch_mean_error=finals,
+        histogram={"edges_per_decade": per_decade, "range": list(HISTOGRAM_RANGE),
+                   "columns": "column 0: eps <= edges[0]; column j: edges[j-1] < eps <= edges[j]; last: eps > "
+                              "edges[-1]; each kind's edges also hold its final_epoch_mean_error (the default atol)",
+                   "read_out": "p_i exact at every edge, log-linear inside a bin"},
+        compacted_from=str(log.directory),
+        compacted=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        compacted_by=f"atomuq {atomuq.__version__}",
+    )
+    output.mkdir(parents=True, exist_ok=True)
+    _save_npz(output / HISTOGRAMS, arrays)
+    _write_json(output / METADATA, meta)
+    return load_error_log(output)

@@ -24,17 +24,18 @@ from atomuq.uq.ltau.calibration import ReliabilityCurve, ScaleFit, fit_scale, re
 from atomuq.uq.ltau.estimator import LTAUEstimator, LTAUPrediction, fit_estimator
 from atomuq.uq.ltau.index import build_index
 from atomuq.uq.result import split_outputs
-from atomuq.workflows.error_log import METADATA, ErrorLog, load_error_log
+from atomuq.uq.ltau.distribution import ErrorDistribution
+from atomuq.workflows.error_log import FORCE_KINDS, METADATA, ErrorLog, load_error_log
 from atomuq.models.provenance import model_name, model_provenance
 from atomuq.workflows.score import structure_tag
 
-FORCE_KINDS = ("direct", "conservative")
 Progress = Callable[[int], None] | None
 
 
-def load_runs(log_dirs: Sequence[str | Path], kind: str = "direct", skip_epochs: int = 0
-              ) -> tuple[list[np.ndarray], list[ErrorLog]]:
-    """Error trajectories (E_m, N) in eV/Å of several runs over the same atoms, and the runs' logs."""
+def load_runs(log_dirs: Sequence[str | Path], kind: str = "direct", skip_epochs: int | None = None
+              ) -> tuple[list[ErrorDistribution], list[ErrorLog]]:
+    """Error distributions (eV/Å) of several runs over the same atoms, from logs of either form (full or
+    compact), each over the epochs after its first skip_epochs (None: every epoch it holds), and the runs' logs."""
     if kind not in FORCE_KINDS:
         raise InputError(f"unknown error kind {kind!r}; use direct or conservative")
     if not log_dirs:
@@ -48,10 +49,7 @@ def load_runs(log_dirs: Sequence[str | Path], kind: str = "direct", skip_epochs:
                              f"({first.n_atoms}); LTAU needs every run on the same training atoms in the same order")
         if log.metadata.get("training_data_hash") != first.metadata.get("training_data_hash"):
             raise InputError(f"{log.directory}: trained on other data than {first.directory} (training-data hash)")
-        errors = log.errors_direct if kind == "direct" else log.errors_conservative
-        if skip_epochs >= log.n_epochs:
-            raise InputError(f"{log.directory}: skip_epochs = {skip_epochs} leaves none of its {log.n_epochs} epochs")
-        trajectories.append(errors[skip_epochs:])
+        trajectories.append(log.distribution(kind, skip_epochs))
     return trajectories, logs
 
 
@@ -89,13 +87,11 @@ def training_records(log: ErrorLog, train_paths: Sequence[str | Path]) -> list[R
                              f"{str(entry.get('sha256'))[:12]}…) but no --train file has that content; "
                              f"give the exact training files ({', '.join(map(str, train_paths))} do not match)")
         files.append(read_structures([path]))
-    frames_file = log.directory / str(log.metadata.get("structure_frames", "structure_frames.npy"))
-    if frames_file.is_file():
-        frames = np.load(frames_file, allow_pickle=False)
+    if log.structure_frames is not None:
         try:
-            records = [files[int(f)][int(i)] for f, i in frames]
+            records = [files[int(f)][int(i)] for f, i in log.structure_frames]
         except IndexError as exc:
-            raise InputError(f"{frames_file}: points outside the training files ({exc})") from exc
+            raise InputError(f"{log.directory}: its structure frames point outside the training files ({exc})") from exc
     else:
         records = [rec for recs in files for rec in recs]
     numbers = np.concatenate([rec.atoms.numbers for rec in records])
@@ -134,14 +130,15 @@ def fit_from_logs(
     kind: str = "direct",
     atol: float | None = None,
     rtol: float = 0.0,
-    skip_epochs: int = 0,
+    skip_epochs: int | None = None,
     index_kind: str = "flat",
     index_parameters: dict[str, int] | None = None,
     batch_size: int = 16,
     progress: Progress = None,
     on_total: Progress = None,
 ) -> LTAUEstimator:
-    """Fit an LTAU estimator: error logs of one or more runs, descriptors of their training atoms from model.
+    """Fit an LTAU estimator: error logs of one or more runs (either form), descriptors of their training atoms
+    from model. skip_epochs: ignore the first training epochs of every run (None: use every epoch each log holds).
 
     on_total(n) is called once with the number of training structures, progress(k) after each batch.
     """
@@ -158,13 +155,34 @@ def fit_from_logs(
         "model": model_name(model),
         "model_fingerprint": weights_fingerprint(model),
         "force_kind": kind,
-        "skip_epochs": int(skip_epochs),
-        "runs": [{"error_log": str(run.directory), "run_id": run.metadata.get("run_id")} for run in logs],
+        "skip_epochs": skip_epochs,
+        "runs": [{"error_log": str(run.directory), "run_id": run.metadata.get("run_id"), "form": run.form,
+                  "epochs": list(run.epochs) if skip_epochs is None else [skip_epochs + 1, run.epochs[1]]}
+                 for run in logs],
         "training_data_hash": log.metadata.get("training_data_hash"),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "atomuq_version": atomuq.__version__,
     }
-    return fit_estimator(trajectories, log.atom_numbers, log.reference_force_norms, index, atol, rtol, metadata=meta)
+    estimator = fit_estimator(trajectories, log.atom_numbers, log.reference_force_norms, index, atol, rtol,
+                              metadata=meta)
+    estimator.metadata["confidence_read_out"] = read_out(trajectories, logs, estimator.atol, rtol)
+    return estimator
+
+
+def read_out(runs: Sequence[ErrorDistribution], logs: Sequence[ErrorLog], atol: float, rtol: float) -> str:
+    """How p_i at atol (eV/Å) + rtol·|F_ref| was read from the runs: 'exact', or which compact log interpolated it."""
+    for run, log in zip(runs, logs):
+        if run.bins is None or (rtol == 0 and atol in run.bins.edges):
+            continue
+        if rtol:
+            return (f"interpolated: the per-atom thresholds atol + rtol·|F_ref| fall inside histogram bins of "
+                    f"{log.directory}, where p_i is log-linear between edges")
+        j = int(np.searchsorted(run.bins.edges, atol))
+        lo, hi = run.bins.edges[max(j - 1, 0)], run.bins.edges[min(j, len(run.bins.edges) - 1)]
+        return (f"interpolated: atol {atol:.4g} eV/Å lies between the histogram edges {lo:.4g} and {hi:.4g} of "
+                f"{log.directory}, where p_i is log-linear; an atol at an edge (a power of ten, or the first run's "
+                "mean final-epoch error, the default) is exact")
+    return "exact"
 
 
 @dataclass

@@ -15,7 +15,7 @@ every bin edge and interpolated linearly in log ε inside a bin.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -166,16 +166,18 @@ class RunConfidences:
         return self.per_run.std(axis=0)
 
 
-def run_confidences(trajectories: Sequence[np.ndarray], atol: float, rtol: float = 0.0,
+def run_confidences(trajectories: Sequence[ErrorDistribution | np.ndarray], atol: float, rtol: float = 0.0,
                     reference_norms: np.ndarray | None = None) -> RunConfidences:
-    """p_i of every run (each an (E_m, N) trajectory in eV/Å over the same N atoms) at one tolerance."""
+    """p_i of every run (each an ErrorDistribution or (E_m, N) trajectory in eV/Å over the same N atoms) at one
+    tolerance."""
     if not trajectories:
         raise InputError("no error trajectories given")
-    n_atoms = {t.shape[1] for t in trajectories}
+    runs = [as_distribution(t) for t in trajectories]
+    n_atoms = {run.n_atoms for run in runs}
     if len(n_atoms) != 1:
         raise InputError(f"the runs log different numbers of atoms ({sorted(n_atoms)}); "
                          "LTAU needs every run on the same training atoms")
-    per_run = np.stack([sample_confidence(t, atol, rtol, reference_norms) for t in trajectories])
+    per_run = np.stack([run.confidence(atol, rtol, reference_norms) for run in runs])
     return RunConfidences(per_run=per_run, atol=float(atol), rtol=float(rtol))
 
 
@@ -183,3 +185,174 @@ def _check_trajectory(errors: np.ndarray) -> np.ndarray:
     if errors.ndim != 2 or errors.shape[0] < 1 or errors.shape[1] < 1:
         raise InputError(f"an error trajectory must be (epochs, atoms) with at least one of each, got {errors.shape}")
     return errors
+
+
+# ---------------------------------------------------------------- one run's error distribution, whatever its storage
+#
+# LTAU asks a run's log for p_i at a tolerance, for counts on bins and for the mean final-epoch error (the default
+# atol) through `ErrorDistribution`; `ErrorTrajectory` answers from the exact (E, N) errors, `BinnedErrors` from
+# per-atom counts on fixed log-spaced bins (a compact error log).
+
+
+def log_edges(per_decade: int, low: float = 1e-3, high: float = 1e2) -> np.ndarray:
+    """Fixed log-spaced edges (eV/Å): per_decade edges in every decade from low to high, both powers of ten.
+
+    Every power of ten (0.01, 0.1, 1, ...) is an edge exactly; DEFAULT_EDGES is log_edges(16, 1e-4, 1e2).
+    """
+    first, last = np.log10(low), np.log10(high)
+    if per_decade < 1 or first != round(first) or last != round(last) or last <= first:
+        raise ValueError(f"log_edges needs per_decade >= 1 and powers of ten low < high, got {per_decade}, {low}, {high}")
+    return 10.0 ** (np.arange(round(first) * per_decade, round(last) * per_decade + 1) / per_decade)
+
+
+def with_edges(bins: HistogramBins, values: Sequence[float]) -> HistogramBins:
+    """The bins with extra edges at values (eV/Å, > 0): a histogram on them is exact at those tolerances too."""
+    extra = np.asarray(values, dtype=np.float64)
+    if (extra <= 0).any() or not np.isfinite(extra).all():
+        raise ValueError(f"extra histogram edges must be finite and > 0, got {extra.tolist()}")
+    return HistogramBins(np.union1d(bins.edges, extra))
+
+
+def count_dtype(max_count: int) -> type:
+    """Smallest unsigned integer dtype that holds counts up to max_count."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if max_count <= np.iinfo(dtype).max:
+            return dtype
+    return np.uint64
+
+
+class ErrorDistribution(Protocol):
+    """One training run's per-atom force errors (eV/Å) over its logged epochs, as LTAU reads them."""
+
+    @property
+    def n_epochs(self) -> int:
+        """Epochs the distribution covers."""
+
+    @property
+    def n_atoms(self) -> int:
+        """Training atoms."""
+
+    @property
+    def final_mean_error(self) -> float:
+        """Mean over atoms of the last epoch's error norms (eV/Å): the default atol."""
+
+    @property
+    def bins(self) -> HistogramBins | None:
+        """The bins the storage holds counts on (None: exact errors, any bins)."""
+
+    def confidence(self, atol: float, rtol: float = 0.0, reference_norms: np.ndarray | None = None) -> np.ndarray:
+        """p_i = fraction of epochs with ε_i ≤ atol + rtol·‖F_ref,i‖ (eV/Å), shape (N,)."""
+
+    def histogram(self, bins: HistogramBins, out: np.ndarray | None = None) -> np.ndarray:
+        """Counts (N, bins.n_columns) of the logged errors, added to out when given."""
+
+
+@dataclass(frozen=True)
+class ErrorTrajectory:
+    """Exact errors (E, N) in eV/Å, e.g. a memory-mapped full error log: p_i exact at every tolerance."""
+
+    errors: np.ndarray
+
+    def __post_init__(self) -> None:
+        _check_trajectory(self.errors)
+
+    @property
+    def bins(self) -> HistogramBins | None:
+        """None: exact errors give counts on any bins."""
+        return None
+
+    @property
+    def n_epochs(self) -> int:
+        """Epochs (rows)."""
+        return int(self.errors.shape[0])
+
+    @property
+    def n_atoms(self) -> int:
+        """Atoms (columns)."""
+        return int(self.errors.shape[1])
+
+    @property
+    def final_mean_error(self) -> float:
+        """Mean of the last row (eV/Å)."""
+        return float(np.asarray(self.errors[-1], dtype=np.float64).mean())
+
+    def confidence(self, atol: float, rtol: float = 0.0, reference_norms: np.ndarray | None = None) -> np.ndarray:
+        """Exact p_i (sample_confidence)."""
+        return sample_confidence(self.errors, atol, rtol, reference_norms)
+
+    def histogram(self, bins: HistogramBins, out: np.ndarray | None = None) -> np.ndarray:
+        """Counts on any bins (error_histogram)."""
+        return error_histogram(self.errors, bins, out)
+
+
+@dataclass(frozen=True)
+class BinnedErrors:
+    """Per-atom counts (N, C) of E epochs' errors on bins (C = bins.n_columns): p_i exact at every bin edge,
+    log-linear inside a bin (cdf_at); counts on coarser bins whose edges are a subset of these are exact."""
+
+    counts: np.ndarray
+    bins: HistogramBins
+    final_mean_error: float
+
+    def __post_init__(self) -> None:
+        if self.counts.ndim != 2 or self.counts.shape[1] != self.bins.n_columns or self.counts.shape[0] < 1:
+            raise ValueError(f"counts of shape {self.counts.shape} do not fit {self.bins.n_columns} histogram columns")
+        totals = self.counts.sum(axis=1, dtype=np.int64)
+        differ = np.flatnonzero(totals != totals[0])
+        if totals[0] < 1 or len(differ):
+            bad = int(differ[0]) if len(differ) else 0
+            raise ValueError(f"every atom must count the same number (>= 1) of epochs; atom {bad} counts "
+                             f"{int(totals[bad])}, atom 0 counts {int(totals[0])}")
+
+    @property
+    def n_epochs(self) -> int:
+        """Epochs counted per atom."""
+        return int(self.counts[0].sum(dtype=np.int64))
+
+    @property
+    def n_atoms(self) -> int:
+        """Atoms (rows)."""
+        return int(self.counts.shape[0])
+
+    def confidence(self, atol: float, rtol: float = 0.0, reference_norms: np.ndarray | None = None) -> np.ndarray:
+        """p_i read from the counts (cdf_at): exact when the tolerance is an edge, log-linear inside a bin."""
+        tol = thresholds(atol, rtol, reference_norms, self.n_atoms)
+        out = np.empty(self.n_atoms)
+        for sl in _chunks(self.n_atoms):
+            out[sl] = cdf_at(self.counts[sl] / float(self.n_epochs), self.bins, tol[sl])
+        return out
+
+    def histogram(self, bins: HistogramBins, out: np.ndarray | None = None) -> np.ndarray:
+        """Counts merged onto bins whose edges are all edges of these (exact); InputError otherwise."""
+        position = np.searchsorted(self.bins.edges, bins.edges)
+        inside = position < len(self.bins.edges)
+        if not inside.all() or not np.array_equal(self.bins.edges[position], bins.edges):
+            raise InputError(f"counts on {len(self.bins.edges)} edges cannot be re-binned onto {len(bins.edges)} "
+                             "edges that are not among them; use error logs compacted with the same bins")
+        starts = np.concatenate([[0], position + 1])
+        merged = np.add.reduceat(self.counts, starts, axis=1, dtype=np.uint32)
+        if out is None:
+            return merged
+        if out.shape != merged.shape:
+            raise ValueError(f"histogram of shape {out.shape} does not fit {merged.shape}")
+        out += merged.astype(out.dtype)
+        return out
+
+
+def as_distribution(run: ErrorDistribution | np.ndarray) -> ErrorDistribution:
+    """An (E, N) array of errors (eV/Å) as an ErrorTrajectory; a distribution as it is."""
+    return ErrorTrajectory(run) if isinstance(run, np.ndarray) else run
+
+
+def common_bins(runs: Sequence[ErrorDistribution]) -> HistogramBins:
+    """Bins every run can give exact counts on: the edges shared by all binned runs, DEFAULT_EDGES when none is."""
+    shared: np.ndarray | None = None
+    for run in runs:
+        if run.bins is not None:
+            shared = run.bins.edges if shared is None else np.intersect1d(shared, run.bins.edges)
+    if shared is None:
+        return HistogramBins(DEFAULT_EDGES)
+    if len(shared) < 2:
+        raise InputError("the compact error logs share fewer than two histogram edges; compact every run's log "
+                         "with the same --bins-per-decade")
+    return HistogramBins(shared)

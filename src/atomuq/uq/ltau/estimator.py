@@ -31,10 +31,12 @@ import numpy as np
 from atomuq.core.errors import InputError
 from atomuq.core.io import atomic_path
 from atomuq.uq.ltau.distribution import (
-    DEFAULT_EDGES,
+    ErrorDistribution,
     HistogramBins,
+    as_distribution,
     cdf_at,
-    error_histogram,
+    common_bins,
+    count_dtype,
     histogram_mean,
     normalise,
     run_confidences,
@@ -105,7 +107,7 @@ class LTAUEstimator:
     """Everything LTAU-FF needs at inference, for N training atoms."""
 
     index: NeighbourIndex
-    confidence: np.ndarray  # μ_M(p_i) at (atol, rtol), exact
+    confidence: np.ndarray  # μ_M(p_i) at (atol, rtol): exact, or log-linear inside a bin of a compact log
     spread: np.ndarray  # σ_M(p_i), exact
     histogram: np.ndarray  # (N, C) counts of logged errors, all runs pooled
     bins: HistogramBins
@@ -269,13 +271,8 @@ class LTAUEstimator:
             raise InputError(f"{path}: inconsistent LTAU estimator ({exc})") from exc
 
 
-def histogram_dtype(max_count: int) -> type:
-    """Smallest unsigned dtype that holds max_count."""
-    return np.uint16 if max_count <= np.iinfo(np.uint16).max else np.uint32
-
-
 def fit_estimator(
-    trajectories: Sequence[np.ndarray],
+    trajectories: Sequence[ErrorDistribution | np.ndarray],
     atom_numbers: np.ndarray,
     reference_force_norms: np.ndarray,
     index: NeighbourIndex,
@@ -284,27 +281,31 @@ def fit_estimator(
     bins: HistogramBins | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> LTAUEstimator:
-    """Estimator from M error trajectories (each (E_m, N), eV/Å) over the N indexed atoms.
+    """Estimator from M runs' error distributions over the N indexed atoms (each an ErrorDistribution, e.g. a
+    loaded error log of either form, or an (E_m, N) array of errors in eV/Å).
 
     atol defaults to the mean final-epoch error norm of the first run (the paper's "MAE of the
-    final model", taken over per-atom force-error norms to match what p_i thresholds).
+    final model", taken over per-atom force-error norms to match what p_i thresholds). p_i is exact for
+    exact trajectories; from a compact (histogram) log it is exact at its bin edges (the default atol is one)
+    and log-linear inside a bin. bins default to the edges the binned runs share (DEFAULT_EDGES when none is).
     """
     if not trajectories:
         raise InputError("no error trajectories given")
-    n = trajectories[0].shape[1]
+    runs = [as_distribution(t) for t in trajectories]
+    n = runs[0].n_atoms
     if index.size != n:
         raise InputError(f"the descriptor index holds {index.size} atoms but the error logs cover {n}")
     if atol is None:
-        atol = float(np.asarray(trajectories[0][-1], dtype=np.float64).mean())
-    bins = bins or HistogramBins(DEFAULT_EDGES)
-    confidences = run_confidences(trajectories, atol, rtol, reference_force_norms)
-    total = sum(t.shape[0] for t in trajectories)
+        atol = runs[0].final_mean_error
+    bins = bins or common_bins(runs)
+    confidences = run_confidences(runs, atol, rtol, reference_force_norms)
+    total = sum(run.n_epochs for run in runs)
     histogram = np.zeros((n, bins.n_columns), dtype=np.uint32)
-    for trajectory in trajectories:
-        error_histogram(trajectory, bins, out=histogram)
-    histogram = histogram.astype(histogram_dtype(total))
+    for run in runs:
+        run.histogram(bins, out=histogram)
+    histogram = histogram.astype(count_dtype(total))
     return LTAUEstimator(index=index, confidence=confidences.mean, spread=confidences.spread, histogram=histogram,
                          bins=bins, atom_numbers=np.asarray(atom_numbers), reference_force_norms=np.asarray(
                              reference_force_norms, dtype=np.float32), atol=float(atol), rtol=float(rtol),
-                         metadata={**(metadata or {}), "n_runs": len(trajectories),
-                                   "epochs_per_run": [int(t.shape[0]) for t in trajectories]})
+                         metadata={**(metadata or {}), "n_runs": len(runs),
+                                   "epochs_per_run": [run.n_epochs for run in runs]})
