@@ -162,7 +162,7 @@ def test_batched_nve_follows_ase_velocity_verlet_one_by_one(bundled):
         atoms.calc = AtomuqCalculator(bundled, forces="direct")
         VelocityVerlet(atoms, 0.5 * units.fs).run(20)
         final = results[k].atoms
-        assert results[k].status == "finished" and final.info["step"] == 20
+        assert results[k].status == "completed" and final.info["step"] == 20
         np.testing.assert_allclose(final.positions, atoms.positions, rtol=0, atol=1e-10)
         np.testing.assert_allclose(final.get_momenta(), atoms.get_momenta(), rtol=0, atol=1e-10)
         assert abs(final.get_potential_energy() - atoms.get_potential_energy()) < 1e-9
@@ -189,7 +189,7 @@ def test_a_system_that_goes_bad_is_stopped_alone_and_the_others_continue(bundled
         assert stopped.step % every == 0 and "force_delta" in stopped.reason
         assert stopped.flags[-1].value > 5 == stopped.flags[-1].limit
     others = [r for k, r in enumerate(results) if k != bad]
-    assert all(r.status == "finished" and r.step == steps and not r.flags for r in others)
+    assert all(r.status == "completed" and r.step == steps and not r.flags for r in others)
     # the others followed exactly the path they take in a batch without the broken system
     alone = BatchedMD([a for k, a in enumerate(frames) if k != bad], bundled, settings, monitors, say=quiet).run()
     for mine, ref in zip(others, alone):
@@ -204,7 +204,7 @@ def test_log_breaches_flag_a_system_without_stopping_it(bundled):
     monitors = [parse_monitor("temperature,every=4,max=500,action=log")]
     settings = MDSettings(ensemble="nve", steps=12, timestep_fs=0.5)
     results = BatchedMD(frames, bundled, settings, monitors, say=quiet).run()
-    assert all(r.status == "finished" and r.step == 12 for r in results)
+    assert all(r.status == "completed" and r.step == 12 for r in results)
     assert [bool(r.flags) for r in results] == [False, True, False, False]
     assert len(results[1].readings) == 4  # steps 0, 4, 8, 12
     assert all(r.value > 500 for r in results[1].flags)

@@ -159,7 +159,7 @@ class TorchSimModel(ModelInterface):
 
 @dataclass
 class SystemResult:
-    """How one system of a batched run ended: status "finished" or "stopped" (reason says why), at step / time_fs.
+    """How one system of a batched run ended: status "completed" or "stopped" (reason says why), at step / time_fs.
 
     atoms: its last frame (for a stopped system the frame of the breach), with the run's result keys (epot, etot,
     temperature, the monitored values, ...) and energy / forces readable the ASE way; readings: every monitor reading
@@ -548,7 +548,7 @@ class BatchedMD:
         if self.active:
             frames = self._frames(state, None)
             for frame, i in zip(frames, self.active):
-                self.done[i] = SystemResult(i, self.where[i], "finished", self.step, self.time_fs, None, frame,
+                self.done[i] = SystemResult(i, self.where[i], "completed", self.step, self.time_fs, None, frame,
                                             self.readings[i], self.snapshots[i])
         elif self.checkpoint is not None:
             self._save_checkpoint(state)
