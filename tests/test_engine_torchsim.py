@@ -23,6 +23,7 @@ from atomuq.workflows.md.monitor_plan import FORCE_DELTA_CAP, FORCE_DELTA_FACTOR
 from atomuq.workflows.md.monitors import parse_monitor
 from atomuq.workflows.md.settings import MDSettings, SettingError
 from conftest import make_native
+from test_conformance import KINDS
 from single_thread import one_thread  # noqa: F401
 
 ts = pytest.importorskip("torch_sim")
@@ -147,6 +148,30 @@ def test_an_adapter_runs_through_the_wrapper_ase_calculator_model():
         np.testing.assert_allclose(out["forces"][4 * k:4 * k + 4].numpy(), atoms.get_forces(), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="direct force head"):
         TorchSimModel(model, "direct")
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_every_model_kind_runs_in_torch_sim_with_atomuqs_own_forces(name):
+    model = KINDS[name]().model
+    rng = np.random.default_rng(4)
+    frames = [molecule("CH3OH"), molecule("NH3"), molecule("H2O")]
+    for a in frames:
+        a.positions += rng.normal(scale=0.03, size=a.positions.shape)
+    state = ts.io.atoms_to_state(frames, torch.device("cpu"), torch.float64)
+    modes = ["direct", "conservative"] if model.has_direct_forces else ["conservative"]
+    for mode in modes:
+        out = TorchSimModel(model, mode)(state)
+        for k, atoms in enumerate(frames):  # the batch equals atomuq's evaluation one structure at a time
+            pred = evaluate(model, Batch.from_atoms([atoms], dtype=torch.float64))
+            mine = pred.forces_direct if mode == "direct" else pred.forces_conservative
+            got = out["forces"][state.system_idx == k]
+            torch.testing.assert_close(got, mine.to(got), rtol=0, atol=1e-8)
+            torch.testing.assert_close(out["energy"][k], pred.energy[0].to(got), rtol=0, atol=1e-8)
+    monitor = "force_delta,every=2" if model.has_direct_forces else "temperature,every=2"
+    settings = MDSettings(ensemble="nve", forces=modes[0], temperature_K=100.0, steps=4, timestep_fs=0.25)
+    results = BatchedMD(frames, model, settings, [parse_monitor(monitor)], say=quiet, min_distance=0.0).run()
+    assert [r.status for r in results] == ["completed"] * 3
+    assert all(len(r.readings) == 3 and np.isfinite(r.atoms.get_potential_energy()) for r in results)
 
 
 # --------------------------------------------------------------------------------------------- batched MD

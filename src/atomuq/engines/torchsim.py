@@ -78,13 +78,13 @@ def _field(state: Any, name: str) -> Any:
 def state_to_batch(state: Any) -> Batch:
     """An atomuq Batch (ASE row cells, Å) of a torch-sim SimState or state dict (column cells)."""
     positions = _field(state, "positions")
-    system_idx = _field(state, "system_idx")
+    system_idx = _field(state, "system_idx").long()
     cell = _field(state, "cell").mT  # torch-sim columns -> ASE rows
     n_systems = cell.shape[0]
     pbc = bool(_field(state, "pbc"))
     return Batch(
         positions=positions,
-        numbers=_field(state, "atomic_numbers"),
+        numbers=_field(state, "atomic_numbers").long(),  # torch-sim's io gives int32
         cell=cell,
         pbc=torch.full((n_systems, 3), pbc, dtype=torch.bool, device=positions.device),
         structure_index=system_idx,
