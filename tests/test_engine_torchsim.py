@@ -8,6 +8,7 @@ import torch
 from ase import units
 from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
+from ase.constraints import FixAtoms
 from ase.io import read
 from ase.md.verlet import VelocityVerlet
 
@@ -273,6 +274,8 @@ def test_resume_from_the_checkpoint_follows_the_uninterrupted_run_exactly(bundle
     assert (tmp_path / "whole.extxyz").read_bytes() == (tmp_path / "split.extxyz").read_bytes()
     frames = read(tmp_path / "whole.extxyz", ":")
     assert len(frames) == 5 * 4 and sorted({f.info["source_index"] for f in frames}) == [0, 1, 2, 3]
+    assert "molecule" not in frames[0].info and "label_method" not in frames[0].info  # the run's keys only
+    assert frames[-1].info["step"] == 20 and frames[-1].get_forces().shape == (len(DEMO[PICK[-1]]), 3)
     settings = MDSettings(ensemble="langevin", temperature_K=300.0, steps=30, timestep_fs=0.25)
     with pytest.raises(SettingError, match="timestep_fs 0.5 \\(was\\) -> 0.25"):
         BatchedMD(demo(), bundled, settings, [parse_monitor(m) for m in monitors], checkpoint=tmp_path / "split.json",
@@ -301,6 +304,10 @@ def test_settings_and_inputs_a_batched_run_cannot_take_are_refused(bundled):
                   [parse_monitor("force_delta")], say=quiet)
     with pytest.raises(SettingError, match="forces direct needs a model with a direct force head"):
         BatchedMD([cell], CalculatorModel(EMT()), MDSettings(temperature_K=300.0), say=quiet)
+    fixed = molecule("CH4")
+    fixed.set_constraint(FixAtoms([0]))
+    with pytest.raises(InputError, match="structure 0: has constraints \\(FixAtoms\\)"):
+        BatchedMD([fixed], bundled, nve, [], say=quiet)
     no_momenta = MDSettings(ensemble="nve", steps=5)
     with pytest.raises(SettingError, match="structure 0 has no momenta"):
         BatchedMD(frames, bundled, no_momenta, [], say=quiet)

@@ -250,6 +250,9 @@ class BatchedMD:
             check_structure(atoms, where, model.elements, min_distance)
         periodic = [bool(a.pbc.all()) for a in structures]
         for atoms, where in zip(structures, self.where):
+            if atoms.constraints:
+                raise InputError(f"{where}: has constraints ({', '.join(type(c).__name__ for c in atoms.constraints)}), "
+                                 "which torch-sim 0.3 runs do not apply; remove them or run it with atomuq md")
             if atoms.pbc.any() and not atoms.pbc.all():
                 raise InputError(f"{where}: pbc {atoms.pbc.tolist()}: torch-sim runs systems periodic along all "
                                  "three axes or along none")
@@ -286,6 +289,9 @@ class BatchedMD:
                     raise SettingError(f"{where} has no momenta: give {{temperature_K}} K to draw "
                                        "Maxwell-Boltzmann velocities")
                 init_velocities(atoms, settings.temperature_K, settings.seed + i)
+        #: the structures without their own info and arrays: frames carry the run's keys only
+        self._bare = [Atoms(a.numbers, a.positions, cell=a.cell, pbc=a.pbc, masses=a.get_masses())
+                      for a in self.structures]
         self.dtype = dtype
         self.wrapper = TorchSimModel(model, settings.forces, dtype=dtype)
         kT = torch.tensor((settings.temperature_K or 0.0) * units.kB, dtype=dtype, device=model.device)
@@ -378,7 +384,7 @@ class BatchedMD:
         frames = []
         for pos, i in enumerate(self.active):
             sl = slice(ptr[pos], ptr[pos + 1])
-            atoms = self.structures[i].copy()
+            atoms = self._bare[i].copy()
             atoms.positions = positions[sl]
             atoms.set_momenta(momenta[sl], apply_constraint=False)
             info: dict[str, Any] = {"step": self.step, "time_fs": round(self.time_fs, 9),
@@ -387,7 +393,7 @@ class BatchedMD:
                 info["event"] = event
             if values["finite"][pos]:
                 info.update({k: float(values[k][pos]) for k in ("epot", "ekin", "etot", "temperature")})
-                info.update(self._last_values[i])
+                info.update({k: v for k, v in self._last_values[i].items() if np.isfinite(v)})
                 info.update({"energy": float(values["epot"][pos]), "forces": forces[sl]})
             prepared = prepare_results(info, self.provenance, len(atoms))
             atoms.info.update(prepared.info)
