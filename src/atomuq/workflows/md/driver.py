@@ -46,8 +46,8 @@ from atomuq.workflows.md.integrators import (
     make_dynamics,
     restore_dynamics_state,
 )
-from atomuq.workflows.md.monitor_plan import MonitorPlan, resolve_plan
-from atomuq.workflows.md.monitors import Monitor, Reading, ResultKey
+from atomuq.workflows.md.monitor_plan import MonitorPlan, check_plan_for_model, resolve_plan
+from atomuq.workflows.md.monitors import Monitor, Reading, ResultKey, missing_result_error
 from atomuq.workflows.md.run_record import build_record, check_resume, load_record, record_path, write_record
 from atomuq.workflows.md.runlog import LineLog, json_twin, truncate_logs
 from atomuq.workflows.md.settings import MDSettings, SettingError
@@ -167,11 +167,7 @@ class MDRun:
             raise SettingError("{fallback} mts needs a model with a direct force head; this one is conservative-only")
         self.plan = resolve_plan(monitors, settings, direct)
         self.monitors = self.plan.monitors
-        for m in self.monitors:
-            if m.quantity.name == "force_delta" and not direct:
-                raise SettingError(
-                    "{monitors} force_delta needs a model with a direct force head; this one is conservative-only"
-                )
+        check_plan_for_model(self.plan, direct)
         self.record = build_record(settings, self.plan, model, model_name, where, ltau, ltau_k)
         self.provenance = model_provenance(model, model_name)
         self.atoms = atoms.copy()
@@ -384,11 +380,7 @@ class MDRun:
             try:
                 calc.get_property(q.key, self.atoms)
             except PropertyNotImplementedError:
-                raise SettingError(
-                    f"{{monitors}} key:{q.key}: the calculator gives no result {q.key!r} for this model and run; "
-                    f"monitors are force_delta, temperature, energy_drift or key:RESULT with RESULT one of "
-                    f"{', '.join(available)}"
-                ) from None
+                raise missing_result_error(q.key, available) from None
 
     def _check_start_values(self) -> None:
         r = self.atoms.calc.results

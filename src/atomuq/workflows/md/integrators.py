@@ -20,6 +20,12 @@ from atomuq.workflows.md.mts import MultipleTimeStepping
 from atomuq.workflows.md.settings import MDSettings, SettingError
 
 
+def check_force_mode(model: AtomisticModel, mode: str) -> None:
+    """SettingError when force mode `mode` (direct, mts) needs a direct force head the model lacks."""
+    if mode in ("direct", "mts") and not model.has_direct_forces:
+        raise SettingError(f"{{forces}} {mode} needs a model with a direct force head; this one is conservative-only")
+
+
 def make_calculator(
     model: AtomisticModel, mode: str, ltau: LTAUEstimator | None = None, ltau_k: int = 1
 ) -> AtomuqCalculator:
@@ -27,8 +33,7 @@ def make_calculator(
 
     With an LTAU estimator the calculator also gives ltau_* results (for `key:ltau_uncertainty` monitors).
     """
-    if mode in ("direct", "mts") and not model.has_direct_forces:
-        raise SettingError(f"{{forces}} {mode} needs a model with a direct force head; this one is conservative-only")
+    check_force_mode(model, mode)
     forces = "conservative" if mode == "conservative" else "direct"
     return AtomuqCalculator(model, forces=forces, conservative="on_demand", ltau=ltau, ltau_k=ltau_k)
 

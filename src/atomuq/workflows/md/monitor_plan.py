@@ -118,3 +118,12 @@ def resolve_plan(
         return MonitorPlan("safe", safe_monitors(settings, has_direct_forces))
     monitors = list(monitors)
     return MonitorPlan("custom" if monitors else "none", monitors)
+
+
+def check_plan_for_model(plan: MonitorPlan, has_direct_forces: bool) -> None:
+    """SettingError when a monitor of the plan needs what the model lacks (force_delta: a direct force head)."""
+    for m in plan.monitors:
+        if m.quantity.name == "force_delta" and not has_direct_forces:
+            raise SettingError(
+                "{monitors} force_delta needs a model with a direct force head; this one is conservative-only"
+            )

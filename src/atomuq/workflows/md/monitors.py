@@ -336,6 +336,15 @@ class Monitor:
             self.quantity.set_state(state["quantity"])
 
 
+def missing_result_error(key: str, available: list[str]) -> SettingError:
+    """The SettingError for a key:RESULT monitor whose result the run's model evaluation does not give."""
+    return SettingError(
+        f"{{monitors}} key:{key}: the calculator gives no result {key!r} for this model and run; "
+        f"monitors are force_delta, temperature, energy_drift or key:RESULT with RESULT one of "
+        f"{', '.join(sorted(available))}"
+    )
+
+
 MONITOR_OPTIONS = ("every", "max", "floor", "cap", "window", "action", "reduce")
 QUANTITY_NAMES = ("force_delta", "temperature", "energy_drift", "key:RESULT")
 

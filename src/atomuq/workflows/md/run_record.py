@@ -79,13 +79,20 @@ def load_record(path: str | Path) -> dict[str, Any] | None:
     path = Path(path)
     if not path.is_file():
         return None
+    return load_document(path, RECORD_FORMAT, "run record", "delete it to resume without the settings check",
+                         "an `atomuq md` run record")
+
+
+def load_document(path: str | Path, fmt: str, what: str, fix: str, kind: str) -> dict[str, Any]:
+    """The JSON object at path whose "format" is fmt; InputError naming path when it is unreadable
+    ("unreadable WHAT (...); FIX") or of another format ("not KIND")."""
     try:
-        record = json.loads(path.read_text())
+        document = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: unreadable run record ({exc}); delete it to resume without the settings check") from exc
-    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
-        raise InputError(f"{path}: not an `atomuq md` run record")
-    return record
+        raise InputError(f"{path}: unreadable {what} ({exc}); {fix}") from exc
+    if not isinstance(document, dict) or document.get("format") != fmt:
+        raise InputError(f"{path}: not {kind}")
+    return document
 
 
 #: how the 'compare' entries that are not MDSettings fields are named in messages
