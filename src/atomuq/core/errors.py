@@ -11,3 +11,7 @@ class InputError(AtomuqError):
 
 class ModelFileError(AtomuqError):
     """A model file that is missing, corrupt or inconsistent; the message names the file."""
+
+
+class MemoryShortage(InputError):
+    """A structure too large for the memory at hand; the message says how much it needs and what to do."""
