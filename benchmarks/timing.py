@@ -28,3 +28,18 @@ def interleaved_minimum(functions: dict[str, Callable[[], object]], repeats: int
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: min(values) for name, values in times.items()}
+
+
+def interleaved_minima(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, float]]:
+    """Minimum thread CPU seconds ("cpu") and wall seconds ("wall") of each function over repeats, interleaved.
+
+    CPU time of the calling thread leaves out the time spent waiting for a core on a machine shared with other
+    jobs; with one thread it equals wall time on an idle machine."""
+    best = {name: {"cpu": float("inf"), "wall": float("inf")} for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            cpu, wall = time.thread_time(), time.perf_counter()
+            fn()
+            best[name]["cpu"] = min(best[name]["cpu"], time.thread_time() - cpu)
+            best[name]["wall"] = min(best[name]["wall"], time.perf_counter() - wall)
+    return best

@@ -75,46 +75,28 @@ def polynomial_envelope_derivative(r: torch.Tensor, cutoff: float, p: int = 5) -
     return torch.where(r < cutoff, d, torch.zeros_like(d))
 
 
-def _harmonic_gradient_table() -> torch.Tensor:
-    """(16, 3, 10) coefficients: d Y_a / d u_k = sum_m T[a, k, m] m(u), monomials m = 1 x y z xx yy zz xy xz yz."""
+def spherical_harmonics_vjp(unit: torch.Tensor, grad: torch.Tensor, lmax: int = 3) -> torch.Tensor:
+    """(E, 3): sum_a grad[:, a] dY_a/du of spherical_harmonics (its formulas as polynomials in the components of u,
+    not restricted to the sphere: project onto the tangent plane for the gradient in the direction of a vector).
+
+    Fastest when the columns of unit and grad are contiguous (views of (3, E) and (K, E) tensors)."""
+    size = (lmax + 1) ** 2
+    if size < 16:
+        grad = torch.nn.functional.pad(grad, (0, 16 - size))
     pi = math.pi
     c1 = math.sqrt(3 / (4 * pi))
     k1, k2, k3 = 0.5 * math.sqrt(15 / pi), 0.25 * math.sqrt(5 / pi), 0.25 * math.sqrt(15 / pi)
     c9, c10 = 0.25 * math.sqrt(35 / (2 * pi)), 0.5 * math.sqrt(105 / pi)
     c11, c12, c14 = 0.25 * math.sqrt(21 / (2 * pi)), 0.25 * math.sqrt(7 / pi), 0.25 * math.sqrt(105 / pi)
-    one, x, y, z, xx, yy, zz, xy, xz, yz = range(10)
-    rows: list[tuple[dict, dict, dict]] = [
-        ({}, {}, {}),  # l = 0
-        ({}, {one: c1}, {}), ({}, {}, {one: c1}), ({one: c1}, {}, {}),  # y, z, x
-        ({y: k1}, {x: k1}, {}),  # xy
-        ({}, {z: k1}, {y: k1}),  # yz
-        ({}, {}, {z: 6 * k2}),  # 3z² - 1
-        ({z: k1}, {}, {x: k1}),  # xz
-        ({x: 2 * k3}, {y: -2 * k3}, {}),  # x² - y²
-        ({xy: 6 * c9}, {xx: 3 * c9, yy: -3 * c9}, {}),  # y (3x² - y²)
-        ({yz: c10}, {xz: c10}, {xy: c10}),  # xyz
-        ({}, {zz: 5 * c11, one: -c11}, {yz: 10 * c11}),  # y (5z² - 1)
-        ({}, {}, {zz: 15 * c12, one: -3 * c12}),  # z (5z² - 3)
-        ({zz: 5 * c11, one: -c11}, {}, {xz: 10 * c11}),  # x (5z² - 1)
-        ({xz: 2 * c14}, {yz: -2 * c14}, {xx: c14, yy: -c14}),  # z (x² - y²)
-        ({xx: 3 * c9, yy: -3 * c9}, {xy: -6 * c9}, {}),  # x (x² - 3y²)
-    ]
-    table = torch.zeros(16, 3, 10, dtype=torch.float64)
-    for a, row in enumerate(rows):
-        for k, terms in enumerate(row):
-            for m, value in terms.items():
-                table[a, k, m] = value
-    return table
-
-
-_HARMONIC_GRADIENT = _harmonic_gradient_table()
-
-
-def spherical_harmonics_vjp(unit: torch.Tensor, grad: torch.Tensor, lmax: int = 3) -> torch.Tensor:
-    """(E, 3): sum_a grad[:, a] dY_a/du of spherical_harmonics (its formulas as polynomials in the components of u,
-    not restricted to the sphere: project onto the tangent plane for the gradient in the direction of a vector)."""
-    size = (lmax + 1) ** 2
     x, y, z = unit.unbind(-1)
-    monomials = torch.stack([torch.ones_like(x), x, y, z, x * x, y * y, z * z, x * y, x * z, y * z], dim=-1)
-    table = _HARMONIC_GRADIENT[:size].to(unit).reshape(size, 30)
-    return (grad.mm(table).view(-1, 3, 10) * monomials[:, None, :]).sum(-1)
+    g = grad.unbind(-1)
+    xy, xz, yz = x * y, x * z, y * z
+    d = x * x - y * y  # x² - y²
+    q = 5 * z * z - 1  # 5z² - 1
+    gx = (c1 * g[3] + k1 * (g[4] * y + g[7] * z) + (2 * k3) * g[8] * x + (6 * c9) * g[9] * xy + c10 * g[10] * yz
+          + c11 * g[13] * q + (2 * c14) * g[14] * xz + (3 * c9) * g[15] * d)
+    gy = (c1 * g[1] + k1 * (g[4] * x + g[5] * z) - (2 * k3) * g[8] * y + (3 * c9) * g[9] * d + c10 * g[10] * xz
+          + c11 * g[11] * q - (2 * c14) * g[14] * yz - (6 * c9) * g[15] * xy)
+    gz = (c1 * g[2] + k1 * (g[5] * y + g[7] * x) + (6 * k2) * g[6] * z + c10 * g[10] * xy
+          + (10 * c11) * (g[11] * y + g[13] * x) * z + c12 * g[12] * (15 * z * z - 3) + c14 * g[14] * d)
+    return torch.stack([gx, gy, gz], dim=-1)

@@ -143,7 +143,7 @@ def bytes_per_edge(model: nn.Module, mode: str, itemsize: int = 4) -> int:
     cfg = model.config
     d, h, layers = cfg.latent, cfg.hidden, cfg.num_layers
     bases = cfg.num_bessel + (cfg.lmax + 1) ** 2
-    floats = 11 + bases  # shifts, vectors, lengths, unit vectors, envelope, radial and angular bases
+    floats = 14 + bases  # shifts, vectors, lengths, unit vectors (twice), envelope, radial and angular bases
     if mode == "forward":
         floats += 2 * d  # two alternating edge-state buffers
     else:
@@ -209,6 +209,8 @@ class _Geometry:
         self.vectors = vectors
         self.lengths = torch.linalg.norm(vectors, dim=-1)
         self.unit = vectors / self.lengths[:, None]
+        # (3, E) and (K, E) copies: the per-component operations of the harmonics run on contiguous vectors
+        self.unit_columns = self.unit.t().contiguous()
         self.envelope = polynomial_envelope(self.lengths, cfg.cutoff)
         n_angular = (cfg.lmax + 1) ** 2
         self.radial = vectors.new_empty(n_edges, cfg.num_bessel)
@@ -216,10 +218,10 @@ class _Geometry:
         for s in _chunks(n_edges, GEOMETRY_CHUNK):
             torch.mul(bessel_basis(self.lengths[s], cfg.cutoff, cfg.num_bessel), self.envelope[s, None],
                       out=self.radial[s])
-            self.angular[s] = spherical_harmonics(self.unit[s], cfg.lmax)
+            self.angular[s] = spherical_harmonics(self.unit_columns[:, s].t(), cfg.lmax)
         if gradient:
             self.grad_radial = vectors.new_empty(n_edges, cfg.num_bessel)
-            self.grad_angular = vectors.new_empty(n_edges, n_angular)
+            self.grad_angular_columns = vectors.new_empty(n_angular, n_edges)
             self.grad_envelope = vectors.new_zeros(n_edges)
 
     def edge_input(self, s: slice) -> torch.Tensor:
@@ -230,7 +232,7 @@ class _Geometry:
         """Keep dE/d(radial) and dE/d(angular) of a chunk from dE/d(edge input)."""
         grad = grad_input.view(len(grad_input), self.cfg.num_bessel, -1)
         torch.bmm(grad, self.angular[s, :, None], out=self.grad_radial[s, :, None])
-        torch.sum(grad * self.radial[s, :, None], dim=1, out=self.grad_angular[s])
+        self.grad_angular_columns[:, s] = torch.sum(grad * self.radial[s, :, None], dim=1).t()
 
     def vector_gradient(self) -> torch.Tensor:
         """dE/d(edge vectors) (E, 3) from the bases' and the envelope's adjoints."""
@@ -243,7 +245,8 @@ class _Geometry:
             radial_derivative = basis_derivative * envelope[:, None] + basis * envelope_derivative[:, None]
             grad_length = (torch.linalg.vecdot(self.grad_radial[s], radial_derivative)
                            + self.grad_envelope[s] * envelope_derivative)
-            grad_unit = spherical_harmonics_vjp(unit, self.grad_angular[s], cfg.lmax)
+            grad_unit = spherical_harmonics_vjp(self.unit_columns[:, s].t(), self.grad_angular_columns[:, s].t(),
+                                                cfg.lmax)
             # u = v / |v|: dE/dv = (dE/dr - (dE/du . u) / r) u + (dE/du) / r
             along = grad_length - torch.linalg.vecdot(grad_unit, unit) / lengths
             torch.addcmul(grad_unit / lengths[:, None], along[:, None], unit, out=out[s])
@@ -357,10 +360,13 @@ def _run(model: nn.Module, batch: Batch, gradient: bool, strain: bool, direct: b
     pf = head.with_bias(model.force_head.neighbor_in(h)) if direct else None
     top = state(n_layers)
 
+    head_out, head_bias = head.w2[0], head.b2
+
     def force_chunk(s: slice) -> None:
-        a = head.pre_activation(top[s], ((pf, neighbors[s]),))
-        weights = head.rest(a)[0].squeeze(-1) * envelope[s]
-        force_acc.index_add_(0, centers[s], weights[:, None] * unit[s])
+        # a positive weight pushes the centre away from its neighbour (NativeModel.forward)
+        hidden = F.silu(head.pre_activation(top[s], ((pf, neighbors[s]),)), inplace=True)
+        weights = torch.mv(hidden, head_out).add_(head_bias).mul_(envelope[s])
+        force_acc.index_add_(0, centers[s], unit[s] * weights[:, None])
 
     position_gradient = strain_gradient = None
     if not gradient:

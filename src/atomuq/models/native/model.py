@@ -81,8 +81,9 @@ class NativeModel(AtomisticModel):
     Without autograd (torch.no_grad, inference_mode) forward runs over edge chunks (models.native.fused), and
     derivatives.evaluate takes the conservative forces and virial from its exact backward (energy_derivatives);
     with autograd on (training, create_graph) forward is the plain graph below. Runtime settings, not saved:
-    edge_chunk (edges per chunk, None: a default for the device) and fused_mode (None: "save" where memory allows,
-    else "recompute"; tests and benchmarks force one).
+    edge_chunk (edges per chunk, None: a default for the device), fused_mode (None: "save" where memory allows,
+    else "recompute"; tests and benchmarks force one) and own_derivatives (False: the plain graph and autograd
+    everywhere, the reference the fused path is tested and timed against).
     """
 
     own_derivatives = True
@@ -146,7 +147,7 @@ class NativeModel(AtomisticModel):
 
     def forward(self, batch: Batch) -> ModelOutput:
         """Energies (B,) eV, direct forces (N, 3) eV/Å, node features, confidence logits, optional stress."""
-        if not torch.is_grad_enabled():
+        if self.own_derivatives and not torch.is_grad_enabled():
             return fused_evaluate(self, batch, gradient=False).output
         cfg = self.config
         n, b = batch.num_atoms, batch.num_structures
