@@ -21,7 +21,8 @@ The neighbour list is part of every mode. As in atomuq's CLI, glibc is asked to 
 
 Run: OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/bench_force_delta.py [--sizes 1000 10000 100000]
      [--models molecular-small ...] [--repeats 5]
-Writes benchmarks/results/force_delta.json and .md (after every row: a long run keeps what it measured).
+Writes benchmarks/results/force_delta.json and .md, or STEM.* with --stem (after every row: a long run keeps what
+it measured).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from atomuq.models.derivatives import evaluate
 from atomuq.models.native import NativeConfig, NativeModel
 from atomuq.models.native.config import PRESETS
 from atomuq.models.native.fused import fused_evaluate
-from atomuq.models.registry import bundled_models, resolve_model
+from atomuq.models.registry import DEFAULT_MODEL, bundled_models, resolve_model
 from atomuq.uq.force_delta import force_delta
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -159,10 +160,10 @@ def ratios(row: dict) -> dict:
     return out
 
 
-def write_results(rows: list[dict], meta: dict) -> None:
-    """results/force_delta.json and .md from the rows so far."""
+def write_results(rows: list[dict], meta: dict, stem: str = "force_delta") -> None:
+    """results/STEM.json and .md from the rows so far."""
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "force_delta.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     fmt = lambda r, k, spec=".3f": "-" if k not in r else format(r[k], spec)  # noqa: E731
     lines = ["Times (s, CPU of one thread, minimum over repeats):", "",
              "| model | atoms | edges | direct | conservative | Force Delta | FD / direct | FD / conservative | "
@@ -182,7 +183,7 @@ def write_results(rows: list[dict], meta: dict) -> None:
         lines.append(f"| {r['model']} | {r['n_atoms']:,} | {r['fused_mode']} | {r['direct_mib']:.0f} | "
                      f"{r['force_delta_mib']:.0f} | {1024 * r['force_delta_mib'] / r['n_atoms']:.0f} | "
                      f"{r['first_force_delta_s']:.2f} | {fmt(r, 'autograd_force_delta_mib', '.0f')} |")
-    (RESULTS / "force_delta.md").write_text("\n".join(lines) + f"\n\n{meta}\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + f"\n\n{meta}\n")
 
 
 def main() -> None:
@@ -193,6 +194,7 @@ def main() -> None:
     parser.add_argument("--large-repeats", type=int, default=1, help="repeats at 10^5 atoms and more")
     parser.add_argument("--autograd-max", type=int, default=20000, help="largest size timed on the autograd path")
     parser.add_argument("--limit-gib", type=float, default=22.0, help="address-space cap of each row's process")
+    parser.add_argument("--stem", default="force_delta", help="results/STEM.json and .md")
     parser.add_argument("--case", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:  # child process: one row, printed as JSON
@@ -201,7 +203,7 @@ def main() -> None:
         name, n = args.case
         print(json.dumps(run_case(name, int(n), args.repeats, args.autograd_max)))
         return
-    models = args.models or [m.name for m in bundled_models()]
+    models = args.models or sorted(bundled_models(), key=lambda name: (name != DEFAULT_MODEL, name))
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats,
             "large_repeats": args.large_repeats, "time": "thread CPU time (s)",
             "machine": platform.processor() or platform.machine(), "python": platform.python_version()}
@@ -222,8 +224,8 @@ def main() -> None:
                   f"{row['conservative_s']:.3f} s  Force Delta {row['force_delta_s']:.3f} s  FD/direct "
                   f"{row['delta_over_direct']:.2f}  FD/conservative {row['delta_over_conservative']:.3f}  "
                   f"peak {row['force_delta_mib']:.0f} MiB ({row['fused_mode']})", flush=True)
-            write_results(rows, meta)
-    print((RESULTS / "force_delta.md").read_text())
+            write_results(rows, meta, args.stem)
+    print((RESULTS / f"{args.stem}.md").read_text())
 
 
 if __name__ == "__main__":

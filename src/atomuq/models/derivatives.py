@@ -69,13 +69,15 @@ def evaluate(
     stress: bool = False,
     rotational: bool = False,
     create_graph: bool = False,
+    own_derivatives: bool = True,
 ) -> Prediction:
     """Run the model on a batch and add -dE/dr, the virial stress and Delta_rot as requested.
 
     create_graph=True keeps the graph of the derivatives (for losses on conservative forces
     and for gradients of the Force Delta). If batch.positions already requires grad (an outer
     optimisation), gradients flow through it. Otherwise a model with own_derivatives computes
-    them itself (the native model: an exact backward over edge chunks, in linear memory).
+    them itself (the native model: an exact backward over edge chunks, in linear memory), unless
+    own_derivatives=False asks for autograd (equal to round-off, not to the bit).
     """
     if create_graph and not model.differentiable:
         raise ValueError(f"{model.source or type(model).__name__} has no second derivatives "
@@ -83,7 +85,7 @@ def evaluate(
     batch = batch.to(device=model.device, dtype=model.dtype)
     deform = stress or rotational
     needs_grad = conservative or deform
-    if needs_grad and not create_graph and model.own_derivatives and not (
+    if needs_grad and not create_graph and own_derivatives and model.own_derivatives and not (
             batch.positions.requires_grad or batch.cell.requires_grad):
         out, grad_positions, grad_strain = model.energy_derivatives(batch, strain=deform)
         grads = ([grad_positions] if conservative else []) + ([grad_strain] if deform else [])
