@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ase import Atoms
-from timing import interleaved_minima
+from timing import interleaved_minima, paired_median_ratio
 
 from atomuq.core.batch import Batch
 from atomuq.core.memory import reuse_freed_memory
@@ -138,6 +138,9 @@ def run_case(name: str, n_atoms: int, repeats: int, autograd_max: int) -> dict:
     best = interleaved_minima(functions, repeats)
     for mode, times in best.items():
         row[f"{mode}_s"], row[f"{mode}_wall_s"] = times["cpu"], times["wall"]
+    samples = {mode: times["samples"] for mode, times in best.items()}
+    row["delta_over_direct_paired"] = paired_median_ratio(samples["force_delta"], samples["direct"])
+    row["delta_over_conservative_paired"] = paired_median_ratio(samples["force_delta"], samples["conservative"])
     return row
 
 
@@ -165,14 +168,16 @@ def write_results(rows: list[dict], meta: dict, stem: str = "force_delta") -> No
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     fmt = lambda r, k, spec=".3f": "-" if k not in r else format(r[k], spec)  # noqa: E731
-    lines = ["Times (s, CPU of one thread, minimum over repeats):", "",
+    lines = ["Times (s, CPU of one thread, minimum over repeats); ratios of the minima, and in brackets the median of "
+             "the ratios paired within each repeat:", "",
              "| model | atoms | edges | direct | conservative | Force Delta | FD / direct | FD / conservative | "
              "autograd direct | autograd FD | autograd FD / direct | FD speed-up |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['n_atoms']:,} | {r['n_edges']:,} | {fmt(r, 'direct_s')} | "
-                     f"{fmt(r, 'conservative_s')} | {fmt(r, 'force_delta_s')} | {fmt(r, 'delta_over_direct', '.2f')} | "
-                     f"{fmt(r, 'delta_over_conservative', '.3f')} | {fmt(r, 'autograd_direct_s')} | "
+                     f"{fmt(r, 'conservative_s')} | {fmt(r, 'force_delta_s')} | {fmt(r, 'delta_over_direct', '.2f')} "
+                     f"({fmt(r, 'delta_over_direct_paired', '.2f')}) | {fmt(r, 'delta_over_conservative', '.3f')} "
+                     f"({fmt(r, 'delta_over_conservative_paired', '.3f')}) | {fmt(r, 'autograd_direct_s')} | "
                      f"{fmt(r, 'autograd_force_delta_s')} | {fmt(r, 'autograd_delta_over_direct', '.2f')} | "
                      f"{fmt(r, 'delta_speedup', '.2f')} |")
     lines += ["", "Memory (peak resident MiB above the process before the evaluation; first call, page faults "
@@ -191,7 +196,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--models", nargs="+", default=None, help="shipped names or config:PRESET (default: shipped)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--large-repeats", type=int, default=1, help="repeats at 10^5 atoms and more")
+    parser.add_argument("--large-repeats", type=int, default=3, help="repeats at 10^5 atoms and more")
     parser.add_argument("--autograd-max", type=int, default=20000, help="largest size timed on the autograd path")
     parser.add_argument("--limit-gib", type=float, default=22.0, help="address-space cap of each row's process")
     parser.add_argument("--stem", default="force_delta", help="results/STEM.json and .md")

@@ -136,7 +136,7 @@ def test_create_graph_still_goes_through_autograd():
 def test_memory_mode_follows_the_memory_available(monkeypatch):
     model = make_native(seed=4)
     batch = Batch.from_atoms([small_water()], dtype=torch.float64)
-    edges = 1000
+    edges = 10**6
     save, recompute = (fused.estimated_memory(model, edges, m) for m in ("save", "recompute"))
     assert recompute < save
     monkeypatch.setattr(fused, "available_memory", lambda device: (save + recompute) // 2)
@@ -188,6 +188,7 @@ def test_too_large_structure_is_refused_naming_it(monkeypatch):
     model = make_native(seed=1)
     batch = Batch.from_atoms([small_water()], dtype=torch.float64)
     monkeypatch.setattr(fused, "available_memory", lambda device: 10_000)
+    monkeypatch.setattr(fused, "SMALL_BYTES", 0)  # check even this small structure
     with pytest.raises(MemoryShortage, match=r"box\.extxyz structure 3 .*needs about .* GiB .*available"):
         with memory_errors("box.extxyz structure 3 (24 atoms)"):
             evaluate(model, batch, conservative=True)
@@ -209,6 +210,7 @@ def test_score_refuses_a_structure_too_large_with_a_clear_message(tmp_path, monk
     source = tmp_path / "box.extxyz"
     write(source, [ethanol(), small_water()])
     monkeypatch.setattr(fused, "available_memory", lambda device: 10_000)
+    monkeypatch.setattr(fused, "SMALL_BYTES", 0)
     result = CliRunner().invoke(app, ["score", str(source), "-o", str(tmp_path / "out.extxyz"), "--batch-size", "1"])
     assert result.exit_code == 1
     assert "box.extxyz structure 0 (9 atoms)" in result.output and "GiB" in result.output

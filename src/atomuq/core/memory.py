@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import resource
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -60,17 +61,23 @@ class _Mallinfo2(ctypes.Structure):
                  "keepcost")]
 
 
-def _heap_free_bytes() -> int:
-    """Bytes glibc holds free in this process's heap (reusable without asking the system); 0 where unknown."""
+@functools.cache
+def _mallinfo2() -> Callable[[], _Mallinfo2] | None:
+    """glibc's mallinfo2, or None where there is none (looked up once: find_library runs ldconfig)."""
     name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
     try:
-        mallinfo2 = ctypes.CDLL(name).mallinfo2 if name else None
+        function = ctypes.CDLL(name).mallinfo2 if name else None
     except (OSError, AttributeError):
-        return 0
-    if mallinfo2 is None:
-        return 0
-    mallinfo2.restype = _Mallinfo2
-    return int(mallinfo2().fordblks)
+        return None
+    if function is not None:
+        function.restype = _Mallinfo2
+    return function
+
+
+def _heap_free_bytes() -> int:
+    """Bytes glibc holds free in this process's heap (reusable without asking the system); 0 where unknown."""
+    mallinfo2 = _mallinfo2()
+    return int(mallinfo2().fordblks) if mallinfo2 is not None else 0
 
 
 def _read_int(path: str) -> int | None:

@@ -50,6 +50,8 @@ ACCELERATOR_CHUNK = 1 << 20
 GEOMETRY_CHUNK = 1 << 16
 #: integer bytes of the neighbour list per edge (centres, neighbours, owning structure)
 INDEX_BYTES_PER_EDGE = 24
+#: below this estimate the memory at hand is not checked (bytes)
+SMALL_BYTES = 256 * 2**20
 #: factor on the estimated memory for what the estimate leaves out (allocator fragmentation, small tensors)
 MEMORY_MARGIN = 1.15
 
@@ -179,17 +181,23 @@ def choose_mode(model: nn.Module, batch: Batch, n_edges: int, gradient: bool) ->
         if forced not in modes:
             raise ValueError(f"fused_mode must be one of {modes} here, got {forced!r}")
         modes = (forced,)
+    if estimated_memory(model, n_edges, modes[0]) < SMALL_BYTES:
+        return modes[0]  # no need to ask the system (MD steps of small structures: many calls a second)
     free = available_memory(batch.device)
     for mode in modes:
         if free is None or estimated_memory(model, n_edges, mode) < free:
             return mode
     need = estimated_memory(model, n_edges, modes[-1])
     what = "the Force Delta (direct and conservative forces)" if gradient else "a forward pass"
+    size = f"{batch.num_atoms:,} atoms and {n_edges:,} edges within {model.cutoff:g} Å"
+    if batch.num_structures == 1:
+        subject, advice = f"a structure of {size}", "run it where more memory is free, or split it"
+    else:
+        subject = f"{batch.num_structures} structures with {size}"
+        advice = "score fewer structures at a time (--batch-size 1) or run where more memory is free"
     raise MemoryShortage(
-        f"{what} of {batch.num_structures} structure(s) with {batch.num_atoms:,} atoms and {n_edges:,} edges within "
-        f"{model.cutoff:g} Å needs about {need / 2**30:.1f} GiB ({need / max(batch.num_atoms, 1) / 1024:.0f} KiB "
-        f"per atom) but {free / 2**30:.1f} GiB is available on {batch.device}; score fewer structures at a time "
-        "(--batch-size 1), split the structure, or run where more memory is free")
+        f"{what} of {subject} needs about {need / 2**30:.1f} GiB ({need / max(batch.num_atoms, 1) / 1024:.0f} KiB "
+        f"per atom) but {free / 2**30:.1f} GiB is available on {batch.device}; {advice}")
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
@@ -275,21 +283,24 @@ def _zbl(model: nn.Module, batch: Batch, graph: Graph, vectors: torch.Tensor, le
 
 
 def fused_evaluate(model: nn.Module, batch: Batch, *, gradient: bool = True, strain: bool = False,
-                   direct: bool = True) -> FusedResult:
+                   direct: bool = True, graph: Graph | None = None) -> FusedResult:
     """The native model's outputs for a batch (energy eV, direct forces eV/Å, ...) computed over edge chunks and,
     with gradient, dE/dr (N, 3) eV/Å and (with strain) dE/dg (B, 3, 3) eV by the exact backward.
 
     direct=False skips the direct force head (ModelOutput.forces is None): the cost of the conservative forces alone.
+    graph: the batch's neighbour list if already built.
     """
     with torch.no_grad():
-        return _run(model, batch, gradient, strain, direct)
+        return _run(model, batch, gradient, strain, direct, graph)
 
 
-def _run(model: nn.Module, batch: Batch, gradient: bool, strain: bool, direct: bool) -> FusedResult:
+def _run(model: nn.Module, batch: Batch, gradient: bool, strain: bool, direct: bool, graph: Graph | None
+         ) -> FusedResult:
     cfg = model.config
     n, b = batch.num_atoms, batch.num_structures
     species = model.species(batch.numbers)
-    graph = build_graph(batch, cfg.cutoff, cfg.max_neighbors)
+    if graph is None:
+        graph = build_graph(batch, cfg.cutoff, cfg.max_neighbors)
     n_edges = graph.num_edges
     mode = choose_mode(model, batch, n_edges, gradient)
     size = chunk_size(model, batch.device)

@@ -19,7 +19,7 @@ from atomuq.core.batch import Batch, scatter_mean, scatter_sum
 from atomuq.core.neighbors import build_graph, edge_vectors
 from atomuq.models.native.basis import bessel_basis, polynomial_envelope, spherical_harmonics
 from atomuq.models.native.config import NativeConfig
-from atomuq.models.native.fused import fused_evaluate
+from atomuq.models.native.fused import chunk_size, fused_evaluate
 from atomuq.models.native.zbl import ZBLRepulsion
 from atomuq.models.protocol import AtomisticModel, ModelOutput
 
@@ -78,7 +78,8 @@ class InteractionLayer(nn.Module):
 class NativeModel(AtomisticModel):
     """Compact direct-force model with energy, force, optional stress and confidence heads.
 
-    Without autograd (torch.no_grad, inference_mode) forward runs over edge chunks (models.native.fused), and
+    Without autograd (torch.no_grad, inference_mode) forward runs over edge chunks where there is more than one
+    chunk of edges (models.native.fused; the plain graph below is as fast for fewer), and
     derivatives.evaluate takes the conservative forces and virial from its exact backward (energy_derivatives);
     with autograd on (training, create_graph) forward is the plain graph below. Runtime settings, not saved:
     edge_chunk (edges per chunk, None: a default for the device), fused_mode (None: "save" where memory allows,
@@ -147,12 +148,12 @@ class NativeModel(AtomisticModel):
 
     def forward(self, batch: Batch) -> ModelOutput:
         """Energies (B,) eV, direct forces (N, 3) eV/Å, node features, confidence logits, optional stress."""
-        if self.own_derivatives and not torch.is_grad_enabled():
-            return fused_evaluate(self, batch, gradient=False).output
         cfg = self.config
+        graph = build_graph(batch, cfg.cutoff, cfg.max_neighbors)
+        if self.own_derivatives and not torch.is_grad_enabled() and graph.num_edges > chunk_size(self, batch.device):
+            return fused_evaluate(self, batch, gradient=False, graph=graph).output  # more than one chunk of edges
         n, b = batch.num_atoms, batch.num_structures
         species = self.species(batch.numbers)
-        graph = build_graph(batch, cfg.cutoff, cfg.max_neighbors)
         vectors = edge_vectors(batch, graph)
         lengths = torch.linalg.norm(vectors, dim=-1)
         unit = vectors / lengths[:, None]
