@@ -6,7 +6,9 @@ the tests (latent 32, 2 message-passing steps), the full-size Orb-v3 direct arch
 native model molecular-small. Structures: periodic water boxes at 1 g/cm³ of about 100 and
 1,000 atoms. Direct-only: one forward pass under torch.inference_mode (no autograd graph).
 Force Delta: forward + backward for the conservative forces, then u_i and U_Delta. The neighbour
-list is part of both. Modes are timed interleaved in one process; seconds are minima over repeats.
+list is part of both. Modes are timed interleaved in one process; seconds are minima over repeats of the
+thread's CPU time (time.thread_time: time spent waiting for a core on a shared machine is left out; wall time
+is in the JSON).
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_adapters.py [--sizes 100 1000] [--repeats 3]
 Writes benchmarks/results/adapters.json and .md.
@@ -15,6 +17,11 @@ Writes benchmarks/results/adapters.json and .md.
 adapter instead: eSEN and UMA direct-force architectures with random weights, the small configuration
 of the tests and the full size of eSEN-sm / UMA-S (sphere channels 128, 4 layers, lmax 2, 6 Å, up to
 300 neighbours); writes benchmarks/results/adapters_fairchem.json and .md.
+
+--family matched times orb-models' GNS (Orb-v3 direct, random weights) built at the width, depth, cutoff and
+neighbours of the bundled molecular-small (MATCHED_ORB) against molecular-small itself, at 100, 1,000 and 10,000
+atoms; writes benchmarks/results/adapters_matched.json and .md. Orb's direct and Force Delta go through plain
+autograd (the adapter), the bundled model through its chunked forward and exact backward.
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ from pathlib import Path
 
 import torch
 from bench_force_delta import water_box
-from timing import interleaved_minimum
+from timing import interleaved_minima
 
 from atomuq.core.batch import Batch
+from atomuq.core.memory import reuse_freed_memory
 from atomuq.models.derivatives import evaluate
 from atomuq.models.protocol import AtomisticModel
 from atomuq.models.registry import resolve_model
@@ -77,7 +85,27 @@ def fairchem_models() -> dict[str, Callable[[], AtomisticModel]]:
     }
 
 
-FAMILIES = {"orb": (models, "orb-models", "adapters"), "fairchem": (fairchem_models, "fairchem-core", "adapters_fairchem")}
+#: orb-v3-direct at the bundled model's sizes: latent 64, MLP hidden 64 with one hidden layer, 2 message-passing steps,
+#: 5 Å cutoff, no stress head; 120 neighbours at most (water at 1 g/cm³ has at most 64 within 5 Å: no edge is dropped,
+#: both models see the same ~54 edges per atom)
+MATCHED_ORB = {"latent_dim": 64, "base_mlp_hidden_dim": 64, "base_mlp_depth": 1, "head_mlp_hidden_dim": 64,
+               "head_mlp_depth": 1, "num_message_passing_steps": 2, "has_stress": False}
+
+
+def matched_models() -> dict[str, Callable[[], AtomisticModel]]:
+    """Name -> builder: orb-models' GNS (Orb-v3 direct) at the width, depth, cutoff and neighbours of the bundled
+    model, and the bundled model itself."""
+    from atomuq.models.adapters.orb import new_orb_model
+
+    return {
+        "orb-v3-direct GNS matched to molecular-small": lambda: new_orb_model(
+            "orb-v3-direct", radius=5.0, max_num_neighbors=120, **MATCHED_ORB),
+        "bundled molecular-small": lambda: resolve_model("molecular-small"),
+    }
+
+
+FAMILIES = {"orb": (models, "orb-models", "adapters"), "fairchem": (fairchem_models, "fairchem-core", "adapters_fairchem"),
+            "matched": (matched_models, "orb-models", "adapters_matched")}
 
 
 def time_case(model: AtomisticModel, n_atoms: int, repeats: int) -> dict:
@@ -94,9 +122,10 @@ def time_case(model: AtomisticModel, n_atoms: int, repeats: int) -> dict:
 
     direct()
     with_force_delta()  # warm-up
-    best = interleaved_minimum({"direct": direct, "force_delta": with_force_delta}, repeats)
-    d, f = best["direct"], best["force_delta"]
-    return {"n_atoms": len(atoms), "direct_s": d, "force_delta_s": f, "ratio": f / d}
+    best = interleaved_minima({"direct": direct, "force_delta": with_force_delta}, repeats)
+    d, f = best["direct"]["cpu"], best["force_delta"]["cpu"]
+    return {"n_atoms": len(atoms), "direct_s": d, "force_delta_s": f, "ratio": f / d,
+            "direct_wall_s": best["direct"]["wall"], "force_delta_wall_s": best["force_delta"]["wall"]}
 
 
 def write_results(rows: list[dict], meta: dict, stem: str) -> None:
@@ -104,6 +133,8 @@ def write_results(rows: list[dict], meta: dict, stem: str) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
+        "Seconds: CPU time of the one thread, minimum over interleaved repeats (wall time in the JSON).",
+        "",
         "| model | parameters | atoms | direct-only s | Force Delta s | ratio |",
         "|---|---:|---:|---:|---:|---:|",
     ]
@@ -117,12 +148,15 @@ def write_results(rows: list[dict], meta: dict, stem: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+                        help="atoms per water box (default 100 1000; --family matched: 100 1000 10000)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--family", choices=sorted(FAMILIES), default="orb")
     parser.add_argument("--only", nargs="*", default=None, help="benchmark only the models whose name contains one of these")
     args = parser.parse_args()
     builders, package, stem = FAMILIES[args.family]
+    reuse_freed_memory()  # as atomuq's commands do
+    sizes = args.sizes or ([100, 1000, 10000] if args.family == "matched" else [100, 1000])
     from importlib.metadata import version
 
     meta = {
@@ -137,7 +171,7 @@ def main() -> None:
     built = {name: build().eval() for name, build in builders().items()
              if not args.only or any(part in name for part in args.only)}
     rows = []
-    for n in args.sizes:  # every model at the small size first
+    for n in sizes:  # every model at the small size first
         for name, model in built.items():
             params = sum(p.numel() for p in model.parameters())
             row = {"model": name, "parameters": params, **time_case(model, n, args.repeats)}

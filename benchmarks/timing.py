@@ -28,3 +28,29 @@ def interleaved_minimum(functions: dict[str, Callable[[], object]], repeats: int
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: min(values) for name, values in times.items()}
+
+
+def interleaved_minima(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict]:
+    """Minimum thread CPU seconds ("cpu") and wall seconds ("wall") of each function over repeats, interleaved,
+    and every repeat's CPU seconds ("samples", for ratios paired within a repeat).
+
+    CPU time of the calling thread leaves out the time spent waiting for a core on a machine shared with other
+    jobs; with one thread it equals wall time on an idle machine."""
+    best: dict[str, dict] = {name: {"cpu": float("inf"), "wall": float("inf"), "samples": []} for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            cpu, wall = time.thread_time(), time.perf_counter()
+            fn()
+            elapsed = time.thread_time() - cpu
+            best[name]["samples"].append(elapsed)
+            best[name]["cpu"] = min(best[name]["cpu"], elapsed)
+            best[name]["wall"] = min(best[name]["wall"], time.perf_counter() - wall)
+    return best
+
+
+def paired_median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over repeats of numerator[k] / denominator[k] (each pair timed back to back: slow changes of the
+    load on a shared machine cancel)."""
+    ratios = sorted(a / b for a, b in zip(numerator, denominator))
+    mid = len(ratios) // 2
+    return ratios[mid] if len(ratios) % 2 else 0.5 * (ratios[mid - 1] + ratios[mid])

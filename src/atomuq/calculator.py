@@ -10,6 +10,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
 from atomuq.core.batch import Batch
+from atomuq.core.memory import memory_errors
 from atomuq.core.schema import ASE_PROPERTIES, CALC, PROVENANCE_KEYS, NonFiniteResult, clear_results, write_results, writers_keys
 from atomuq.models.derivatives import evaluate
 from atomuq.models.protocol import AtomisticModel
@@ -107,7 +108,10 @@ class AtomuqCalculator(Calculator):
         backward = self._needs_backward(properties)
         self._conservative_requested = False
         periodic = bool(self.atoms.pbc.all()) and backward
-        pred = evaluate(self.model, batch, conservative=backward, stress=periodic, rotational=self.want_rotational).detach()
+        with memory_errors(f"the structure given to AtomuqCalculator ({len(self.atoms):,} atoms)"), torch.no_grad():
+            # no graph is kept: evaluate turns autograd on where a model needs it for the derivatives
+            pred = evaluate(self.model, batch, conservative=backward, stress=periodic,
+                            rotational=self.want_rotational).detach()
         extra = []
         if self.ltau is not None:
             self.ltau.check_elements(self.atoms.numbers, "structure given to AtomuqCalculator")

@@ -16,6 +16,10 @@ from vesin import NeighborList
 from atomuq.core.batch import Batch
 
 
+#: edges per piece of the strain derivative in edge_gradients
+STRAIN_CHUNK = 1 << 16
+
+
 @dataclass(frozen=True)
 class Graph:
     """Directed edges i -> j (j is a neighbour of centre i), one per periodic image.
@@ -78,3 +82,22 @@ def edge_vectors(batch: Batch, graph: Graph) -> torch.Tensor:
     offsets = torch.einsum("ek,ekl->el", graph.shifts, batch.cell.index_select(0, graph.edge_batch))
     positions = batch.positions
     return positions.index_select(0, graph.neighbors) - positions.index_select(0, graph.centers) + offsets
+
+
+def edge_gradients(graph: Graph, vectors: torch.Tensor, grad_vectors: torch.Tensor, n_atoms: int, n_structures: int,
+                   strain: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dE/dr (N, 3) eV/Å and the strain derivative dE/dg (B, 3, 3) eV from dE/d(edge vectors) (E, 3) eV/Å.
+
+    The adjoint of edge_vectors: r_ij = r_j - r_i + S·cell, and under the deformation r' = r (I + g),
+    cell' = cell (I + g) every edge vector becomes r_ij (I + g), so dE/dg_ab = sum_ij r_ij,a dE/dr_ij,b.
+    """
+    grad_positions = grad_vectors.new_zeros(n_atoms, 3)
+    grad_positions.index_add_(0, graph.neighbors, grad_vectors)
+    grad_positions.index_add_(0, graph.centers, grad_vectors, alpha=-1)
+    if not strain:
+        return grad_positions, None
+    grad_strain = grad_vectors.new_zeros(n_structures, 3, 3)
+    for start in range(0, len(vectors), STRAIN_CHUNK):  # bounded temporaries: (chunk, 3, 3) outer products
+        s = slice(start, start + STRAIN_CHUNK)
+        grad_strain.index_add_(0, graph.edge_batch[s], vectors[s, :, None] * grad_vectors[s, None, :])
+    return grad_positions, grad_strain

@@ -69,12 +69,15 @@ def evaluate(
     stress: bool = False,
     rotational: bool = False,
     create_graph: bool = False,
+    own_derivatives: bool = True,
 ) -> Prediction:
     """Run the model on a batch and add -dE/dr, the virial stress and Delta_rot as requested.
 
     create_graph=True keeps the graph of the derivatives (for losses on conservative forces
     and for gradients of the Force Delta). If batch.positions already requires grad (an outer
-    optimisation), gradients flow through it.
+    optimisation), gradients flow through it. Otherwise a model with own_derivatives computes
+    them itself (the native model: an exact backward over edge chunks, in linear memory), unless
+    own_derivatives=False asks for autograd (equal to round-off, not to the bit).
     """
     if create_graph and not model.differentiable:
         raise ValueError(f"{model.source or type(model).__name__} has no second derivatives "
@@ -82,6 +85,11 @@ def evaluate(
     batch = batch.to(device=model.device, dtype=model.dtype)
     deform = stress or rotational
     needs_grad = conservative or deform
+    if needs_grad and not create_graph and own_derivatives and model.own_derivatives and not (
+            batch.positions.requires_grad or batch.cell.requires_grad):
+        out, grad_positions, grad_strain = model.energy_derivatives(batch, strain=deform)
+        grads = ([grad_positions] if conservative else []) + ([grad_strain] if deform else [])
+        return _prediction(batch, out, grads, conservative, stress, rotational)
     with torch.enable_grad() if needs_grad else nullcontext():
         positions = batch.positions
         if conservative and not positions.requires_grad:
@@ -102,6 +110,13 @@ def evaluate(
                 out.energy.sum(), inputs, create_graph=create_graph, retain_graph=create_graph, allow_unused=True
             )
             grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+    return _prediction(batch, out, grads, conservative, stress, rotational)
+
+
+def _prediction(batch: Batch, out: ModelOutput, grads: list[torch.Tensor], conservative: bool, stress: bool,
+                rotational: bool) -> Prediction:
+    """The Prediction from the model outputs and [dE/dr if conservative] + [dE/dg if stress or rotational]."""
+    deform = stress or rotational
     prediction = Prediction(
         energy=out.energy,
         forces_direct=out.forces,

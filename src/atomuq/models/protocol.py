@@ -55,6 +55,11 @@ class AtomisticModel(torch.nn.Module):
     #: and come back as forces_conservative: the model has one kind of forces, so ensembles use
     #: them in direct and conservative force mode alike
     external_forces: bool = False
+    #: True when the model computes dE/dr and dE/dg itself, by an exact backward of its own
+    #: (energy_derivatives); derivatives.evaluate then uses it wherever no graph of the derivatives
+    #: is asked for (create_graph=False) and autograd otherwise. Setting it False on an instance
+    #: makes evaluate use autograd (the reference the own backward is tested against).
+    own_derivatives: bool = False
 
     @property
     def confidence_bin_edges(self) -> torch.Tensor | None:
@@ -118,6 +123,11 @@ class AtomisticModel(torch.nn.Module):
                 "its edge vectors from batch.positions and batch.cell with torch operations (atomuq.models.protocol), "
                 "or a model outside torch can be wrapped as an ASE calculator (ase:MODULE:CLASS)")
         return out
+
+    def energy_derivatives(self, batch: Batch, strain: bool) -> tuple[ModelOutput, torch.Tensor, torch.Tensor | None]:
+        """The forward outputs, dE/dr (N, 3) eV/Å and, with strain, dE/dg (B, 3, 3) eV for the deformation
+        r' = r (I + g), cell' = cell (I + g), without graphs; only for models with own_derivatives."""
+        raise NotImplementedError(f"{type(self).__name__} has no own derivatives (own_derivatives is False)")
 
     def forward(self, batch: Batch) -> ModelOutput:  # pragma: no cover - abstract
         """Energy (B,) eV and whatever heads the model has, for a batch of structures."""

@@ -16,6 +16,7 @@ from ase import Atoms
 from atomuq.core.batch import Batch
 from atomuq.core.errors import InputError
 from atomuq.core.io import Record, detach_reference, reference_forces
+from atomuq.core.memory import memory_errors
 from atomuq.core.schema import SCORE, Provenance, write_results
 from atomuq.models.derivatives import Prediction, evaluate
 from atomuq.models.protocol import AtomisticModel
@@ -159,6 +160,14 @@ def _references(structures: Sequence[Atoms], forces_key: str | None, model: Atom
     return torch.as_tensor(stacked, dtype=model.dtype, device=model.device), has_ref
 
 
+def describe_records(records: Sequence[Record]) -> str:
+    """'FILE structure I (N atoms)' for one record, the first and last of several (for error messages)."""
+    atoms = sum(len(r.atoms) for r in records)
+    if len(records) == 1:
+        return f"{records[0].where} ({atoms:,} atoms)"
+    return f"{records[0].where} to {records[-1].where} ({len(records)} structures, {atoms:,} atoms)"
+
+
 def score_shard(
     records: Sequence[Record],
     settings: ScoreSettings,
@@ -181,10 +190,12 @@ def score_shard(
         batch = Batch.from_atoms(structures, device=model.device, dtype=model.dtype)
         ref_tensor, has_ref = _references(structures, settings.forces_key, model)
         periodic = bool(batch.pbc.all(dim=1).any())
-        pred = evaluate(model, batch, conservative=True, stress=periodic, rotational=settings.rotational).detach()
+        with memory_errors(describe_records(chunk)), torch.no_grad():  # evaluate enables autograd where it needs it
+            pred = evaluate(model, batch, conservative=True, stress=periodic, rotational=settings.rotational).detach()
         extra = []
         if ensemble:
-            ens_pred = evaluate_ensemble(ensemble, batch, settings.ensemble_forces, ensemble_names)
+            with memory_errors(describe_records(chunk)), torch.no_grad():
+                ens_pred = evaluate_ensemble(ensemble, batch, settings.ensemble_forces, ensemble_names)
             extra += [ensemble_uncertainty(ens_pred, batch, ref_tensor),
                       UQResult(per_atom={"forces_ensemble_mean": ens_pred.mean_forces})]
         values = prediction_results(model, batch, pred, "direct", ref_tensor, has_ref, extra)

@@ -19,6 +19,7 @@ from atomuq.core.batch import Batch, scatter_mean, scatter_sum
 from atomuq.core.neighbors import build_graph, edge_vectors
 from atomuq.models.native.basis import bessel_basis, polynomial_envelope, spherical_harmonics
 from atomuq.models.native.config import NativeConfig
+from atomuq.models.native.fused import chunk_size, fused_evaluate
 from atomuq.models.native.zbl import ZBLRepulsion
 from atomuq.models.protocol import AtomisticModel, ModelOutput
 
@@ -75,10 +76,23 @@ class InteractionLayer(nn.Module):
 
 
 class NativeModel(AtomisticModel):
-    """Compact direct-force model with energy, force, optional stress and confidence heads."""
+    """Compact direct-force model with energy, force, optional stress and confidence heads.
+
+    Without autograd (torch.no_grad, inference_mode) forward runs over edge chunks where there is more than one
+    chunk of edges (models.native.fused; the plain graph below is as fast for fewer), and
+    derivatives.evaluate takes the conservative forces and virial from its exact backward (energy_derivatives);
+    with autograd on (training, create_graph) forward is the plain graph below. Runtime settings, not saved:
+    edge_chunk (edges per chunk, None: a default for the device), fused_mode (None: "save" where memory allows,
+    else "recompute"; tests and benchmarks force one) and own_derivatives (False: the plain graph and autograd
+    everywhere, the reference the fused path is tested and timed against).
+    """
+
+    own_derivatives = True
 
     def __init__(self, config: NativeConfig) -> None:
         super().__init__()
+        self.edge_chunk: int | None = None
+        self.fused_mode: str | None = None
         self.config = config
         self.cutoff = config.cutoff
         self.elements = list(config.elements)
@@ -127,12 +141,19 @@ class NativeModel(AtomisticModel):
             raise ValueError(f"elements {missing} are not supported by this model (elements {self.elements})")
         return idx
 
+    def energy_derivatives(self, batch: Batch, strain: bool) -> tuple[ModelOutput, torch.Tensor, torch.Tensor | None]:
+        """Forward outputs, dE/dr (N, 3) eV/Å and with strain dE/dg (B, 3, 3) eV, by the exact chunked backward."""
+        result = fused_evaluate(self, batch, gradient=True, strain=strain)
+        return result.output, result.position_gradient, result.strain_gradient
+
     def forward(self, batch: Batch) -> ModelOutput:
         """Energies (B,) eV, direct forces (N, 3) eV/Å, node features, confidence logits, optional stress."""
         cfg = self.config
+        graph = build_graph(batch, cfg.cutoff, cfg.max_neighbors)
+        if self.own_derivatives and not torch.is_grad_enabled() and graph.num_edges > chunk_size(self, batch.device):
+            return fused_evaluate(self, batch, gradient=False, graph=graph).output  # more than one chunk of edges
         n, b = batch.num_atoms, batch.num_structures
         species = self.species(batch.numbers)
-        graph = build_graph(batch, cfg.cutoff, cfg.max_neighbors)
         vectors = edge_vectors(batch, graph)
         lengths = torch.linalg.norm(vectors, dim=-1)
         unit = vectors / lengths[:, None]

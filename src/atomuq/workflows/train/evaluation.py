@@ -22,7 +22,8 @@ def evaluate_set(model: NativeModel, data: LabelledData, batch_size: int, writer
         for start in range(0, len(data), batch_size):
             idx = list(range(start, min(start + batch_size, len(data))))
             batch, targets = data.batch(idx, model.device, model.dtype)
-            pred = evaluate(model, batch, conservative=True, rotational=True)
+            # autograd, as for the losses: a run's metrics and error log do not depend on the inference path
+            pred = evaluate(model, batch, conservative=True, rotational=True, own_derivatives=False)
             direct, conservative = pred.forces_direct.detach(), pred.forces_conservative.detach()
             if writer is not None:
                 writer.write(int(data.offsets[start]),
