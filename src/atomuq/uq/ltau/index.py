@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -116,12 +116,14 @@ class NeighbourIndex:
         faiss = _faiss()
         if kind not in KINDS:
             raise InputError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
+        flags = faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE  # ivfpq: no table in memory (see _empty_index)
         if isinstance(data, np.memmap) and hasattr(faiss, "ZeroCopyIOReader"):
-            reader = faiss.ZeroCopyIOReader(faiss.swig_ptr(data), data.size)
-            index = faiss.read_index(reader)
+            index = faiss.read_index(faiss.ZeroCopyIOReader(faiss.swig_ptr(data), data.size), flags)
             index.referenced_objects = [data]  # its arrays view these pages: keep them mapped while the index lives
         else:
-            index = faiss.deserialize_index(np.ascontiguousarray(data, dtype=np.uint8))
+            reader = faiss.VectorIOReader()
+            faiss.copy_array_to_vector(np.ascontiguousarray(data, dtype=np.uint8).ravel(), reader.data)
+            index = faiss.read_index(reader, flags)
         _apply_search_parameters(index, kind, parameters)
         return cls(index=index, kind=kind, parameters=dict(parameters), **recall)
 
@@ -140,8 +142,51 @@ def _as_float32(array: np.ndarray, what: str, first_row: int = 0) -> np.ndarray:
     return array
 
 
-def descriptor_array(descriptors: np.ndarray | str | Path, what: str = "training descriptors") -> np.ndarray:
-    """(N, d) descriptors as given, or a .npy file opened memory-mapped (read shard by shard, never all at once)."""
+class DescriptorFiles:
+    """The rows of several .npy files of descriptors (each (n_i, d), memory-mapped), in order, read as one (N, d)
+    array: len, shape, dtype, and rows by slice or by a sorted array of row numbers (only those rows are read)."""
+
+    ndim = 2
+
+    def __init__(self, paths: Sequence[str | Path], what: str = "training descriptors") -> None:
+        self.paths = [Path(p) for p in paths]
+        self.parts = [descriptor_array(p, what) for p in self.paths]
+        widths = {part.shape[1] for part in self.parts}
+        if len(widths) > 1:
+            raise InputError(f"descriptor files of different widths {sorted(widths)}: "
+                             + ", ".join(f"{p} ({a.shape[1]})" for p, a in zip(self.paths, self.parts)))
+        self.offsets = np.cumsum([0] + [len(part) for part in self.parts])
+        self.shape = (int(self.offsets[-1]), widths.pop())
+        self.dtype = np.result_type(*self.parts)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice | np.ndarray) -> np.ndarray:
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(len(self))
+            if step != 1:
+                raise InputError("DescriptorFiles: slices must have step 1")
+            rows = np.arange(start, stop)
+        rows = np.asarray(rows, dtype=np.int64)
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        bounds = np.searchsorted(part, np.arange(len(self.parts) + 1))  # rows are sorted: one run per part
+        pieces = [self.parts[i][rows[bounds[i] : bounds[i + 1]] - self.offsets[i]]
+                  for i in range(len(self.parts)) if bounds[i + 1] > bounds[i]]
+        return np.concatenate(pieces) if pieces else np.zeros((0, self.shape[1]), dtype=self.dtype)
+
+
+Descriptors = np.ndarray | DescriptorFiles
+
+
+def descriptor_array(descriptors: np.ndarray | str | Path | Sequence[str | Path],
+                     what: str = "training descriptors") -> Descriptors:
+    """(N, d) descriptors as given, or .npy file(s) opened memory-mapped (read shard by shard, never all at once;
+    several files: their rows in order)."""
+    if isinstance(descriptors, DescriptorFiles):
+        return descriptors
+    if isinstance(descriptors, (list, tuple)):
+        return DescriptorFiles(descriptors, what) if len(descriptors) != 1 else descriptor_array(descriptors[0], what)
     if isinstance(descriptors, (str, Path)):
         path = Path(descriptors)
         if not path.is_file():
@@ -160,7 +205,7 @@ def descriptor_array(descriptors: np.ndarray | str | Path, what: str = "training
     return array
 
 
-def shards(data: np.ndarray, rows: int = SHARD_ROWS, what: str = "training descriptors"
+def shards(data: Descriptors, rows: int = SHARD_ROWS, what: str = "training descriptors"
            ) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, float32 rows) of data, rows at a time, each checked for NaN / infinity."""
     if rows < 1:
@@ -221,18 +266,19 @@ def _empty_index(kind: str, d: int, params: dict[str, int]) -> Any:
     else:
         index = faiss.IndexIVFPQ(quantizer, d, nlist, int(params["m"]), PQ_BITS)
         index.pq.cp.niter = KMEANS_ITERATIONS
+        index.use_precomputed_table = -1  # no nlist·m·1 KiB table in memory: look-up tables are made per probed list
     index.cp.niter = KMEANS_ITERATIONS
     return index
 
 
-def training_sample(data: np.ndarray, rows: int, seed: int = 0) -> np.ndarray:
+def training_sample(data: Descriptors, rows: int, seed: int = 0) -> np.ndarray:
     """rows distinct random rows of data in file order (float32, checked); only those rows are read."""
     n = len(data)
     chosen = np.arange(n) if rows >= n else np.sort(np.random.default_rng(seed).choice(n, size=rows, replace=False))
     return _as_float32(data[chosen], "training descriptors (training sample)")
 
 
-def trained_index(data: np.ndarray, kind: str = "flat", parameters: dict[str, int] | None = None, seed: int = 0
+def trained_index(data: Descriptors, kind: str = "flat", parameters: dict[str, int] | None = None, seed: int = 0
                   ) -> tuple[Any, dict[str, int]]:
     """(empty FAISS index of kind, trained on a sample of data where it needs training; its resolved parameters)."""
     n, d = data.shape
@@ -246,7 +292,8 @@ def trained_index(data: np.ndarray, kind: str = "flat", parameters: dict[str, in
 
 
 def encode_shard(trained: Any, shard: np.ndarray) -> Any:
-    """A copy of the trained, empty IVF index holding only shard's vectors (local ids 0..len-1), for merge_shard."""
+    """A copy of the trained, empty index (flat or IVF) holding only shard's vectors (local ids 0..len-1), for
+    merge_shard."""
     faiss = _faiss()
     part = faiss.clone_index(trained)
     if part.ntotal:
@@ -261,7 +308,10 @@ def merge_shard(index: Any, part: Any, first_id: int) -> None:
     if int(first_id) != index.ntotal:
         raise InputError(f"shard starting at row {first_id} merged out of order: the index holds {index.ntotal} rows; "
                          "merge the shards in row order")
-    faiss.extract_index_ivf(index).merge_from(faiss.extract_index_ivf(part), int(first_id))
+    if isinstance(faiss.downcast_index(index), faiss.IndexFlatCodes):
+        index.merge_from(part, 0)  # a flat index numbers its rows in order: appended at first_id = ntotal
+    else:
+        faiss.extract_index_ivf(index).merge_from(faiss.extract_index_ivf(part), int(first_id))
 
 
 def _apply_search_parameters(index: Any, kind: str, parameters: dict[str, int]) -> None:
@@ -275,7 +325,7 @@ def _apply_search_parameters(index: Any, kind: str, parameters: dict[str, int]) 
             faiss.downcast_index(ivf.quantizer).hnsw.efSearch = int(parameters["quantizer_ef"])
 
 
-def finish_index(index: Any, kind: str, params: dict[str, int], data: np.ndarray, recall_queries: int = 1000,
+def finish_index(index: Any, kind: str, params: dict[str, int], data: Descriptors, recall_queries: int = 1000,
                  recall_k: int = 10, seed: int = 0, exact: np.ndarray | None = None) -> NeighbourIndex:
     """The filled FAISS index as a NeighbourIndex with its search parameters set and, for approximate kinds,
     recall@recall_k measured on recall_queries rows of data (exact: their exact neighbours, when known)."""
@@ -290,7 +340,7 @@ def finish_index(index: Any, kind: str, params: dict[str, int], data: np.ndarray
     return result
 
 
-def build_index(descriptors: np.ndarray | str | Path, kind: str = "flat", parameters: dict[str, int] | None = None,
+def build_index(descriptors: np.ndarray | str | Path | Sequence[str | Path], kind: str = "flat", parameters: dict[str, int] | None = None,
                 recall_queries: int = 1000, recall_k: int = 10, seed: int = 0, shard_rows: int = SHARD_ROWS
                 ) -> NeighbourIndex:
     """Index (N, d) descriptors (an array or a memory-mapped .npy file, read shard_rows at a time); for approximate
@@ -326,7 +376,7 @@ def merge_neighbours(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.n
     return np.take_along_axis(squared, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
-def exact_neighbours(data: np.ndarray, queries: np.ndarray, k: int, shard_rows: int = SHARD_ROWS) -> np.ndarray:
+def exact_neighbours(data: Descriptors, queries: np.ndarray, k: int, shard_rows: int = SHARD_ROWS) -> np.ndarray:
     """Ids (Q, k) of the exact k nearest rows of data, found by brute force shard by shard (data never copied whole)."""
     queries = _as_float32(queries, "queries")
     best = (np.full((len(queries), k), np.inf, dtype=np.float32), np.full((len(queries), k), -1, dtype=np.int64))
@@ -335,7 +385,7 @@ def exact_neighbours(data: np.ndarray, queries: np.ndarray, k: int, shard_rows: 
     return best[1]
 
 
-def measure_recall(index: NeighbourIndex, data: np.ndarray, queries: np.ndarray, k: int,
+def measure_recall(index: NeighbourIndex, data: Descriptors, queries: np.ndarray, k: int,
                    exact: np.ndarray | None = None) -> float:
     """Mean fraction of the exact k nearest neighbours (brute force over data, or the ids exact) that index finds."""
     true_ids = exact_neighbours(data, queries, k) if exact is None else exact
