@@ -74,6 +74,30 @@ def test_fewer_probes_find_fewer_neighbours_and_the_index_reports_it(data):
     narrow = build_index(data, "ivfsq", {"nlist": 64, "nprobe": 1}, recall_queries=200)
     assert narrow.recall < wide.recall
     assert narrow.parameters["nprobe"] == 1 and narrow.parameters["train"] == len(data)
+    queries = clustered(50, seed=5)
+    before = measure_recall(narrow, data, queries, 5)
+    assert narrow.tune(nprobe=64).parameters["nprobe"] == 64  # search-time parameters change without a rebuild
+    assert measure_recall(narrow, data, queries, 5) == measure_recall(wide, data, queries, 5) > before
+    with pytest.raises(InputError, match=r"\['nlist'\]: not search parameters of this ivfsq index"):
+        narrow.tune(nlist=3)
+    with pytest.raises(InputError, match="must be >= 1"):
+        narrow.tune(quantizer_ef=0)
+
+
+def test_lists_with_fewer_than_k_vectors_are_searched_again_wider():
+    """One probed list of ~20 vectors cannot always give k = 20: those queries are searched with more probes, the others
+    keep their result, and the index's own nprobe is unchanged."""
+    data = clustered(2000, clusters=200)
+    index = build_index(data, "ivfsq", {"nlist": 100, "nprobe": 1}, recall_queries=20)
+    queries = clustered(40, clusters=200, seed=6)
+    distance, ids = index.search(queries, 20)
+    assert (ids >= 0).all() and index.parameters["nprobe"] == 1
+    assert faiss.extract_index_ivf(index.index).nprobe == 1
+    assert np.all(np.diff(distance, axis=1) >= -1e-6)
+    _, raw = index.index.search(queries, 20)  # FAISS alone, one probe: holes (-1) for some queries
+    holes = (raw < 0).any(axis=1)
+    assert holes.any() and not holes.all()
+    assert np.array_equal(ids[~holes], raw[~holes])
 
 
 def test_exact_neighbours_streamed_over_shards_equal_brute_force(data):

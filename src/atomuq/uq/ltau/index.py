@@ -44,6 +44,8 @@ DEFAULT_PARAMETERS: dict[str, dict[str, int]] = {
     "ivfsq": {"nlist": 0, "nprobe": 4, "quantizer_ef": 8, "train": 0},  # nlist 0: min(16·sqrt(N), N/40)
     "ivfpq": {"nlist": 0, "nprobe": 4, "quantizer_ef": 8, "train": 0, "m": 16},
 }
+#: parameters that only steer a search (NeighbourIndex.tune); the others fix how the index is built
+SEARCH_PARAMETERS = frozenset({"ef_search", "nprobe", "quantizer_ef"})
 #: descriptors read, checked and added at a time (64 MiB of float32 at d = 64)
 SHARD_ROWS = 1 << 18
 #: training rows per inverted list when `train` is 0 (FAISS asks for at least 39), and at least this many in all
@@ -99,10 +101,32 @@ class NeighbourIndex:
         if not 1 <= k <= self.size:
             raise InputError(f"k = {k} neighbours asked of an index of {self.size} vectors; use 1 <= k <= {self.size}")
         squared, ids = self.index.search(queries, k)
-        if (ids < 0).any():
+        missing = np.flatnonzero((ids < 0).any(axis=1))
+        wider = dict(self.parameters)
+        try:  # queries whose probed lists (or graph walk) held fewer than k vectors: again with twice the probes
+            while missing.size and _widen(self.kind, wider, self.size):
+                _apply_search_parameters(self.index, self.kind, wider)
+                squared[missing], ids[missing] = self.index.search(queries[missing], k)
+                missing = missing[(ids[missing] < 0).any(axis=1)]
+        finally:
+            _apply_search_parameters(self.index, self.kind, self.parameters)
+        if missing.size:
             raise InputError(f"the {self.kind} index found fewer than k = {k} neighbours for some queries; "
-                             "raise ef_search / nprobe or use the exact index")
+                             "use the exact index")
         return np.sqrt(np.maximum(squared, 0.0)), ids
+
+    def tune(self, **search: int) -> "NeighbourIndex":
+        """Change search-time parameters in place (ef_search, nprobe, quantizer_ef: those of this kind) and return self."""
+        allowed = set(DEFAULT_PARAMETERS[self.kind]) & SEARCH_PARAMETERS
+        unknown = sorted(set(search) - allowed)
+        if unknown:
+            raise InputError(f"{unknown}: not search parameters of this {self.kind} index; it has {sorted(allowed) or 'none'}")
+        bad = sorted(key for key, value in search.items() if int(value) < 1)
+        if bad:
+            raise InputError(f"{self.kind} index parameters {bad} must be >= 1")
+        self.parameters.update({key: int(value) for key, value in search.items()})
+        _apply_search_parameters(self.index, self.kind, self.parameters)
+        return self
 
     def write(self, path: str | Path) -> Path:
         """Write the index in FAISS's file format (streamed: no second copy in memory)."""
@@ -312,6 +336,15 @@ def merge_shard(index: Any, part: Any, first_id: int) -> None:
         index.merge_from(part, 0)  # a flat index numbers its rows in order: appended at first_id = ntotal
     else:
         faiss.extract_index_ivf(index).merge_from(faiss.extract_index_ivf(part), int(first_id))
+
+
+def _widen(kind: str, parameters: dict[str, int], size: int) -> bool:
+    """Double the search effort in parameters (nprobe up to nlist, HNSW ef_search up to size); False at the limit."""
+    key, limit = ("nprobe", parameters.get("nlist", 0)) if kind in IVF_KINDS else ("ef_search", size)
+    if key not in parameters or parameters[key] >= limit:
+        return False
+    parameters[key] = min(2 * parameters[key], limit)
+    return True
 
 
 def _apply_search_parameters(index: Any, kind: str, parameters: dict[str, int]) -> None:
