@@ -325,10 +325,9 @@ def fit_estimator(
     bins = bins or HistogramBins(DEFAULT_EDGES)
     confidences = run_confidences(trajectories, atol, rtol, reference_force_norms)
     total = sum(t.shape[0] for t in trajectories)
-    histogram = np.zeros((n, bins.n_columns), dtype=np.uint32)
+    histogram = np.zeros((n, bins.n_columns), dtype=histogram_dtype(total))  # no cell exceeds total: no overflow
     for trajectory in trajectories:
         error_histogram(trajectory, bins, out=histogram)
-    histogram = histogram.astype(histogram_dtype(total))
     return LTAUEstimator(index=index, confidence=confidences.mean, spread=confidences.spread, histogram=histogram,
                          bins=bins, atom_numbers=np.asarray(atom_numbers), reference_force_norms=np.asarray(
                              reference_force_norms, dtype=np.float32), atol=float(atol), rtol=float(rtol),
