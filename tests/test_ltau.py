@@ -424,3 +424,25 @@ def test_training_with_ltau_weights_and_bad_weights(trained, tmp_path):
                               data=dataclasses.replace(config.data, atom_weights=tmp_path / "short.npy"))
     with pytest.raises(InputError, match=rf"short.npy: \({len(weights) - 1},\) atom weights for {len(weights)} training atoms"):
         train_model(bad)
+
+
+def test_cli_fit_compressed_index_with_descriptor_file(trained, tmp_path):
+    """`--index ivfsq --descriptors FILE`: the descriptors land in a memory-mapped .npy (those of the model), the
+    estimator loads memory-mapped and scores; the same file for both outputs is refused before any work."""
+    folder, runs = trained
+    est_path, desc = tmp_path / "est.npz", tmp_path / "desc.npy"
+    model = str(runs[0] / "best.pt")
+    base = ["ltau", "fit", "--logs", str(runs[0] / "error_log"), "--train", str(folder / "tiny_train.extxyz"),
+            "--model", model, "--index", "ivfsq", "--index-param", "nprobe=4"]
+    res = runner.invoke(app, [*base, "-o", str(est_path), "--descriptors", str(desc)])
+    assert res.exit_code == 0, res.output
+    net = load_model(model)
+    train = [r.atoms for r in read_structures([folder / "tiny_train.extxyz"])]
+    assert np.allclose(np.load(desc), compute_descriptors(net, train), atol=1e-5)
+    estimator = LTAUEstimator.load(est_path)
+    assert estimator.index.kind == "ivfsq" and estimator.index.memory_mapped and estimator.n_atoms == len(np.load(desc))
+    res = runner.invoke(app, ["ltau", "score", str(folder / "tiny_val.extxyz"), "-e", str(est_path), "-o",
+                              str(tmp_path / "scored.extxyz")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, [*base, "-o", str(est_path), "--descriptors", str(est_path)])
+    assert res.exit_code == 1 and "the same file as --output" in res.output

@@ -33,7 +33,7 @@ from atomuq.core.schema import LTAU
 from atomuq.core.validate import check_records, check_references
 from atomuq.models.registry import DEFAULT_MODEL
 from atomuq.uq.ltau.estimator import LTAUEstimator
-from atomuq.uq.ltau.index import KINDS
+from atomuq.uq.ltau.index import DEFAULT_PARAMETERS, KINDS
 from atomuq.uq.ltau.plots import reliability_figure
 from atomuq.uq.ltau.reweight import SCHEMES, loss_weights
 from atomuq.workflows.error_log import EDGES_PER_DECADE, HISTOGRAM_RANGE, compact_error_log
@@ -92,8 +92,12 @@ def fit(
     skip_epochs: Optional[int] = typer.Option(
         None, "--skip-epochs", min=0, help="Ignore the first N training epochs of every run (default: every epoch the log holds)."
     ),
-    index: str = typer.Option("flat", "--index", help=f"FAISS index: {', '.join(KINDS)} (flat is exact)."),
-    index_param: List[str] = typer.Option([], "--index-param", help="KEY=VALUE: M, ef_construction, ef_search (hnsw); nlist, nprobe (ivf)"),
+    index: str = typer.Option("flat", "--index", help=f"FAISS index: {', '.join(KINDS)} (flat is exact; ivfsq and ivfpq "
+                              "are compressed and memory-mapped, for 10^6 training atoms and more)."),
+    index_param: List[str] = typer.Option([], "--index-param", help="KEY=VALUE: " + "; ".join(
+        f"{', '.join(keys)} ({kind})" for kind, keys in DEFAULT_PARAMETERS.items() if keys)),
+    descriptors: Optional[Path] = typer.Option(None, "--descriptors", help="Write the training descriptors to this .npy "
+                                               "file (memory-mapped, batch by batch) instead of holding them in memory."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Structures per batch for descriptors."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
@@ -103,6 +107,9 @@ def fit(
         fail(f"--errors {errors!r}: use direct or conservative")
     with user_errors():
         output_file(output)
+        if descriptors is not None:
+            output_file(descriptors, "--descriptors")
+            check_distinct_outputs({"--output": output, "--descriptors": descriptors})
         net = load_model_option(model, device)
         start = time.perf_counter()
         with progress_bar() as bar:
@@ -110,7 +117,7 @@ def fit(
             estimator = fit_from_logs(logs, net, train, kind=errors, atol=atol, rtol=rtol, skip_epochs=skip_epochs,
                                       index_kind=index, index_parameters=_parameters(index_param),
                                       batch_size=batch_size, progress=lambda n: bar.advance(task, n),
-                                      on_total=lambda n: bar.update(task, total=n))
+                                      on_total=lambda n: bar.update(task, total=n), descriptor_file=descriptors)
         estimator.metadata["model_name"] = model or DEFAULT_MODEL
         estimator.save(output)
     if estimator.metadata["confidence_read_out"] != "exact":

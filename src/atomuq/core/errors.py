@@ -16,5 +16,6 @@ class ModelFileError(AtomuqError):
 class ModelError(AtomuqError):
     """A model that cannot give what was asked of it (e.g. derivatives of an energy outside autograd); names the model."""
 
+
 class MemoryShortage(InputError):
     """A structure too large for the memory at hand; the message says how much it needs and what to do."""

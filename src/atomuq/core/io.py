@@ -9,7 +9,9 @@ import hashlib
 import io
 import lzma
 import os
+import struct
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -161,6 +163,35 @@ def atomic_path(path: str | Path) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def npz_member_memmap(path: str | Path, name: str) -> np.memmap | None:
+    """Read-only memory map of array name of an .npz file (np.savez), or None where it cannot be mapped: stored
+    compressed, holding objects, empty, or not found whole in the file (then read it with np.load)."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo(f"{name}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        with open(path, "rb") as handle:
+            handle.seek(info.header_offset)
+            local = handle.read(30)  # the member's local header: signature ... name length, extra length
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                return None
+            name_length, extra_length = struct.unpack("<HH", local[26:30])
+            handle.seek(info.header_offset + 30 + name_length + extra_length)
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(handle)
+            offset = handle.tell()
+            size = os.fstat(handle.fileno()).st_size
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, struct.error):
+        return None
+    count = int(np.prod(shape, dtype=np.int64))
+    if dtype.hasobject or count == 0 or offset + count * dtype.itemsize > size:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape), order="F" if fortran else "C")
 
 
 _COMPRESSORS: dict[str, Callable[[Any], Any]] = {

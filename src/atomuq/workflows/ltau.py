@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from ase import Atoms
 import atomuq
 from atomuq.core.batch import Batch
 from atomuq.core.errors import InputError
-from atomuq.core.io import Record, detach_reference, file_sha256, read_structures, reference_forces
+from atomuq.core.io import Record, atomic_path, detach_reference, file_sha256, read_structures, reference_forces
 from atomuq.core.schema import LTAU, Provenance, write_results
 from atomuq.core.validate import check_records
 from atomuq.models.checkpoint import weights_fingerprint
@@ -109,17 +110,37 @@ def _descriptors(features: torch.Tensor | None, model: AtomisticModel) -> np.nda
 
 
 def compute_descriptors(model: AtomisticModel, structures: Sequence[Atoms], batch_size: int = 16,
-                        progress: Progress = None) -> np.ndarray:
-    """Per-atom descriptors (N, d) float32: the model's last message-passing features, structures concatenated."""
-    chunks = []
-    for start in range(0, len(structures), batch_size):
-        part = list(structures[start : start + batch_size])
-        batch = Batch.from_atoms(part, device=model.device, dtype=model.dtype)
-        with torch.no_grad():
-            chunks.append(_descriptors(model(batch).node_features, model))
-        if progress is not None:
-            progress(len(part))
-    return np.concatenate(chunks)
+                        progress: Progress = None, out: str | Path | None = None) -> np.ndarray:
+    """Per-atom descriptors (N, d) float32: the model's last message-passing features, structures concatenated.
+
+    out: a .npy file to write them to batch by batch (written atomically) and return memory-mapped, so that a
+    training set of 10^7 atoms never holds its descriptors in memory."""
+    total = sum(len(atoms) for atoms in structures)
+    chunks: list[np.ndarray] = []
+    with contextlib.ExitStack() as stack:
+        target: np.ndarray | None = None
+        row = 0
+        for start in range(0, len(structures), batch_size):
+            part = list(structures[start : start + batch_size])
+            batch = Batch.from_atoms(part, device=model.device, dtype=model.dtype)
+            with torch.no_grad():
+                features = _descriptors(model(batch).node_features, model)
+            if out is None:
+                chunks.append(features)
+            else:
+                if target is None:
+                    tmp = stack.enter_context(atomic_path(out))
+                    target = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, features.shape[1]))
+                target[row : row + len(features)] = features
+                row += len(features)
+            if progress is not None:
+                progress(len(part))
+        if target is not None:
+            target.flush()
+            del target
+    if out is None:
+        return np.concatenate(chunks)
+    return np.load(out, mmap_mode="r")
 
 
 def fit_from_logs(
@@ -136,11 +157,13 @@ def fit_from_logs(
     batch_size: int = 16,
     progress: Progress = None,
     on_total: Progress = None,
+    descriptor_file: str | Path | None = None,
 ) -> LTAUEstimator:
     """Fit an LTAU estimator: error logs of one or more runs (either form), descriptors of their training atoms
     from model. skip_epochs: ignore the first training epochs of every run (None: use every epoch each log holds).
 
     on_total(n) is called once with the number of training structures, progress(k) after each batch.
+    descriptor_file: keep the descriptors in this .npy file (memory-mapped) rather than in memory.
     """
     trajectories, logs = load_runs(log_dirs, kind, skip_epochs)
     check_log_model(logs, model)
@@ -149,7 +172,7 @@ def fit_from_logs(
     check_records(records, model.elements, min_distance=0.0)  # training checked their contacts with its own setting
     if on_total is not None:
         on_total(len(records))
-    descriptors = compute_descriptors(model, [r.atoms for r in records], batch_size, progress)
+    descriptors = compute_descriptors(model, [r.atoms for r in records], batch_size, progress, descriptor_file)
     index = build_index(descriptors, index_kind, index_parameters)
     meta = {
         "model": model_name(model),

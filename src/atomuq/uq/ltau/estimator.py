@@ -15,12 +15,16 @@ the structures' atom boundaries also per structure: ltau_uncertainty (mean of 1 
 ltau_uncertainty_max, ltau_expected_error (mean), ltau_distance_max and ltau_threshold (s·atol).
 
 One estimator file (.npz, no pickles) holds everything; it loads without the training data and
-refuses a model whose weights fingerprint differs from the one it was fitted with.
+refuses a model whose weights fingerprint differs from the one it was fitted with. Its arrays are
+stored uncompressed and memory-mapped on load, the FAISS index included (index.py): an estimator of
+10^7 training atoms opens in a moment and only the pages that searches touch become resident.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +33,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from atomuq.core.errors import InputError
-from atomuq.core.io import atomic_path
+from atomuq.core.io import atomic_path, npz_member_memmap
 from atomuq.uq.ltau.distribution import (
+    CHUNK,
     ErrorDistribution,
     HistogramBins,
     as_distribution,
@@ -128,8 +133,7 @@ class LTAUEstimator:
                              f"expected ({n}, {self.bins.n_columns})")
         if not (np.isfinite(self.scale) and self.scale > 0):
             raise InputError(f"LTAU estimator: calibration scale must be finite and > 0, got {self.scale}")
-        self._probabilities: np.ndarray | None = None
-        self._means: np.ndarray | None = None
+        self._elements: list[int] | None = None
 
     @property
     def n_atoms(self) -> int:
@@ -139,27 +143,31 @@ class LTAUEstimator:
     @property
     def elements(self) -> list[int]:
         """Atomic numbers present in the training set."""
-        return sorted(int(z) for z in np.unique(self.atom_numbers))
+        if self._elements is None:
+            self._elements = sorted(int(z) for z in np.unique(self.atom_numbers))
+        return self._elements
 
     @property
     def threshold(self) -> float:
         """The error tolerance p_j refers to: s·atol (eV/Å)."""
         return self.scale * self.atol
 
-    def _distributions(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._probabilities is None:
-            self._probabilities = normalise(self.histogram)
-            self._means = histogram_mean(self._probabilities, self.bins)
-        return self._probabilities, self._means
+    def mean_errors(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Mean logged error (eV/Å) of the training atoms rows (default all), from their histograms (CHUNK at a time)."""
+        if rows is not None:
+            return histogram_mean(normalise(self.histogram[rows]), self.bins)
+        return np.concatenate([histogram_mean(normalise(self.histogram[start : start + CHUNK]), self.bins)
+                               for start in range(0, len(self.histogram), CHUNK)])
 
-    def training_confidence(self, atol: float | None = None) -> np.ndarray:
-        """p_i of every training atom: exact μ_M at the fitted atol, else read from the histograms at atol (eV/Å)."""
+    def training_confidence(self, atol: float | None = None, rows: np.ndarray | None = None) -> np.ndarray:
+        """p_i of the training atoms rows (default all): exact μ_M at the fitted atol, else read from the histograms
+        at atol (eV/Å)."""
         if atol is None or atol == self.atol:
-            return self.confidence
+            return self.confidence if rows is None else self.confidence[rows]
         if self.rtol:
             raise InputError("changing atol of an estimator fitted with rtol > 0 is not supported; refit it")
-        probabilities, _ = self._distributions()
-        return cdf_at(probabilities, self.bins, atol)
+        histogram = self.histogram if rows is None else self.histogram[rows]
+        return cdf_at(normalise(histogram), self.bins, atol)
 
     def check_elements(self, numbers: np.ndarray, where: str) -> None:
         """Raise InputError naming where when numbers holds an element the training set never had."""
@@ -177,11 +185,11 @@ class LTAUEstimator:
             raise InputError(f"{self.metadata.get('path', 'LTAU estimator')}: fitted on descriptors of width "
                              f"{self.index.dimension}, got width {width}; they come from another model or layer")
         distance, ids = self.index.search(descriptors, k)
-        p_train = self.training_confidence(atol)
-        _, means = self._distributions()
+        rows, where = np.unique(ids, return_inverse=True)  # read only the neighbours' rows (memory-mapped arrays)
+        where = where.reshape(ids.shape)
         threshold = self.scale * (self.atol if atol is None else float(atol))
-        confidence = p_train[ids].mean(axis=1)
-        expected_error = self.scale * means[ids].mean(axis=1)
+        confidence = self.training_confidence(atol, rows)[where].mean(axis=1)
+        expected_error = self.scale * self.mean_errors(rows)[where].mean(axis=1)
         mean_distance = distance.mean(axis=1)
         per_atom = {"ltau_confidence": confidence, "ltau_uncertainty": 1.0 - confidence,
                     "ltau_expected_error": expected_error, "ltau_distance": mean_distance}
@@ -213,21 +221,30 @@ class LTAUEstimator:
                 "index_recall_k": self.index.recall_k, "index_recall_queries": self.index.recall_queries,
                 "n_atoms": self.n_atoms, "descriptor_width": self.index.dimension}
         meta.pop("path", None)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, index_file = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".faiss.tmp")
+        os.close(fd)
+        try:
+            self.index.write(index_file)  # streamed from the file into the archive: no in-memory copy of the index
+            self._write(path, meta, np.memmap(index_file, dtype=np.uint8, mode="r"))
+        finally:
+            os.unlink(index_file)
+        return path
+
+    def _write(self, path: Path, meta: dict[str, Any], index: np.ndarray) -> None:
         arrays = {
             "metadata": np.frombuffer(json.dumps(meta, ensure_ascii=False).encode(), dtype=np.uint8),
-            "index": self.index.to_bytes(),
-            "confidence": self.confidence.astype(np.float64),
-            "spread": self.spread.astype(np.float64),
+            "index": index,
+            "confidence": self.confidence.astype(np.float64, copy=False),
+            "spread": self.spread.astype(np.float64, copy=False),
             "histogram": self.histogram,
             "edges": self.bins.edges,
-            "atom_numbers": self.atom_numbers.astype(np.int32),
-            "reference_force_norms": self.reference_force_norms.astype(np.float32),
+            "atom_numbers": self.atom_numbers.astype(np.int32, copy=False),
+            "reference_force_norms": self.reference_force_norms.astype(np.float32, copy=False),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as handle:
-                np.savez(handle, **arrays)
-        return path
+                np.savez(handle, **arrays)  # uncompressed: load memory-maps the members
 
     @classmethod
     def load(cls, path: str | Path) -> "LTAUEstimator":
@@ -240,7 +257,7 @@ class LTAUEstimator:
                 missing = [key for key in ("metadata", *ARRAYS) if key not in data.files]
                 if missing:
                     raise InputError(f"{path}: not a complete LTAU estimator (missing {', '.join(missing)})")
-                arrays = {key: data[key] for key in ("metadata", *ARRAYS)}
+                arrays = {key: _member(path, key, data) for key in ("metadata", *ARRAYS)}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise InputError(f"{path}: unreadable LTAU estimator, truncated or not an .npz file ({exc})") from exc
         try:
@@ -269,6 +286,15 @@ class LTAUEstimator:
                        atol=float(meta["atol"]), rtol=float(meta["rtol"]), scale=float(meta["scale"]), metadata=meta)
         except (ValueError, KeyError) as exc:
             raise InputError(f"{path}: inconsistent LTAU estimator ({exc})") from exc
+
+
+def _member(path: Path, key: str, archive: Any) -> np.ndarray:
+    """Array key of an open .npz archive, memory-mapped where it is stored uncompressed (estimators atomuq writes)."""
+    if key != "metadata":
+        mapped = npz_member_memmap(path, key)
+        if mapped is not None:
+            return mapped
+    return archive[key]
 
 
 def fit_estimator(
@@ -300,10 +326,9 @@ def fit_estimator(
     bins = bins or common_bins(runs)
     confidences = run_confidences(runs, atol, rtol, reference_force_norms)
     total = sum(run.n_epochs for run in runs)
-    histogram = np.zeros((n, bins.n_columns), dtype=np.uint32)
+    histogram = np.zeros((n, bins.n_columns), dtype=count_dtype(total))  # no cell exceeds total: no overflow
     for run in runs:
         run.histogram(bins, out=histogram)
-    histogram = histogram.astype(count_dtype(total))
     return LTAUEstimator(index=index, confidence=confidences.mean, spread=confidences.spread, histogram=histogram,
                          bins=bins, atom_numbers=np.asarray(atom_numbers), reference_force_norms=np.asarray(
                              reference_force_norms, dtype=np.float32), atol=float(atol), rtol=float(rtol),
