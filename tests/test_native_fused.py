@@ -180,8 +180,8 @@ def test_memory_is_linear_in_the_edges_and_within_the_estimate():
         out = subprocess.run([sys.executable, "-c", MEASURE, str(k)], capture_output=True, text=True, check=True)
         rows.append([int(x) for x in out.stdout.split()])
     (e1, used1, est1), (e2, used2, est2) = rows
-    assert used2 / e2 < 1.25 * used1 / e1  # linear: the bytes per edge do not grow with the size
-    assert used1 < est1 and used2 < est2 < 1.6 * used2  # the estimate covers the run, not far above it
+    assert used2 / e2 < 1.35 * used1 / e1  # linear: the bytes per edge do not grow with the size
+    assert used1 < est1 and used2 < est2 < 2.0 * used2  # the estimate covers the run, not far above it
 
 
 def test_too_large_structure_is_refused_naming_it(monkeypatch):
