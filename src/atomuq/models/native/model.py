@@ -87,7 +87,19 @@ class NativeModel(AtomisticModel):
     everywhere, the reference the fused path is tested and timed against).
     """
 
-    own_derivatives = True
+    _own_derivatives: bool | None = None
+
+    @property
+    def own_derivatives(self) -> bool:
+        """Whether derivatives.evaluate takes the exact backward of models.native.fused: as set, else True unless a
+        subclass overrides forward (its forward is then what runs, with autograd on top of it)."""
+        if self._own_derivatives is not None:
+            return self._own_derivatives
+        return type(self).forward is NativeModel.forward
+
+    @own_derivatives.setter
+    def own_derivatives(self, value: bool) -> None:
+        self._own_derivatives = bool(value)
 
     def __init__(self, config: NativeConfig) -> None:
         super().__init__()
