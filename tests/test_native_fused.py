@@ -159,7 +159,7 @@ torch.set_num_threads(1)
 atoms = molecule("H2O"); atoms.cell = [3.1] * 3; atoms.pbc = True
 k = int(sys.argv[1]); atoms = atoms.repeat((k, k, k))
 atoms.positions += np.random.default_rng(0).normal(scale=0.1, size=atoms.positions.shape)
-model = resolve_model("molecular-small")
+model = resolve_model("molecular-small"); model.own_derivatives = True
 batch = Batch.from_atoms([atoms])
 edges = build_graph(batch, model.cutoff).num_edges
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -185,6 +185,8 @@ def test_memory_is_linear_in_the_edges_and_within_the_estimate():
 
 
 def test_too_large_structure_is_refused_naming_it(monkeypatch):
+    from atomuq.models.native.model import NativeModel
+    monkeypatch.setattr(NativeModel, "_own_derivatives", True)  # the fused path (opt-in) checks memory first
     model = make_native(seed=1)
     batch = Batch.from_atoms([small_water()], dtype=torch.float64)
     monkeypatch.setattr(fused, "available_memory", lambda device: 10_000)
@@ -205,6 +207,8 @@ def test_allocation_failures_become_memory_shortage_and_other_errors_pass():
 
 
 def test_score_refuses_a_structure_too_large_with_a_clear_message(tmp_path, monkeypatch):
+    from atomuq.models.native.model import NativeModel
+    monkeypatch.setattr(NativeModel, "_own_derivatives", True)  # the fused path (opt-in) checks memory first
     from atomuq.cli.main import app
 
     source = tmp_path / "box.extxyz"
