@@ -186,7 +186,7 @@ def test_memory_is_linear_in_the_edges_and_within_the_estimate():
 
 def test_too_large_structure_is_refused_naming_it(monkeypatch):
     from atomuq.models.native.model import NativeModel
-    monkeypatch.setattr(NativeModel, "_own_derivatives", True)  # the fused path (opt-in) checks memory first
+    monkeypatch.setattr(NativeModel, "own_derivatives", True)  # the fused path (opt-in) checks memory first
     model = make_native(seed=1)
     batch = Batch.from_atoms([small_water()], dtype=torch.float64)
     monkeypatch.setattr(fused, "available_memory", lambda device: 10_000)
@@ -208,7 +208,7 @@ def test_allocation_failures_become_memory_shortage_and_other_errors_pass():
 
 def test_score_refuses_a_structure_too_large_with_a_clear_message(tmp_path, monkeypatch):
     from atomuq.models.native.model import NativeModel
-    monkeypatch.setattr(NativeModel, "_own_derivatives", True)  # the fused path (opt-in) checks memory first
+    monkeypatch.setattr(NativeModel, "own_derivatives", True)  # the fused path (opt-in) checks memory first
     from atomuq.cli.main import app
 
     source = tmp_path / "box.extxyz"

@@ -78,28 +78,18 @@ class InteractionLayer(nn.Module):
 class NativeModel(AtomisticModel):
     """Compact direct-force model with energy, force, optional stress and confidence heads.
 
-    Without autograd (torch.no_grad, inference_mode) forward runs over edge chunks where there is more than one
-    chunk of edges (models.native.fused; the plain graph below is as fast for fewer), and
+    With own_derivatives set (opt-in) and without autograd (torch.no_grad, inference_mode) forward runs over edge
+    chunks where there is more than one chunk of edges (models.native.fused; the plain graph below is as fast for fewer), and
     derivatives.evaluate takes the conservative forces and virial from its exact backward (energy_derivatives);
     with autograd on (training, create_graph) forward is the plain graph below. Runtime settings, not saved:
     edge_chunk (edges per chunk, None: a default for the device), fused_mode (None: "save" where memory allows,
-    else "recompute"; tests and benchmarks force one) and own_derivatives (False: the plain graph and autograd
-    everywhere, the reference the fused path is tested and timed against).
+    else "recompute"; tests and benchmarks force one) and own_derivatives (False, the default: the plain graph and
+    autograd everywhere, the reference the fused path is tested and timed against).
     """
 
-    _own_derivatives: bool | None = None
-
-    @property
-    def own_derivatives(self) -> bool:
-        """Whether derivatives.evaluate takes the exact backward of models.native.fused: as set, else True unless a
-        subclass overrides forward (its forward is then what runs, with autograd on top of it)."""
-        if self._own_derivatives is not None:
-            return self._own_derivatives
-        return False  # opt-in until resumed MD is bit-exact on it (tests/test_md_resume, test_engine_ray killed worker)
-
-    @own_derivatives.setter
-    def own_derivatives(self, value: bool) -> None:
-        self._own_derivatives = bool(value)
+    #: opt-in (True): until resumed MD is bit-exact on the fused path (tests/test_md_resume), the default stays
+    #: the plain graph and autograd
+    own_derivatives: bool = False
 
     def __init__(self, config: NativeConfig) -> None:
         super().__init__()
