@@ -31,6 +31,7 @@ from ase.io import read
 from atomuq.models.registry import resolve_model
 from atomuq.workflows.md.monitors import parse_monitor
 from atomuq.workflows.md.run import MDRun, MDSettings
+from timing import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -129,11 +130,7 @@ def main() -> None:
         "| --- | ---: |",
     ]
     lines += [f"| {k} | {v:.2f} |" for k, v in per_step_ms.items()]
-    lines += ["", "| ratio | value |", "| --- | ---: |"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
-    lines += ["", f"{env}"]
-    (RESULTS / "md.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(RESULTS / "md.md", lines, ratios, env)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from atomuq.models.registry import resolve_model
 from atomuq.workflows.md.integrators import init_velocities
 from atomuq.workflows.md.monitor_plan import plan_from_specs
 from atomuq.workflows.md.run import MDRun, MDSettings
+from timing import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -161,11 +162,7 @@ def main() -> None:
         "| --- | ---: | ---: | ---: |",
     ]
     lines += [f"| {name} | {steps_per_s[name]:.1f} | {best[name]:.2f} | {outcome[name]['completed']} |" for name in cases]
-    lines += ["", "| ratio | value |", "| --- | ---: |"]
-    lines += [f"| {name} | {value:.2f} |" for name, value in ratios.items()]
-    lines += ["", f"{env}"]
-    (RESULTS / "torchsim.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(RESULTS / "torchsim.md", lines, ratios, env)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -54,3 +55,11 @@ def paired_median_ratio(numerator: list[float], denominator: list[float]) -> flo
     ratios = sorted(a / b for a, b in zip(numerator, denominator))
     mid = len(ratios) // 2
     return ratios[mid] if len(ratios) % 2 else 0.5 * (ratios[mid - 1] + ratios[mid])
+
+
+def write_report(path: Path, lines: list[str], ratios: dict[str, float], env: dict) -> None:
+    """Append the ratio table and the environment to a report's lines, write them to path (markdown), print them."""
+    lines = [*lines, "", "| ratio | value |", "| --- | ---: |", *(f"| {k} | {v:.2f} |" for k, v in ratios.items()),
+             "", f"{env}"]
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
