@@ -118,7 +118,7 @@ def test_compact_log_is_exact_at_every_edge_and_log_linear_inside_a_bin(full_log
     for key in ("run_id", "training_data_hash", "training_files", "model_fingerprints", "n_epochs_completed"):
         assert compact.metadata[key] == full.metadata[key]
     with pytest.raises(InputError, match="holds per-atom counts, not every epoch's errors"):
-        compact.errors_direct
+        _ = compact.errors_direct
 
 
 def test_counts_merge_exactly_onto_coarser_grids_and_runs_pool_on_shared_edges(full_log, tmp_path):

@@ -146,10 +146,10 @@ def test_memory_mode_follows_the_memory_available(monkeypatch):
 
 
 MEASURE = """
-import resource, sys, numpy as np, torch
+import sys, numpy as np, torch
 from ase.build import molecule
 from atomuq.core.batch import Batch
-from atomuq.core.memory import reuse_freed_memory
+from atomuq.core.memory import heap_high_water, reuse_freed_memory
 from atomuq.core.neighbors import build_graph
 from atomuq.models.derivatives import evaluate
 from atomuq.models.registry import resolve_model
@@ -162,22 +162,26 @@ atoms.positions += np.random.default_rng(0).normal(scale=0.1, size=atoms.positio
 model = resolve_model("molecular-small"); model.own_derivatives = True
 batch = Batch.from_atoms([atoms])
 edges = build_graph(batch, model.cutoff).num_edges
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = heap_high_water()
+if before is None:
+    print("unmeasurable"); sys.exit()
 evaluate(model, batch, conservative=True, stress=True)
-used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+used = heap_high_water() - before
 print(edges, used, fused.estimated_memory(model, edges, "save"))
 """
 
 
 def test_memory_is_linear_in_the_edges_and_within_the_estimate():
-    """Peak memory of the Force Delta per edge at 8^3 and 13^3 water molecules (fresh processes), against the
-    estimate the mode choice uses."""
+    """Peak heap memory of the Force Delta per edge at 8^3 and 13^3 water molecules (fresh processes), against the
+    estimate the mode choice uses. glibc's heap high-water mark, not ru_maxrss: CI's sandbox reports ru_maxrss 0."""
     import subprocess
     import sys
 
     rows = []
     for k in (8, 13):
         out = subprocess.run([sys.executable, "-c", MEASURE, str(k)], capture_output=True, text=True, check=True)
+        if out.stdout.strip() == "unmeasurable":
+            pytest.skip("glibc's heap high-water mark is not available here (not glibc, or ATOMUQ_KEEP_FREED_MEMORY=0)")
         rows.append([int(x) for x in out.stdout.split()])
     (e1, used1, est1), (e2, used2, est2) = rows
     assert used2 / e2 < 1.35 * used1 / e1  # linear: the bytes per edge do not grow with the size

@@ -80,6 +80,17 @@ def _heap_free_bytes() -> int:
     return int(mallinfo2().fordblks) if mallinfo2 is not None else 0
 
 
+def heap_high_water() -> int | None:
+    """Bytes glibc's heap has taken from the system so far: a high-water mark of this process's CPU memory while
+    reuse_freed_memory() applies (nothing is trimmed or mmapped apart); None where it is not a peak or unknown.
+
+    Unlike ru_maxrss and VmHWM it needs no kernel accounting (some sandboxes report 0 for both)."""
+    mallinfo2 = _mallinfo2()
+    if not _applied or mallinfo2 is None:
+        return None
+    return int(mallinfo2().arena)
+
+
 def _read_int(path: str) -> int | None:
     try:
         text = Path(path).read_text().split()[0]

@@ -410,7 +410,7 @@ class BatchedMD:
         values = self._per_system(state)
         stop: dict[int, str] = {}
         snapshot: list[int] = []
-        for pos, i in enumerate(self.active):
+        for pos in range(len(self.active)):
             if not values["finite"][pos]:
                 stop[pos] = f"non-finite energy or forces at step {self.step} (t = {self.time_fs:g} fs)"
         due = [k for k, m in enumerate(self.plan.monitors) if m.due(self.step)]

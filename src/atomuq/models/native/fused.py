@@ -317,8 +317,8 @@ def _run(model: nn.Module, batch: Batch, gradient: bool, strain: bool, direct: b
     # edge states: with a gradient e_1..e_L are all kept (envelope adjoint of the messages, recompute), else two alternate
     states = [like.new_empty(n_edges, cfg.latent) for _ in range(n_layers if gradient else 2)]
 
-    def state(l: int) -> torch.Tensor:
-        return states[l - 1] if gradient else states[l % 2]
+    def state(k: int) -> torch.Tensor:
+        return states[k - 1] if gradient else states[k % 2]
 
     # forward: layer by layer over edge chunks; node updates under autograd (one small graph per layer)
     h = model.node_encoder(model.embedding(species))
@@ -326,31 +326,31 @@ def _run(model: nn.Module, batch: Batch, gradient: bool, strain: bool, direct: b
     m_leaves: list[torch.Tensor] = []
     h_outs: list[torch.Tensor] = []
     projections: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for l, (layer, block) in enumerate(zip(model.layers, blocks)):
+    for k, (layer, block) in enumerate(zip(model.layers, blocks)):
         pn, pc = block.with_bias(layer.edge_mlp.neighbor_in(h)), layer.edge_mlp.center_in(h)
         projections.append((pn, pc))
         messages = like.new_zeros(n, cfg.latent)
-        e_next = state(l + 1)
+        e_next = state(k + 1)
         for s in _chunks(n_edges, size):
-            if l == 0:  # geometry, edge encoder and the first layer in one pass over the chunk
+            if k == 0:  # geometry, edge encoder and the first layer in one pass over the chunk
                 edge_in = geometry.edge_input(s)
                 a = encoder.pre_activation(edge_in, (), out=tape.a[0][s] if save else None)
                 e, o, mean, rstd = encoder.rest(a, out=tape.o[0][s] if save else None)
                 if save:
                     tape.put(0, s, mean, rstd)
             else:
-                e = state(l)[s]
-            a = block.pre_activation(e, ((pn, neighbors[s]), (pc, centers[s])), out=tape.a[l + 1][s] if save else None)
-            y, o, mean, rstd = block.rest(a, out=tape.o[l + 1][s] if save else None)
+                e = state(k)[s]
+            a = block.pre_activation(e, ((pn, neighbors[s]), (pc, centers[s])), out=tape.a[k + 1][s] if save else None)
+            y, o, mean, rstd = block.rest(a, out=tape.o[k + 1][s] if save else None)
             if save:
-                tape.put(l + 1, s, mean, rstd)
+                tape.put(k + 1, s, mean, rstd)
             torch.add(e, y, out=e_next[s])
             messages.index_add_(0, centers[s], e_next[s] * envelope[s, None])
         with torch.enable_grad() if gradient else nullcontext():
-            h_in = h if l == 0 else h.detach().requires_grad_(gradient)
+            h_in = h if k == 0 else h.detach().requires_grad_(gradient)
             m_in = messages.requires_grad_(gradient)
             h_out = h_in + layer.node_mlp(torch.cat([h_in, m_in / layer.avg_neighbors], dim=-1))
-        if l > 0:
+        if k > 0:
             h_leaves.append(h_in)
         m_leaves.append(m_in)
         h_outs.append(h_out)
@@ -389,22 +389,22 @@ def _run(model: nn.Module, batch: Batch, gradient: bool, strain: bool, direct: b
         (grad_h,) = torch.autograd.grad(head_energy, [h_top])
         grad_edges = like.new_empty(n_edges, cfg.latent) if n_layers > 1 else None
         grad_env = geometry.grad_envelope
-        for l in reversed(range(n_layers)):
-            inputs = [m_leaves[l]] if l == 0 else [h_leaves[l], m_leaves[l]]
-            grads = torch.autograd.grad([h_outs[l]], inputs, [grad_h])
+        for k in reversed(range(n_layers)):
+            inputs = [m_leaves[k]] if k == 0 else [h_leaves[k], m_leaves[k]]
+            grads = torch.autograd.grad([h_outs[k]], inputs, [grad_h])
             grad_m = grads[-1]
-            block, layer = blocks[l], model.layers[l]
-            pn, pc = projections[l]
-            grad_pn = like.new_zeros(pn.shape) if l > 0 else None
-            grad_pc = like.new_zeros(pc.shape) if l > 0 else None
+            block, layer = blocks[k], model.layers[k]
+            pn, pc = projections[k]
+            grad_pn = like.new_zeros(pn.shape) if k > 0 else None
+            grad_pc = like.new_zeros(pc.shape) if k > 0 else None
             for s in _chunks(n_edges, size):
-                if direct and l == n_layers - 1:
+                if direct and k == n_layers - 1:
                     force_chunk(s)
                 if save:
-                    saved = tape.get(l + 1, s)
-                    if l == 0:
+                    saved = tape.get(k + 1, s)
+                    if k == 0:
                         enc_saved = tape.get(0, s)
-                elif l == 0:  # recompute the edge encoder and the first layer
+                elif k == 0:  # recompute the edge encoder and the first layer
                     edge_in = geometry.edge_input(s)
                     a0 = encoder.pre_activation(edge_in, ())
                     e0, o0, mean0, rstd0 = encoder.rest(a0)
@@ -412,17 +412,17 @@ def _run(model: nn.Module, batch: Batch, gradient: bool, strain: bool, direct: b
                     a = block.pre_activation(e0, ((pn, neighbors[s]), (pc, centers[s])))
                     saved = (a,) + block.rest(a)[1:]
                 else:
-                    a = block.pre_activation(state(l)[s], ((pn, neighbors[s]), (pc, centers[s])))
+                    a = block.pre_activation(state(k)[s], ((pn, neighbors[s]), (pc, centers[s])))
                     saved = (a,) + block.rest(a)[1:]
-                # dE/de_{l+1}: from layer l+1 (residual and its edge MLP) plus the envelope-weighted messages
+                # dE/de_{k+1}: from layer k+1 (residual and its edge MLP) plus the envelope-weighted messages
                 g = grad_m.index_select(0, centers[s])
-                grad_env[s] += torch.linalg.vecdot(state(l + 1)[s], g)
-                if l < n_layers - 1:
+                grad_env[s] += torch.linalg.vecdot(state(k + 1)[s], g)
+                if k < n_layers - 1:
                     grad_e = torch.addcmul(grad_edges[s], g, envelope[s, None])
                 else:
                     grad_e = g.mul_(envelope[s, None])
                 grad_a = block.backward(grad_e, *saved)
-                if l > 0:
+                if k > 0:
                     torch.addmm(grad_e, grad_a, block.w1, out=grad_edges[s])
                     grad_pn.index_add_(0, neighbors[s], grad_a)
                     grad_pc.index_add_(0, centers[s], grad_a)
@@ -430,7 +430,7 @@ def _run(model: nn.Module, batch: Batch, gradient: bool, strain: bool, direct: b
                     grad_e0 = torch.addmm(grad_e, grad_a, block.w1)
                     grad_in = encoder.backward(grad_e0, *enc_saved).mm(encoder.w1)
                     geometry.take_gradient(s, grad_in)
-            if l > 0:
+            if k > 0:
                 mlp = layer.edge_mlp
                 grad_h = grads[0] + grad_pn.mm(mlp.neighbor_in.weight) + grad_pc.mm(mlp.center_in.weight)
         grad_vectors = geometry.vector_gradient()
