@@ -40,6 +40,22 @@ class Record:
         return f"{self.source} structure {self.index}"
 
 
+_OPENERS: dict[str, Callable[[Path], Any]] = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
+
+
+def _read_frames(path: Path, index: str) -> Atoms | list[Atoms]:
+    """ase.io.read, with a compressed (extended) XYZ file decompressed into memory first: ASE seeks back in the
+    file for every frame, and each backward seek in a compressed stream starts decompressing from the top again
+    (measured: 1,122 frames of a .extxyz.gz in 54 s, 4.0 s from memory; 18,873 frames would take hours)."""
+    opener = _OPENERS.get(path.suffix.lower())
+    inner = Path(path.stem).suffix.lower()
+    if opener is None or inner not in (".xyz", ".extxyz"):
+        return read(path, index=index)
+    with opener(path, "rt", encoding="utf-8") as fh:
+        text = fh.read()
+    return read(io.StringIO(text), index=index, format="extxyz")
+
+
 def read_structures(paths: Sequence[str | Path], index: str = ":") -> list[Record]:
     """Read every structure of every file; an unreadable or empty file raises InputError naming it.
 
@@ -52,7 +68,7 @@ def read_structures(paths: Sequence[str | Path], index: str = ":") -> list[Recor
         if not path.is_file():
             raise InputError(f"{path}: file not found")
         try:
-            frames = read(path, index=index)
+            frames = _read_frames(path, index)
         except Exception as exc:  # ase.io raises many exception types for bad files
             detail = " ".join(str(exc).split())  # one line, however the reader phrased it
             detail = detail if len(detail) <= 200 else detail[:200] + "…"

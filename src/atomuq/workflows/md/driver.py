@@ -439,6 +439,11 @@ class MDRun:
                 self.say(f"{self.path}: already at t = {self.time_fs:g} fs of {target_fs:g}; nothing to resume")
                 return self._result("completed")
             self._resume_files(target_fs)
+            # evaluate the resume point as the killed run did at this step: with the backward pass only where a
+            # monitor due now asked for it (the fused backward's direct forces differ from a plain forward's in the
+            # last bits, so asking for more here would change the trajectory)
+            self._prepare_next_for(self.step)
+            self.atoms.get_forces()
         elif self._start(target_fs):
             return self._finish("stopped")
         status = "completed"
