@@ -231,6 +231,178 @@ class ErrorLogWriter:
         del self._direct, self._conservative
 
 
+class HistogramLogWriter:
+    """Accumulates the compact (histogram) form of the log while training, one epoch at a time: per-atom counts of
+    direct and conservative error norms (eV/Å) on fixed log-spaced bins, from epoch first_epoch on.
+
+    After every epoch the folder holds a complete compact log of the epochs so far (error_histograms.npz written
+    atomically, then error_log.json), so a run continued in another session carries a few MB, not a row per epoch.
+    The .npz also keeps each atom's column of the last epoch (last_columns_<kind>) and that epoch's number
+    (counted_epochs): a run killed between the log and its training state rolls the extra epoch back exactly.
+    """
+
+    def __init__(self, directory: Path, metadata: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self.directory = Path(directory)
+        self.metadata = metadata
+        self.n_atoms = int(metadata["n_atoms"])
+        self.n_epochs = int(metadata["n_epochs_planned"])
+        self.first_epoch = int(metadata["histogram"]["first_epoch"])
+        self.bins = HistogramBins(arrays["edges"])
+        self._atom_arrays = {k: arrays[k] for k in ("atom_numbers", "reference_force_norms", "structure_offsets")}
+        if "structure_frames" in arrays:
+            self._atom_arrays["structure_frames"] = arrays["structure_frames"]
+        self.counts = {kind: arrays[f"counts_{kind}"].astype(np.uint32) for kind in FORCE_KINDS}
+        self.last = {kind: arrays[f"last_columns_{kind}"].astype(np.uint8) for kind in FORCE_KINDS}
+        self._sums = {kind: 0.0 for kind in FORCE_KINDS}
+        self._epoch: int | None = None
+        self._filled = 0
+
+    @classmethod
+    def create(cls, directory: str | Path, *, run_id: str, n_epochs: int, skip_epochs: int, per_decade: int,
+               structure_offsets: np.ndarray, numbers: np.ndarray, reference_force_norms: np.ndarray,
+               training_files: list[dict[str, Any]], training_data_hash: str, structure_frames: np.ndarray | None = None,
+               extra: dict[str, Any] | None = None) -> "HistogramLogWriter":
+        """A new histogram log for n_epochs planned epochs, counting those after the first skip_epochs."""
+        directory = Path(directory)
+        offsets = np.asarray(structure_offsets, dtype=np.int64)
+        n_atoms = int(offsets[-1])
+        if len(numbers) != n_atoms or len(reference_force_norms) != n_atoms:
+            raise ValueError(f"numbers ({len(numbers)}) and reference_force_norms ({len(reference_force_norms)}) "
+                             f"must have one entry per atom ({n_atoms})")
+        if not 0 <= skip_epochs < n_epochs or n_atoms < 1:
+            raise ValueError(f"a histogram log needs 0 <= skip_epochs < n_epochs and atoms, got {skip_epochs}, "
+                             f"{n_epochs}, {n_atoms}")
+        bins = HistogramBins(log_edges(per_decade, *HISTOGRAM_RANGE))
+        if bins.n_columns > 256:
+            raise ValueError(f"{bins.n_columns} histogram columns do not fit the uint8 column of the last epoch")
+        arrays: dict[str, np.ndarray] = {
+            "atom_numbers": np.asarray(numbers, dtype=count_dtype(int(np.max(numbers)))),
+            "reference_force_norms": _half(reference_force_norms),
+            "structure_offsets": offsets, "edges": bins.edges,
+        }
+        if structure_frames is not None:
+            arrays["structure_frames"] = np.asarray(structure_frames)
+        for kind in FORCE_KINDS:
+            arrays[f"counts_{kind}"] = np.zeros((n_atoms, bins.n_columns), dtype=np.uint32)
+            arrays[f"last_columns_{kind}"] = np.zeros(n_atoms, dtype=np.uint8)
+        metadata = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "form": HISTOGRAM, "run_id": run_id, "units": "eV/Å",
+            "definition": "||F_pred,i - F_ref,i||_2 per training atom, model in eval mode without augmentation, "
+                          "after each epoch's updates, counted per atom on log-spaced bins while training; global id "
+                          "= structure_offsets[structure] + atom index",
+            "arrays": {"histograms": HISTOGRAMS}, "training_files": training_files,
+            "training_data_hash": training_data_hash, "n_atoms": n_atoms, "n_structures": int(len(offsets) - 1),
+            "n_epochs_planned": int(n_epochs), "n_epochs_completed": 0, "model_fingerprints": [],
+            "epochs_held": None, "final_epoch_mean_error": None,
+            "histogram": {"edges_per_decade": per_decade, "range": list(HISTOGRAM_RANGE), "first_epoch": skip_epochs + 1,
+                          "columns": "column 0: eps <= edges[0]; column j: edges[j-1] < eps <= edges[j]; last: eps > "
+                                     "edges[-1]", "read_out": "p_i exact at every edge, log-linear inside a bin",
+                          "written": "while training (error_log.form = histogram)"},
+            **(extra or {}),
+        }
+        directory.mkdir(parents=True, exist_ok=True)
+        writer = cls(directory, metadata, arrays)
+        writer._save(0)
+        return writer
+
+    @classmethod
+    def reopen(cls, directory: str | Path, *, run_id: str, epochs_completed: int) -> "HistogramLogWriter":
+        """Reopen the log of a resumed run at epochs_completed (an epoch counted beyond it is rolled back)."""
+        directory = Path(directory)
+        metadata = _read_metadata(directory)
+        if metadata.get("run_id") != run_id:
+            raise InputError(f"{directory / METADATA}: belongs to run {metadata.get('run_id')!r}, not {run_id!r}; "
+                             "the run folder was mixed up: use a new run_dir")
+        path = directory / HISTOGRAMS
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {key: data[key] for key in data.files}
+            counted = int(arrays["counted_epochs"])
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+            raise InputError(f"{path}: unreadable histogram log ({exc}); the run cannot continue: start a new run") from exc
+        first = int(metadata["histogram"]["first_epoch"])
+        if not epochs_completed <= counted <= epochs_completed + 1:
+            raise InputError(f"{path}: counts up to epoch {counted} but the training state has {epochs_completed}; "
+                             "the error log does not belong to this state: start a new run")
+        writer = cls(directory, metadata, arrays)
+        if counted == epochs_completed + 1 and counted >= first:  # killed after the log, before the state: undo
+            rows = np.arange(writer.n_atoms)
+            for kind in FORCE_KINDS:
+                writer.counts[kind][rows, writer.last[kind]] -= 1
+        metadata["model_fingerprints"] = list(metadata.get("model_fingerprints", []))[:epochs_completed]
+        writer._save(epochs_completed)
+        return writer
+
+    def begin_epoch(self, epoch_index: int) -> None:
+        """Start counting epoch epoch_index (0-based); before first_epoch its errors are not counted."""
+        if not 0 <= epoch_index < self.n_epochs:
+            raise ValueError(f"epoch index {epoch_index} outside the log's {self.n_epochs} planned epochs")
+        self._epoch, self._filled = epoch_index, 0
+        self._sums = {kind: 0.0 for kind in FORCE_KINDS}
+
+    def write(self, start: int, direct: np.ndarray, conservative: np.ndarray) -> None:
+        """Count errors (eV/Å) of consecutive global atom ids start, start+1, ... for the current epoch."""
+        if self._epoch is None:
+            raise RuntimeError("call begin_epoch before write")
+        if start != self._filled:
+            raise ValueError(f"atoms must be written in order: expected start {self._filled}, got {start}")
+        stop = start + len(direct)
+        if len(conservative) != len(direct) or stop > self.n_atoms:
+            raise ValueError(f"chunk [{start}, {stop}) does not fit the log's {self.n_atoms} atoms")
+        for kind, values in (("direct", direct), ("conservative", conservative)):
+            values = np.asarray(values, dtype=np.float32)
+            bad = np.flatnonzero(~np.isfinite(values))
+            if len(bad):
+                raise FloatingPointError(f"{self.directory / HISTOGRAMS}: epoch {self._epoch + 1} has non-finite "
+                                         f"{kind} errors for atoms {(start + bad[:10]).tolist()}; the model diverged")
+            self._sums[kind] += float(values.sum(dtype=np.float64))
+            if self._epoch + 1 >= self.first_epoch:
+                columns = self.bins.column(values)
+                self.counts[kind][np.arange(start, stop), columns] += 1
+                self.last[kind][start:stop] = columns
+        self._filled = stop
+
+    def end_epoch(self, fingerprint: str) -> None:
+        """Check that the epoch is complete, save the counts and record the epoch in the metadata."""
+        if self._epoch is None:
+            raise RuntimeError("call begin_epoch before end_epoch")
+        if self._filled != self.n_atoms:
+            raise ValueError(f"epoch {self._epoch + 1}: only {self._filled} of {self.n_atoms} atoms were written")
+        done = self._epoch + 1
+        self.metadata["model_fingerprints"] = list(self.metadata["model_fingerprints"])[: self._epoch] + [fingerprint]
+        if done >= self.first_epoch:
+            self.metadata["final_epoch_mean_error"] = {k: self._sums[k] / self.n_atoms for k in FORCE_KINDS}
+        self._save(done)
+        self._epoch = None
+
+    def _save(self, done: int) -> None:
+        counted = max(0, done - self.first_epoch + 1)
+        arrays = dict(self._atom_arrays)
+        for kind in FORCE_KINDS:
+            arrays[f"counts_{kind}"] = self.counts[kind].astype(count_dtype(max(counted, 1)))
+            arrays[f"edges_{kind}"] = self.bins.edges
+            arrays[f"last_columns_{kind}"] = self.last[kind]
+        arrays["edges"] = self.bins.edges
+        arrays["counted_epochs"] = np.asarray(done)
+        _save_npz(self.directory / HISTOGRAMS, arrays)
+        self.metadata["n_epochs_completed"] = done
+        self.metadata["epochs_held"] = [self.first_epoch, done] if counted else None
+        _write_json(self.directory / METADATA, self.metadata)
+
+    def close(self) -> None:
+        """Nothing to release (the counts are saved after every epoch)."""
+
+
+#: what a training run writes its per-atom errors into (the full or the histogram form)
+LogWriter = ErrorLogWriter | HistogramLogWriter
+
+
+def reopen_log_writer(directory: str | Path, *, run_id: str, epochs_completed: int) -> LogWriter:
+    """The writer of an existing log, of the form it was created in, continuing after epochs_completed."""
+    kind = HistogramLogWriter if _read_metadata(Path(directory)).get("form") == HISTOGRAM else ErrorLogWriter
+    return kind.reopen(directory, run_id=run_id, epochs_completed=epochs_completed)
+
+
 @dataclass
 class ErrorLog:
     """A read-only error log of either form: atom metadata, the JSON metadata and, per kind, the completed epoch
@@ -280,8 +452,10 @@ class ErrorLog:
 
     def _exact(self, kind: str) -> np.ndarray:
         if kind not in self.trajectories:
+            source = self.metadata.get("compacted_from")
             raise InputError(f"{self.directory}: a compact (histogram) error log holds per-atom counts, not every "
-                             f"epoch's errors; use the full log it was made from ({self.metadata.get('compacted_from')})")
+                             "epoch's errors; " + (f"use the full log it was made from ({source})" if source else
+                                                    "the run counted them while training (error_log.form = histogram)"))
         return self.trajectories[kind]
 
     def distribution(self, kind: str, skip_epochs: int | None = None) -> ErrorDistribution:
@@ -387,6 +561,10 @@ def _load_histogram_log(directory: Path, meta: dict[str, Any], n_atoms: int, n_s
     path = directory / str((meta.get("arrays") or {}).get("histograms", HISTOGRAMS))
     if not path.is_file():
         raise InputError(f"{path}: missing (per-atom error histograms); the compact error log is incomplete")
+    if meta.get("epochs_held", ()) is None:
+        first = (meta.get("histogram") or {}).get("first_epoch")
+        raise InputError(f"{directory / METADATA}: the error log holds no epoch yet ({done} trained; it counts from "
+                         f"epoch {first}); train further first")
     try:
         first, last = (int(e) for e in meta["epochs_held"])
         finals = {kind: float(meta["final_epoch_mean_error"][kind]) for kind in FORCE_KINDS}

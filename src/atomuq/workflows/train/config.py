@@ -1,7 +1,7 @@
 """Configuration of `atomuq train`: the dataclasses of a training TOML file, read by the one binder (toml_config).
 
 Top level: run_dir, epochs, batch_size, seed, device, dtype, init_from, ...; tables [data],
-[model] (NativeConfig keys plus preset), [loss] (workflows/losses.py) and [optimizer]. Paths in a
+[model] (NativeConfig keys plus preset), [loss] (workflows/losses.py), [optimizer] and [error_log]. Paths in a
 config file are relative to the folder of that file.
 """
 
@@ -21,6 +21,8 @@ from atomuq.workflows.losses import LossConfig
 from atomuq.workflows.toml_config import At, ConfigError, FieldError, bind, coerce, read_toml, to_jsonable, with_overrides
 
 SCHEDULES = ("cosine", "plateau", "constant")
+#: forms of the per-atom error log a training run writes (workflows/error_log.py)
+ERROR_LOG_FORMS = ("full", "histogram")
 #: select_best_by -> the metric (validation MAE, or training MAE without a validation set) that picks best.pt
 BEST_BY = {"forces": "forces_mae", "conservative_forces": "conservative_forces_mae", "energy": "energy_mae_per_atom"}
 
@@ -90,6 +92,33 @@ class OptimizerConfig:
             raise FieldError("plateau_factor", f"must be in (0, 1), got {self.plateau_factor}")
         if self.plateau_patience < 0:
             raise FieldError("plateau_patience", f"must be >= 0, got {self.plateau_patience}")
+
+
+@dataclass(frozen=True)
+class ErrorLogConfig:
+    """The run's per-atom force-error log for LTAU (methods.md section 4; workflows/error_log.py).
+
+    form: full (float32 errors of every epoch: 8 bytes per training atom and epoch, rows for the planned epochs
+    allocated at the start) or histogram (per-atom counts on bins_per_decade log-spaced bins per decade over
+    1e-3..1e2 eV/Å, the compact form `atomuq ltau compact` writes, kept up to date after every epoch: a resumable
+    run carries a few MB instead of a row per epoch; p_i exact at the bin edges, log-linear inside a bin).
+    skip_epochs: histogram form only, the first epochs left out of the counts (LTAU skips early epochs at fit time
+    in a full log; counts cannot be split later)."""
+
+    form: str = "full"
+    skip_epochs: int = 0
+    bins_per_decade: int = 10
+
+    def __post_init__(self) -> None:
+        if self.form not in ERROR_LOG_FORMS:
+            raise FieldError("form", f"must be one of {', '.join(ERROR_LOG_FORMS)}, got {self.form!r}")
+        if self.skip_epochs < 0:
+            raise FieldError("skip_epochs", f"must be >= 0, got {self.skip_epochs}")
+        if self.skip_epochs and self.form == "full":
+            raise FieldError("skip_epochs", "applies to form = \"histogram\" only (a full log keeps every epoch; "
+                             "`atomuq ltau fit --skip-epochs` skips them)")
+        if not 1 <= self.bins_per_decade <= 100:
+            raise FieldError("bins_per_decade", f"must be 1 to 100, got {self.bins_per_decade}")
 
 
 def native_config(model_table: Mapping[str, Any], elements: Sequence[int] | None = None) -> NativeConfig:
@@ -171,6 +200,7 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict, metadata={"toml": _model_table})
     loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    error_log: ErrorLogConfig = field(default_factory=ErrorLogConfig)
     source: Path | None = field(default=None, compare=False, metadata={"toml": False})
 
     def __post_init__(self) -> None:
@@ -178,6 +208,9 @@ class TrainConfig:
             raise FieldError("epochs", f"must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise FieldError("batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.error_log.skip_epochs >= self.epochs:
+            raise FieldError("error_log.skip_epochs", f"= {self.error_log.skip_epochs} leaves none of the {self.epochs} "
+                             "epochs in the log")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise FieldError("eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
         if self.dtype not in ("float32", "float64"):
@@ -225,5 +258,5 @@ class TrainConfig:
         return to_jsonable(self)
 
 
-__all__ = ["BEST_BY", "SCHEDULES", "ConfigError", "DataConfig", "OptimizerConfig", "TrainConfig", "native_config",
-           "read_toml"]
+__all__ = ["BEST_BY", "ERROR_LOG_FORMS", "SCHEDULES", "ConfigError", "DataConfig", "ErrorLogConfig", "OptimizerConfig",
+           "TrainConfig", "native_config", "read_toml"]

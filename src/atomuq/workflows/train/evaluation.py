@@ -6,12 +6,12 @@ import numpy as np
 
 from atomuq.models.derivatives import evaluate, rotational_gradient_norm
 from atomuq.models.native import NativeModel
-from atomuq.workflows.error_log import ErrorLogWriter
+from atomuq.workflows.error_log import LogWriter
 from atomuq.workflows.losses import force_error_norm
 from atomuq.workflows.train.data import LabelledData
 
 
-def evaluate_set(model: NativeModel, data: LabelledData, batch_size: int, writer: ErrorLogWriter | None = None
+def evaluate_set(model: NativeModel, data: LabelledData, batch_size: int, writer: LogWriter | None = None
                  ) -> dict[str, float]:
     """MAEs of a labelled set in eval mode (energy eV/atom, force components eV/Å), mean ‖Δ_rot‖ (eV);
     with a writer, the per-atom error norms (eV/Å) of direct and conservative forces go to the log."""

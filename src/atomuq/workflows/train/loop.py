@@ -23,7 +23,7 @@ from atomuq.core.rotations import random_rotations
 from atomuq.models.checkpoint import load_model, weights_fingerprint
 from atomuq.models.derivatives import evaluate
 from atomuq.models.native import NativeConfig, NativeModel
-from atomuq.workflows.error_log import ErrorLogWriter
+from atomuq.workflows.error_log import LogWriter
 from atomuq.workflows.losses import TERMS, compute_losses
 from atomuq.workflows.toml_config import ConfigError
 from atomuq.workflows.train.augment import rotate
@@ -130,7 +130,7 @@ def _step_batches(model: NativeModel, parts: Trainables, config: TrainConfig, da
 
 
 def _evaluate_epoch(model: NativeModel, config: TrainConfig, sets: Sets, epoch: int,
-                    writer: ErrorLogWriter) -> tuple[dict[str, float], dict[str, float], str]:
+                    writer: LogWriter) -> tuple[dict[str, float], dict[str, float], str]:
     """Training metrics (their per-atom errors into the log's row of this epoch), validation metrics, fingerprint."""
     writer.begin_epoch(epoch - 1)
     train_metrics = evaluate_set(model, sets.train, config.batch_size_eval, writer)
