@@ -189,8 +189,6 @@ def test_memory_is_linear_in_the_edges_and_within_the_estimate():
 
 
 def test_too_large_structure_is_refused_naming_it(monkeypatch):
-    from atomuq.models.native.model import NativeModel
-    monkeypatch.setattr(NativeModel, "own_derivatives", True)  # the fused path (opt-in) checks memory first
     model = make_native(seed=1)
     batch = Batch.from_atoms([small_water()], dtype=torch.float64)
     monkeypatch.setattr(fused, "available_memory", lambda device: 10_000)
@@ -211,8 +209,6 @@ def test_allocation_failures_become_memory_shortage_and_other_errors_pass():
 
 
 def test_score_refuses_a_structure_too_large_with_a_clear_message(tmp_path, monkeypatch):
-    from atomuq.models.native.model import NativeModel
-    monkeypatch.setattr(NativeModel, "own_derivatives", True)  # the fused path (opt-in) checks memory first
     from atomuq.cli.main import app
 
     source = tmp_path / "box.extxyz"
@@ -239,3 +235,27 @@ def test_basis_derivatives_equal_autograd():
         g = torch.randn(200, (lmax + 1) ** 2, dtype=torch.float64)
         (expected,) = torch.autograd.grad(spherical_harmonics(u, lmax), [u], [g])
         assert torch.allclose(spherical_harmonics_vjp(unit, g, lmax), expected, atol=1e-12), lmax
+
+
+def test_the_fused_path_is_the_default_and_a_subclass_overriding_forward_is_called():
+    from atomuq.models.native.model import NativeModel
+
+    calls = []
+
+    class Counted(NativeModel):
+        def forward(self, batch):
+            calls.append(batch.num_atoms)
+            return super().forward(batch)
+
+    class Declared(Counted):
+        own_derivatives = True  # a subclass may opt back in
+
+    base = make_native(seed=2)
+    assert base.own_derivatives and not Counted.own_derivatives and Declared.own_derivatives
+    counted = Counted(base.config)
+    counted.load_state_dict(base.state_dict())
+    batch = Batch.from_atoms([small_water()], dtype=torch.float32)
+    fused_result = evaluate(base.float(), batch, conservative=True)
+    plain = evaluate(counted.float(), batch, conservative=True)
+    assert calls == [batch.num_atoms]  # its forward ran (autograd path), not bypassed by the fused backward
+    assert torch.allclose(fused_result.forces_conservative, plain.forces_conservative, atol=1e-5)

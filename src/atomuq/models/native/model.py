@@ -78,18 +78,24 @@ class InteractionLayer(nn.Module):
 class NativeModel(AtomisticModel):
     """Compact direct-force model with energy, force, optional stress and confidence heads.
 
-    With own_derivatives set (opt-in) and without autograd (torch.no_grad, inference_mode) forward runs over edge
+    With own_derivatives (the default) and without autograd (torch.no_grad, inference_mode) forward runs over edge
     chunks where there is more than one chunk of edges (models.native.fused; the plain graph below is as fast for fewer), and
     derivatives.evaluate takes the conservative forces and virial from its exact backward (energy_derivatives);
     with autograd on (training, create_graph) forward is the plain graph below. Runtime settings, not saved:
     edge_chunk (edges per chunk, None: a default for the device), fused_mode (None: "save" where memory allows,
-    else "recompute"; tests and benchmarks force one) and own_derivatives (False, the default: the plain graph and
+    else "recompute"; tests and benchmarks force one) and own_derivatives (True; False gives the plain graph and
     autograd everywhere, the reference the fused path is tested and timed against).
     """
 
-    #: opt-in (True): until resumed MD is bit-exact on the fused path (tests/test_md_resume), the default stays
-    #: the plain graph and autograd
-    own_derivatives: bool = False
+    #: the exact chunked backward (models.native.fused) instead of autograd where no graph is asked for
+    own_derivatives: bool = True
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        # a subclass whose forward does more (logging, instrumentation) must be called: the fused path would bypass
+        # it, so it gets autograd unless it sets own_derivatives itself
+        if "forward" in cls.__dict__ and "own_derivatives" not in cls.__dict__:
+            cls.own_derivatives = False
 
     def __init__(self, config: NativeConfig) -> None:
         super().__init__()
