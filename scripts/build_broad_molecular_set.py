@@ -48,7 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from broad_molecules import MOLECULES  # noqa: E402
 from build_queue import (Running, acquire_lock, atomuq_command, check_exit, finished, launch, load_state, lower_priority,  # noqa: E402
-                         progress, read_failures, read_frames, say, sync_manifest, write_json, write_shard)
+                         export_splits, progress, read_failures, read_frames, say, sync_manifest, write_json,
+                         write_shard)
 
 METHOD = "gfn2-xtb"
 #: tblite options passed to every command (tblite defaults otherwise: accuracy 1.0, electronic temperature 300 K)
@@ -703,24 +704,6 @@ def status_report(manifest: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-def export_splits(manifest: dict, out: Path, dest: Path) -> list[str]:
-    """Concatenate the done shards per split into DEST: SPLIT.extxyz.gz (all stages) and SPLIT_STAGE.extxyz.gz."""
-    state = json.loads((out / "state.json").read_text())
-    groups: dict[str, list] = {}
-    for job in manifest["jobs"]:
-        entry = state["done"].get(job["id"])
-        if not entry or not entry.get("output"):
-            continue
-        frames = read_frames(out / job["output"])
-        groups.setdefault(job["split"], []).extend(frames)
-        groups.setdefault(f"{job['split']}_{job['stage']}", []).extend(frames)
-    lines = []
-    for name, frames in sorted(groups.items()):
-        write_shard(dest / f"{name}.extxyz.gz", frames)
-        lines.append(f"{dest / name}.extxyz.gz: {len(frames)} frames")
-    return lines
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, default=2, help="commands run at once, one core each (default 2)")
@@ -750,7 +733,7 @@ def main() -> None:
         print(status_report(manifest, out))
         return
     if args.export:
-        print("\n".join(export_splits(manifest, out, args.export)))
+        print("\n".join(export_splits(manifest, out, args.export, by="stage")))
         return
     t = manifest["totals"]
     say(f"plan: {t['jobs']} jobs, {t['frames_expected']} frames expected, about {t['est_core_hours']} core-hours")

@@ -52,7 +52,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build_queue import (Running, acquire_lock, atomuq_command, check_exit, finished, launch, load_state, lower_priority,  # noqa: E402
-                         progress, read_failures, read_frames, say, sync_manifest, write_json, write_shard)
+                         export_splits, progress, read_failures, read_frames, say, sync_manifest, write_json,
+                         write_shard)
 from crystals import LATTICE_TOLERANCE, SYSTEMS, System  # noqa: E402
 
 METHOD = "gfn1-xtb"
@@ -683,6 +684,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="two systems, a few frames, into out/materials_quick")
     ap.add_argument("--plan", action="store_true", help="write the manifest and print the plan; run nothing")
     ap.add_argument("--status", action="store_true", help="print jobs done, frames, cost so far and projected; run nothing")
+    ap.add_argument("--export", type=Path, default=None, metavar="DIR",
+                    help="write the done frames per split (and split_system) as DIR/*.extxyz.gz for training; run nothing")
     ap.add_argument("--max-jobs", type=int, default=None, help="start at most this many jobs, then stop")
     ap.add_argument("--hours", type=float, default=None, help="start no new job after this many hours")
     ap.add_argument("--relax-one", default=None, help=argparse.SUPPRESS)  # internal: the relax job's subprocess
@@ -702,6 +705,9 @@ def main() -> None:
     sync_manifest(manifest_path, manifest, args.seed)
     if args.status:
         print(status_report(manifest, out))
+        return
+    if args.export:
+        print("\n".join(export_splits(manifest, out, args.export, by="system")))
         return
     t = manifest["totals"]
     say(f"plan: {t['jobs']} jobs, {t['frames_expected']} frames expected {t['frames_by_split']}, "

@@ -88,6 +88,25 @@ def read_frames(path: Path) -> list:
     return list(read(path, ":"))
 
 
+def export_splits(manifest: dict, out: Path, dest: Path, by: str) -> list[str]:
+    """Concatenate the done shards of label jobs into DEST per split (SPLIT.extxyz.gz) and per split and job field
+    `by` (SPLIT_VALUE.extxyz.gz: the stage of a molecular job, the system of a materials job), in manifest order."""
+    state = json.loads((out / "state.json").read_text())
+    groups: dict[str, list] = {}
+    for job in manifest["jobs"]:
+        entry = state["done"].get(job["id"])
+        if not entry or not entry.get("output") or job["split"] == "relax":
+            continue
+        frames = read_frames(out / entry["output"])
+        groups.setdefault(job["split"], []).extend(frames)
+        groups.setdefault(f"{job['split']}_{job[by]}", []).extend(frames)
+    lines = []
+    for name, frames in sorted(groups.items()):
+        write_shard(dest / f"{name}.extxyz.gz", frames)
+        lines.append(f"{dest / name}.extxyz.gz: {len(frames)} frames")
+    return lines
+
+
 def read_failures(work_out: Path) -> list:
     """The entries of a command's `<output>.failures.jsonl` next to work_out (empty when there is none)."""
     failures_file = work_out.with_name(work_out.name + ".failures.jsonl")

@@ -110,7 +110,7 @@ def data_dir(tmp_path_factory) -> Path:
 def histogram_config(data_dir: Path, run: str) -> TrainConfig:
     config = TrainConfig.from_toml(data_dir / "tiny.toml")
     return dataclasses.replace(config, run_dir=data_dir / run, epochs=4,
-                               error_log=ErrorLogConfig(form="histogram", skip_epochs=1))
+                               error_log=ErrorLogConfig(form="histogram", last_epochs=3))
 
 
 class KillAfterEpoch(TrainCallback):
@@ -139,11 +139,17 @@ def test_training_counts_histograms_and_resumes_to_the_same_counts_and_weights(d
         assert torch.equal(tensor, torch.load(config.run_dir / "last.pt", weights_only=True)["state_dict"][name]), name
 
 
+def test_last_epochs_counts_the_last_ones_and_a_shorter_run_counts_all():
+    config = ErrorLogConfig(form="histogram", last_epochs=20)
+    assert config.skip_epochs(40) == 20 and config.skip_epochs(20) == 0 and config.skip_epochs(12) == 0
+    assert ErrorLogConfig(form="histogram").skip_epochs(40) == 0
+
+
 def test_error_log_settings_are_checked_naming_the_key(data_dir):
     text = (data_dir / "tiny.toml").read_text()
     for table, message in (('[error_log]\nform = "float16"\n', "error_log.form"),
-                           ('[error_log]\nskip_epochs = 2\n', "applies to form"),
-                           ('[error_log]\nform = "histogram"\nskip_epochs = 40\n', "leaves none"),
+                           ('[error_log]\nlast_epochs = 2\n', "applies to form"),
+                           ('[error_log]\nform = "histogram"\nlast_epochs = -1\n', "last_epochs"),
                            ('[error_log]\nform = "histogram"\nbins_per_decade = 0\n', "bins_per_decade")):
         path = data_dir / "bad.toml"
         path.write_text(text + "\n" + table)

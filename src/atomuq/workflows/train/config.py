@@ -102,23 +102,28 @@ class ErrorLogConfig:
     allocated at the start) or histogram (per-atom counts on bins_per_decade log-spaced bins per decade over
     1e-3..1e2 eV/Å, the compact form `atomuq ltau compact` writes, kept up to date after every epoch: a resumable
     run carries a few MB instead of a row per epoch; p_i exact at the bin edges, log-linear inside a bin).
-    skip_epochs: histogram form only, the first epochs left out of the counts (LTAU skips early epochs at fit time
-    in a full log; counts cannot be split later)."""
+    last_epochs: histogram form only, count the last epochs only (0: every epoch; a run of fewer epochs counts them
+    all), as LTAU's p_i are read from late epochs (a full log keeps every epoch and `atomuq ltau fit --skip-epochs`
+    skips at fit time; counts cannot be split later)."""
 
     form: str = "full"
-    skip_epochs: int = 0
+    last_epochs: int = 0
     bins_per_decade: int = 10
 
     def __post_init__(self) -> None:
         if self.form not in ERROR_LOG_FORMS:
             raise FieldError("form", f"must be one of {', '.join(ERROR_LOG_FORMS)}, got {self.form!r}")
-        if self.skip_epochs < 0:
-            raise FieldError("skip_epochs", f"must be >= 0, got {self.skip_epochs}")
-        if self.skip_epochs and self.form == "full":
-            raise FieldError("skip_epochs", "applies to form = \"histogram\" only (a full log keeps every epoch; "
-                             "`atomuq ltau fit --skip-epochs` skips them)")
+        if self.last_epochs < 0:
+            raise FieldError("last_epochs", f"must be >= 0, got {self.last_epochs}")
+        if self.last_epochs and self.form == "full":
+            raise FieldError("last_epochs", "applies to form = \"histogram\" only (a full log keeps every epoch; "
+                             "`atomuq ltau fit --skip-epochs` skips the early ones)")
         if not 1 <= self.bins_per_decade <= 100:
             raise FieldError("bins_per_decade", f"must be 1 to 100, got {self.bins_per_decade}")
+
+    def skip_epochs(self, epochs: int) -> int:
+        """Epochs of a run of `epochs` epochs left out of the counts."""
+        return max(0, epochs - self.last_epochs) if self.last_epochs else 0
 
 
 def native_config(model_table: Mapping[str, Any], elements: Sequence[int] | None = None) -> NativeConfig:
@@ -208,9 +213,6 @@ class TrainConfig:
             raise FieldError("epochs", f"must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise FieldError("batch_size", f"must be >= 1, got {self.batch_size}")
-        if self.error_log.skip_epochs >= self.epochs:
-            raise FieldError("error_log.skip_epochs", f"= {self.error_log.skip_epochs} leaves none of the {self.epochs} "
-                             "epochs in the log")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise FieldError("eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
         if self.dtype not in ("float32", "float64"):

@@ -28,7 +28,7 @@ def create_error_log(run_dir: Path, run_id: str, config: TrainConfig,
     extra = {"seed": config.seed, "atomuq_version": atomuq.__version__,
              "init_from": str(config.init_from) if config.init_from else None}
     if config.error_log.form == HISTOGRAM:
-        return HistogramLogWriter.create(directory, skip_epochs=config.error_log.skip_epochs,
+        return HistogramLogWriter.create(directory, skip_epochs=config.error_log.skip_epochs(config.epochs),
                                          per_decade=config.error_log.bins_per_decade,
                                          structure_frames=train_data.frames(), extra=extra, **common)
     writer = ErrorLogWriter.create(directory, extra={**extra, "structure_frames": STRUCTURE_FRAMES}, **common)
