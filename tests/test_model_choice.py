@@ -109,3 +109,22 @@ def test_md_without_model_takes_the_chosen_model_for_the_structure(tmp_path, mon
                                  "--monitor", "log"])
     assert "--model not given: using mat, the bundled materials model that knows Si" in result.output
     assert result.exit_code == 0, result.output
+
+
+def test_bench_without_model_takes_the_model_for_its_inputs_elements(tmp_path, monkeypatch, two_domains):
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    monkeypatch.setattr(catalog_module, "catalog", lambda folder=None: two_domains)
+    monkeypatch.setattr("atomuq.models.registry.bundled_dir", lambda: two_domains[0].path.parent)
+    frames = []
+    for k in range(12):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+        atoms.rattle(0.05, seed=k)
+        atoms.calc = SinglePointCalculator(atoms, energy=-1.0, forces=atoms.positions * 0.1)
+        frames.append(atoms)
+    path = tmp_path / "cu.extxyz"
+    write(path, frames)
+    result = runner.invoke(app, ["bench", str(path), "-o", str(tmp_path / "report"), "--bootstrap", "20", "--bins", "3"])
+    assert "--model not given: using mat, the bundled materials model that knows Cu" in result.output
+    assert result.exit_code == 0, result.output
+    assert '"model": "mat"' in (tmp_path / "report" / "bench.json").read_text()

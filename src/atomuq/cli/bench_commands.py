@@ -10,10 +10,9 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from atomuq.cli.ensemble_options import load_model_option, resolve_members
 from atomuq.cli.common import cell, ensemble_help, check_device, console, model_help, output_folder, progress_bar, say, user_errors
-from atomuq.cli.ensemble_options import split_specs
-from atomuq.models.registry import DEFAULT_MODEL
+from atomuq.cli.ensemble_options import chosen_spec, load_model_option, resolve_members, split_specs
+from atomuq.core.io import read_structures
 from atomuq.workflows.bench import BenchSettings, bench_files
 from atomuq.workflows.bench_report import ci_text, pair_label, write_report
 
@@ -32,7 +31,7 @@ def summary(report: dict) -> Table:
 def bench(
     inputs: List[Path] = typer.Argument(..., help="Labelled structure files (reference forces required)."),
     output: Path = typer.Option(..., "-o", "--output", help="Report directory: bench.json, bench.md, PNG figures."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=model_help(default=DEFAULT_MODEL)),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=model_help()),
     ensemble: Optional[List[str]] = typer.Option(
         None, "--ensemble", help=ensemble_help()
     ),
@@ -62,10 +61,12 @@ def bench(
     with user_errors():
         settings.check()
         output_folder(output)
+        if model is None:  # the bundled model that knows the inputs' elements (read here for the choice only)
+            model = chosen_spec(None, read_structures(inputs))
         net = load_model_option(model, device)
         names = split_specs(ensemble) or None
         members = resolve_members(names, device) if names else None
-        meta = {"command": shlex.join(["atomuq", *sys.argv[1:]]), "model": model or DEFAULT_MODEL, "ensemble": names}
+        meta = {"command": shlex.join(["atomuq", *sys.argv[1:]]), "model": model, "ensemble": names}
         with progress_bar() as bar:
             task = bar.add_task("scoring", total=None)
             data, report, calibration = bench_files(
