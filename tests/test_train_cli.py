@@ -6,6 +6,7 @@ Every case runs the CLI in-process; a refused start must exit non-zero with one 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -170,3 +171,17 @@ def test_resume_refuses_a_changed_config_naming_the_keys(folder):
     refused(run(moved / "tiny.toml"), "data.validation files changed since the run")
     write(moved / "tiny_train.extxyz", emt_structures(2, n_cells=3, n_molecules=3))
     refused(run(moved / "tiny.toml"), "the training files changed since the run")
+
+
+def test_set_overrides_any_key_in_toml_syntax_and_bad_ones_are_named(folder):
+    result = run(folder / "tiny.toml", "--set", "model.latent=8", "--set", "model.hidden=12", "--set", "epochs=1",
+                 "--set", 'error_log.form="histogram"', "--run-dir", folder / "small")
+    assert result.exit_code == 0, result.output
+    resolved = json.loads((folder / "small" / "config_resolved.json").read_text())
+    assert resolved["model"]["latent"] == 8 and resolved["model"]["hidden"] == 12 and resolved["epochs"] == 1
+    assert (folder / "small" / "error_log" / "error_histograms.npz").is_file()
+    assert train_commands.parse_settings(["optimizer.lr=2e-3", "data.train=[\"a.xyz\"]", "note=plain text"]) == {
+        "optimizer.lr": 2e-3, "data.train": ["a.xyz"], "note": "plain text"}
+    refused(run(folder / "tiny.toml", "--set", "model.latent"), "--set model.latent: give KEY=VALUE")
+    refused(run(folder / "tiny.toml", "--set", "optimizer.lr=fast", "--run-dir", folder / "x"), "optimizer.lr")
+    refused(run(folder / "tiny.toml", "--set", "nosuch=1", "--run-dir", folder / "y"), "nosuch")

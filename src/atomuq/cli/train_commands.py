@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -78,6 +79,22 @@ def _flagged(exc: ConfigError, given: dict[str, Any]) -> AtomuqError:
     return exc
 
 
+def parse_settings(settings: list[str]) -> dict[str, Any]:
+    """--set KEY=VALUE options as dotted overrides; VALUE is read as a TOML value (64, 2e-3, true, "text", [1, 2]),
+    else taken as a plain string."""
+    out: dict[str, Any] = {}
+    for item in settings:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part.isidentifier() for part in key.split(".")):
+            raise InputError(f"--set {item}: give KEY=VALUE with a dotted config key, e.g. --set model.latent=64")
+        try:
+            out[key] = tomllib.loads(f"value = {text.strip()}")["value"]
+        except tomllib.TOMLDecodeError:
+            out[key] = text.strip()
+    return out
+
+
 def _interrupted(run_dir: Path) -> str:
     """What Ctrl-C left: the last completed epoch and how to resume, or that no epoch was completed."""
     state = run_dir / STATE_FILE
@@ -98,6 +115,10 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed", help="Override the config's seed (ensemble members)."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Override the config's run_dir."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the config's number of epochs."),
+    settings: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                       help="Override any key of the config, dotted, the value in TOML syntax (repeat: "
+                                            "--set model.latent=64 --set 'error_log.form=\"histogram\"'; smaller "
+                                            "ensemble members)."),
 ) -> None:
     """Train or fine-tune the native model (energies eV, forces eV/Å); writes best.pt, last.pt, metrics.csv and the per-atom error log."""
     given = {k: v for k, v in {"device": device, "seed": seed, "run_dir": run_dir, "epochs": epochs}.items()
@@ -107,7 +128,8 @@ def train(
             check_device(device)
         if run_dir is not None:  # checked before the config, under the option's name
             check_output_dir(run_dir, "--run-dir")
-        overrides = {**given, **({"run_dir": str(run_dir.resolve())} if run_dir is not None else {})}
+        overrides = {**parse_settings(settings), **given,
+                     **({"run_dir": str(run_dir.resolve())} if run_dir is not None else {})}
         try:
             cfg = TrainConfig.from_toml(config, overrides=overrides)
         except ConfigError as exc:
