@@ -91,6 +91,25 @@ def _create_memmap(path: Path, shape: tuple[int, int]) -> None:
         del array
 
 
+def _chunk_stop(epoch: int | None, filled: int, n_atoms: int, start: int, n_direct: int, n_conservative: int) -> int:
+    """End of a chunk of errors written at start (either writer): in order, inside the log, both kinds alike."""
+    if epoch is None:
+        raise RuntimeError("call begin_epoch before write")
+    if start != filled:
+        raise ValueError(f"atoms must be written in order: expected start {filled}, got {start}")
+    stop = start + n_direct
+    if n_conservative != n_direct or stop > n_atoms:
+        raise ValueError(f"chunk [{start}, {stop}) does not fit the log's {n_atoms} atoms")
+    return stop
+
+
+def _check_run(directory: Path, metadata: dict[str, Any], run_id: str) -> None:
+    """Refuse to reopen a log written by another run."""
+    if metadata.get("run_id") != run_id:
+        raise InputError(f"{directory / METADATA}: belongs to run {metadata.get('run_id')!r}, not {run_id!r}; "
+                         "the run folder was mixed up: use a new run_dir")
+
+
 class ErrorLogWriter:
     """Writes per-atom force-error norms (eV/Å), one epoch row at a time, into memory-mapped .npy arrays."""
 
@@ -171,9 +190,7 @@ class ErrorLogWriter:
         """Reopen the log of a resumed run; the first epochs_completed rows are kept, later ones will be rewritten."""
         directory = Path(directory)
         metadata = _read_metadata(directory)
-        if metadata.get("run_id") != run_id:
-            raise InputError(f"{directory / METADATA}: belongs to run {metadata.get('run_id')!r}, not {run_id!r}; "
-                             "the run folder was mixed up: use a new run_dir")
+        _check_run(directory, metadata, run_id)
         logged = int(metadata.get("n_epochs_completed", 0))
         if logged < epochs_completed:
             raise InputError(f"{directory / METADATA}: only {logged} epochs logged but the training state has "
@@ -193,13 +210,7 @@ class ErrorLogWriter:
 
     def write(self, start: int, direct: np.ndarray, conservative: np.ndarray) -> None:
         """Write errors (eV/Å) of consecutive global atom ids start, start+1, ... into the current row."""
-        if self._epoch is None:
-            raise RuntimeError("call begin_epoch before write")
-        if start != self._filled:
-            raise ValueError(f"atoms must be written in order: expected start {self._filled}, got {start}")
-        stop = start + len(direct)
-        if len(conservative) != len(direct) or stop > self.n_atoms:
-            raise ValueError(f"chunk [{start}, {stop}) does not fit the log's {self.n_atoms} atoms")
+        stop = _chunk_stop(self._epoch, self._filled, self.n_atoms, start, len(direct), len(conservative))
         self._direct[self._epoch, start:stop] = direct
         self._conservative[self._epoch, start:stop] = conservative
         self._filled = stop
@@ -310,9 +321,7 @@ class HistogramLogWriter:
         """Reopen the log of a resumed run at epochs_completed (an epoch counted beyond it is rolled back)."""
         directory = Path(directory)
         metadata = _read_metadata(directory)
-        if metadata.get("run_id") != run_id:
-            raise InputError(f"{directory / METADATA}: belongs to run {metadata.get('run_id')!r}, not {run_id!r}; "
-                             "the run folder was mixed up: use a new run_dir")
+        _check_run(directory, metadata, run_id)
         path = directory / HISTOGRAMS
         try:
             with np.load(path, allow_pickle=False) as data:
@@ -342,13 +351,7 @@ class HistogramLogWriter:
 
     def write(self, start: int, direct: np.ndarray, conservative: np.ndarray) -> None:
         """Count errors (eV/Å) of consecutive global atom ids start, start+1, ... for the current epoch."""
-        if self._epoch is None:
-            raise RuntimeError("call begin_epoch before write")
-        if start != self._filled:
-            raise ValueError(f"atoms must be written in order: expected start {self._filled}, got {start}")
-        stop = start + len(direct)
-        if len(conservative) != len(direct) or stop > self.n_atoms:
-            raise ValueError(f"chunk [{start}, {stop}) does not fit the log's {self.n_atoms} atoms")
+        stop = _chunk_stop(self._epoch, self._filled, self.n_atoms, start, len(direct), len(conservative))
         for kind, values in (("direct", direct), ("conservative", conservative)):
             values = np.asarray(values, dtype=np.float32)
             bad = np.flatnonzero(~np.isfinite(values))
