@@ -342,10 +342,31 @@ def test_cli_fit_score_calibrate_weights(trained, tmp_path):
                               "--plot", str(tmp_path / "cal.png")])
     assert res.exit_code == 0, res.output
     calibrated = LTAUEstimator.load(cal)
-    assert calibrated.metadata["calibration"]["area_after"] <= calibrated.metadata["calibration"]["area_before"]
+    record = calibrated.metadata["calibration"]
+    assert calibrated.calibrated and calibrated.scale == pytest.approx(record["scale"])
     assert (tmp_path / "cal.png").stat().st_size > 1000
+    # the recorded areas describe what scoring gives: p of the uncalibrated estimator against error <= atol
+    # (area before) and p of the calibrated one against error <= s·atol (area after), on the same atoms
+    atol = calibrated.atol
+    for estimator, scale, key in ((est_path, 1.0, "area_before"), (cal, calibrated.scale, "area_after")):
+        rescored = tmp_path / f"rescored_{key}.extxyz"
+        res = runner.invoke(app, ["ltau", "score", str(folder / "tiny_val.extxyz"), "-e", str(estimator),
+                                  "-o", str(rescored)])
+        assert res.exit_code == 0, res.output
+        frames = read(rescored, ":")
+        p = np.concatenate([a.arrays["ltau_confidence_atoms"] for a in frames])
+        errors = np.concatenate([a.arrays["eps_nc_atoms"] for a in frames])
+        assert reliability_curve(p, errors <= scale * atol, 10).miscalibration_area == pytest.approx(record[key],
+                                                                                                    abs=1e-6)
     res = runner.invoke(app, ["ltau", "calibrate", str(folder / "tiny_val.extxyz"), "-e", str(cal), "-o", str(cal)])
     assert res.exit_code == 1 and "already calibrated" in res.output
+    # a fitted scale of exactly 1 is still a calibration: refused again, not taken for an uncalibrated file
+    unit = tmp_path / "unit.npz"
+    LTAUEstimator.load(est_path).with_scale(1.0, {**record, "scale": 1.0}).save(unit)
+    assert LTAUEstimator.load(unit).calibrated and not LTAUEstimator.load(est_path).calibrated
+    res = runner.invoke(app, ["ltau", "calibrate", str(folder / "tiny_val.extxyz"), "-e", str(unit), "-o",
+                              str(tmp_path / "again.npz")])
+    assert res.exit_code == 1 and "already calibrated (s = 1)" in res.output
     res = runner.invoke(app, ["ltau", "weights", "-e", str(est_path), "--scheme", "hard", "--lambda", "4.5",
                               "-o", str(tmp_path / "w.npy")])
     assert res.exit_code == 0, res.output

@@ -201,7 +201,7 @@ def calibrate_command(
         if plot is not None:
             output_file(plot, "--plot")
         estimator = LTAUEstimator.load(estimator_path)
-        if estimator.scale != 1.0:
+        if estimator.calibrated:
             raise InputError(f"{estimator_path}: already calibrated (s = {estimator.scale:.4g}); calibrate the "
                              "uncalibrated estimator from `atomuq ltau fit` instead")
         _, scored = _predict(inputs, estimator, model, device, k, None, batch_size, forces_key)

@@ -206,6 +206,11 @@ class LTAUEstimator:
                              f"fingerprint {fingerprint}; descriptors of another model are meaningless here: "
                              "refit with `atomuq ltau fit` for this model")
 
+    @property
+    def calibrated(self) -> bool:
+        """True once `atomuq ltau calibrate` fitted a scale, whatever its value (s = 1 included)."""
+        return "calibration" in self.metadata
+
     def with_scale(self, scale: float, calibration: dict[str, Any]) -> "LTAUEstimator":
         """A copy with calibration scale s and a record of how it was fitted."""
         meta = {**self.metadata, "calibration": calibration}
