@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from atomuq.core.bonds import BROKEN, FORMED, bond_changes
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from broad_molecules import MOLECULES  # noqa: E402
@@ -58,9 +60,8 @@ ELEMENTS = {"H", "C", "N", "O", "F", "S", "Cl", "P"}
 TANIMOTO_MAX = 0.4
 LARGE_ATOMS = 45  # molecules with more atoms get fewer conformers and frames
 STAGES = {"md300": 300.0, "md600": 600.0, "md1200": 1200.0}
-#: bond-graph filter: a bond of the molecule is broken beyond BROKEN x the sum of covalent radii;
-#: two atoms not bonded in the molecule have formed a bond inside FORMED x that sum
-BROKEN, FORMED = 1.5, 1.2
+#: bond-graph filter (atomuq.core.bonds): a bond of the molecule is broken beyond BROKEN x the sum of covalent
+#: radii; two atoms not bonded in the molecule have formed a bond inside FORMED x that sum (1.5 and 1.2)
 #: measured cost model: seconds per GFN2-xTB MD step on one core ~ 9.3 ms (aspirin, 21 atoms) x (N/21)^2.25
 STEP_SECONDS_21, STEP_EXPONENT = 0.0093, 2.25
 SINGLE_POINT_STEPS = 3.0  # a single point from scratch costs about three MD steps (SCF from the SAD guess)
@@ -253,18 +254,9 @@ def load_or_make_conformers(mols: list[Molecule], plan: Plan, seed: int, path: P
 
 
 def bond_graph_change(numbers: np.ndarray, positions: np.ndarray, bonds: np.ndarray) -> tuple[int, int]:
-    """(broken, formed): bonds of the molecule longer than BROKEN x covalent sum, new pairs closer than FORMED x."""
-    from ase.data import covalent_radii
-
-    r = covalent_radii[numbers]
-    d = np.linalg.norm(positions[:, None, :] - positions[None, :, :], axis=-1)
-    rsum = r[:, None] + r[None, :]
-    bonded = np.zeros(d.shape, dtype=bool)
-    bonded[bonds[:, 0], bonds[:, 1]] = bonded[bonds[:, 1], bonds[:, 0]] = True
-    broken = int((d[bonds[:, 0], bonds[:, 1]] > BROKEN * rsum[bonds[:, 0], bonds[:, 1]]).sum())
-    iu = np.triu_indices(len(numbers), 1)
-    formed = int(((d[iu] < FORMED * rsum[iu]) & ~bonded[iu]).sum())
-    return broken, formed
+    """(broken, formed): bonds of the molecule longer than BROKEN x covalent sum, new pairs closer than FORMED x
+    (atomuq.core.bonds, the rule the `bonds` MD monitor uses too)."""
+    return bond_changes(numbers, positions, bonds)
 
 
 def intact(atoms, bonds: np.ndarray) -> bool:
@@ -440,7 +432,7 @@ def offeq_structures(mol: Molecule, base_frames: list, rng: np.random.Generator,
         return m, m.GetConformer()
 
     def keep(numbers, pos, kind: str, **info) -> bool:
-        if bond_graph_change(numbers, pos, bonds) != (0, 0) or not np.isfinite(pos).all():
+        if not np.isfinite(pos).all() or bond_graph_change(numbers, pos, bonds) != (0, 0):
             return False
         a = Atoms(numbers, pos)
         a.info.update(molecule=mol.name, conformer=int(conformer), perturbation=kind, **info)

@@ -52,7 +52,8 @@ SAFE_DEFAULTS_HELP = (
 MONITOR_HELP = escape(
     "Comma-separated: NAME, then any of every=N, max=X (absolute) or max=Xxstart or max=Xxmedian (relative), "
     "floor=F and cap=C (bounds of a relative limit), window=W, action=A (log, snapshot, stop or "
-    "rollback). NAME: force_delta, temperature, energy_drift, or key:RESULT for any "
+    "rollback). NAME: force_delta, temperature, energy_drift, bonds (covalent bonds broken or formed since the "
+    "start; max=0.5 stops at the first), or key:RESULT for any "
     "calculator result (e.g. key:confidence_error, or key:ltau_uncertainty with --ltau) with reduce=max|mean|rms. "
     f"Repeatable. {SAFE_DEFAULTS_HELP}"
 )

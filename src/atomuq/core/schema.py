@@ -184,6 +184,8 @@ def _keys() -> list[Key]:
           "their own temperature, so it is never cleared)", (MD,), clears=False),
         k("energy_drift", _S, "meV/atom/ps", LESS_TRUSTED, "|slope| of total energy per atom against time over the "
           "monitor's window", (MD,)),
+        k("bonds", _S, "", LESS_TRUSTED, "covalent bonds broken plus bonds formed since the run's first reading (the "
+          "bonds monitor; core.bonds)", (MD,)),
         k("trusted", _S, "", NOT_A_SCORE, "whether every thresholded monitor was within its limit at this frame",
           (MD,), "bool"),
         k("event", _S, "", NOT_A_SCORE, "what happened at this frame (breach, rollback, ...)", (MD,), "text"),

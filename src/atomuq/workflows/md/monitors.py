@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 from ase import Atoms
 
+from atomuq.core.bonds import bond_changes, bond_graph
 from atomuq.workflows.md.settings import SettingError
 from atomuq.core.schema import LESS_TRUSTED, MD, STRUCTURE, Key, register_key
 
@@ -137,6 +138,32 @@ class EnergyDrift:
     def set_state(self, state: dict) -> None:
         self.times = deque(state["times"])
         self.energies = deque(state["energies"])
+
+
+@dataclass
+class BondChanges:
+    """Covalent bonds broken plus bonds formed since the first reading (core.bonds: broken beyond 1.5x, formed below
+    1.2x the covalent radius sum; minimum image in periodic cells); a count, so max=0.5 stops at the first change."""
+
+    name: str = "bonds"
+    unit: str = ""
+    needs_conservative: bool = False
+    spec: str = "bonds"
+    reference: np.ndarray | None = None
+
+    def __call__(self, atoms: Atoms, time_fs: float) -> float:
+        if self.reference is None:
+            self.reference = bond_graph(atoms)
+            return 0.0
+        broken, formed = bond_changes(atoms.numbers, atoms.positions, self.reference, atoms.cell.array, atoms.pbc)
+        return float(broken + formed)
+
+    def get_state(self) -> dict:
+        return {"bonds": None if self.reference is None else self.reference.tolist()}
+
+    def set_state(self, state: dict) -> None:
+        bonds = state.get("bonds")
+        self.reference = None if bonds is None else np.asarray(bonds, dtype=np.int64).reshape(-1, 2)
 
 
 def drift_slope(time_fs: np.ndarray, energy_per_atom: np.ndarray) -> float:
@@ -340,19 +367,20 @@ def missing_result_error(key: str, available: list[str]) -> SettingError:
     """The SettingError for a key:RESULT monitor whose result the run's model evaluation does not give."""
     return SettingError(
         f"{{monitors}} key:{key}: the calculator gives no result {key!r} for this model and run; "
-        f"monitors are force_delta, temperature, energy_drift or key:RESULT with RESULT one of "
+        f"monitors are force_delta, temperature, energy_drift, bonds or key:RESULT with RESULT one of "
         f"{', '.join(sorted(available))}"
     )
 
 
 MONITOR_OPTIONS = ("every", "max", "floor", "cap", "window", "action", "reduce")
-QUANTITY_NAMES = ("force_delta", "temperature", "energy_drift", "key:RESULT")
+QUANTITY_NAMES = ("force_delta", "temperature", "energy_drift", "bonds", "key:RESULT")
 
 
 def parse_monitor(spec: str) -> Monitor:
     """Monitor from 'NAME[,every=N][,max=X|Xxstart|Xxmedian][,floor=F][,cap=C][,window=W][,action=ACTION]'.
 
-    NAME: force_delta, temperature, energy_drift, or key:RESULT[,reduce=max|mean|rms] for any
+    NAME: force_delta, temperature, energy_drift, bonds (covalent bonds broken + formed since the first
+    reading), or key:RESULT[,reduce=max|mean|rms] for any
     result of the calculator (per-structure, or per-atom reduced; e.g. key:confidence_error).
     A relative limit (Xxstart, Xxmedian) is kept within [floor, cap]; the cap also holds before
     the reference exists. ACTION: log, snapshot, stop or rollback. Errors are SettingErrors
@@ -378,6 +406,8 @@ def parse_monitor(spec: str) -> Monitor:
         quantity = Temperature()
     elif name == "energy_drift":
         quantity = EnergyDrift()
+    elif name == "bonds":
+        quantity = BondChanges()
     elif name.startswith("key:") and len(name) > 4:
         quantity = ResultKey(name[4:], unit="", needs_conservative=False, reduce=options.get("reduce", "max"))
     else:
