@@ -252,6 +252,8 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/ltau_scale"))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--keep", action="store_true", help="keep the scratch files (descriptor sets, indexes)")
+    parser.add_argument("--report-from", type=Path, metavar="LOG",
+                        help="write the results from the rows an earlier (interrupted) run printed to LOG; measure nothing")
     parser.add_argument("--child", choices=["build", "search"])
     for name in ("data", "kind", "params", "out", "exact", "nprobes"):
         parser.add_argument(f"--{name}")
@@ -263,9 +265,20 @@ def main() -> None:
     from atomuq.workflows.ltau import compute_descriptors
 
     faiss.omp_set_num_threads(1)
-    args.scratch.mkdir(parents=True, exist_ok=True)
     model, frame = frame_and_model()
     queries = compute_descriptors(model, [frame])
+    if args.report_from is not None:
+        rows = [json.loads(line) for line in args.report_from.read_text().splitlines() if line.startswith("{")]
+        if not rows:
+            raise SystemExit(f"{args.report_from}: no result rows (JSON lines) in this log")
+        meta = {"query_atoms": len(queries), "descriptor_width": int(queries.shape[1]), "threads": 1,
+                "faiss": faiss.__version__, "machine": platform.processor() or platform.machine(),
+                "repeats": args.repeats, "sets": {}, "from_log": str(args.report_from)}
+        args.sizes = sorted({r["reference_atoms"] for r in rows})
+        args.kinds = list(dict.fromkeys(r["index"] for r in rows))
+        write_results(meta, rows, args)
+        return
+    args.scratch.mkdir(parents=True, exist_ok=True)
     real = args.scratch / "real_1000000.npy"
     meta: dict = {"query_atoms": len(queries), "descriptor_width": int(queries.shape[1]), "threads": 1,
                   "faiss": faiss.__version__, "machine": platform.processor() or platform.machine(),
@@ -308,8 +321,13 @@ def main() -> None:
             Path(common["out"]).unlink(missing_ok=True)
         if data != real:
             data.unlink()
+        write_results(meta, rows, args)  # after each size: an interrupted run keeps the sizes it finished
     if not args.keep:
         shutil.rmtree(args.scratch)
+
+
+def write_results(meta: dict, rows: list[dict], args: argparse.Namespace) -> None:
+    """benchmarks/results/ltau_scale.json and .md from the rows measured so far."""
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ltau_scale.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     write_markdown(meta, rows, args)
@@ -320,7 +338,9 @@ def write_markdown(meta: dict, rows: list[dict], args: argparse.Namespace) -> No
     lines = [
         "# LTAU look-up at 10^6 and 10^7 reference atoms", "",
         f"Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_ltau_scale.py --sizes "
-        f"{' '.join(map(str, args.sizes))} --kinds {' '.join(args.kinds)}`", "",
+        f"{' '.join(map(str, args.sizes))} --kinds {' '.join(args.kinds)}`"
+        + (f" (rows as that run printed them to its log; written by `--report-from {meta['from_log']}`)"
+           if meta.get("from_log") else ""), "",
         f"Query: one {meta['query_atoms']:,}-atom frame (48 molecules of test_300K); descriptor width "
         f"{meta['descriptor_width']}; one thread; FAISS {meta['faiss']}. 10^6: real descriptors (the bundled "
         "model's features of its training molecules in rattled copies, σ = 0.05 Å); 10^7: **synthetic**, a "
