@@ -128,3 +128,14 @@ def test_bench_without_model_takes_the_model_for_its_inputs_elements(tmp_path, m
     assert "--model not given: using mat, the bundled materials model that knows Cu" in result.output
     assert result.exit_code == 0, result.output
     assert '"model": "mat"' in (tmp_path / "report" / "bench.json").read_text()
+
+
+def test_a_chlorinated_molecule_gets_the_shipped_model_that_knows_chlorine(tmp_path):
+    path = tmp_path / "ch3cl.extxyz"
+    write(path, molecule("CH3Cl"))
+    result = runner.invoke(app, ["score", str(path), "-o", str(tmp_path / "out.extxyz")])
+    knowing = [e.name for e in catalog() if e.member_of is None and e.domain == "molecular" and e.knows({1, 6, 17})]
+    assert knowing, "no shipped molecular model knows Cl (molecular-broad does)"
+    assert result.exit_code == 0, result.output
+    assert f"--model not given: using {knowing[0]}, the bundled molecular model that knows H C Cl" in result.output
+    assert (tmp_path / "out.extxyz").stat().st_size > 0
