@@ -178,7 +178,8 @@ def report(out: Path, docs: Path, names: list[str], roles: list[str], frames: li
     lines = [
         f"# Direct-force MD stability of {model_name} on {len(names)} molecules", "",
         f"Rebuilt by `OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python scripts/md_stability_broad.py --model "
-        f"{model_name}` then `--report`. One torch-sim batch of all molecules per run (float64 integration, "
+        f"{model_name}{'' if ps == 10 else f' --ps {ps:g}'}` then `--report`. "
+        "One torch-sim batch of all molecules per run (float64 integration, "
         f"{TIMESTEP} fs, {ps:g} ps, {TEMPERATURE:g} K), starts from the first 300 K GFN2-xTB MD frame of each molecule "
         "(test trajectories of training molecules, held-out molecules' own). A bond counts as broken beyond 1.5x its "
         "covalent radius sum, as formed below 1.2x (atomuq.core.bonds, the `bonds` monitor every 20 steps, also "

@@ -1,6 +1,6 @@
 """Every command against the bad-input set, through the CLI entry point in-process (seconds, not minutes).
 
-Bad inputs: overlapping atoms (0.017 Å), NaN positions, an unknown element (Cl), a periodic structure without a
+Bad inputs: overlapping atoms (0.017 Å), NaN positions, an unknown element (Br: no bundled model knows it), a periodic structure without a
 cell, an empty file, a directory, a binary file; bad outputs: a folder that cannot be written, a parent that is a
 file, an output that is a directory (for commands writing a folder: a folder that is a file); for md a monitor key
 that does not exist. Every one must end with a non-zero exit, exactly one `error:` line naming the file (and the
@@ -60,13 +60,14 @@ def bad_structure(case: str) -> Atoms:
         atoms.positions[1, 0] = np.nan
     elif case == "unknown_element":
         atoms = molecule("HCl")
+        atoms.symbols[atoms.symbols == "Cl"] = "Br"
     elif case == "no_cell":
         atoms.pbc = True
     return labelled(atoms)
 
 
 #: structure-level cases: (fragment the message must contain) -- the structure is the file's second, index 1
-STRUCTURE_CASES = {"overlap": "overlap", "nan": "NaN", "unknown_element": "Cl", "no_cell": "cell"}
+STRUCTURE_CASES = {"overlap": "overlap", "nan": "NaN", "unknown_element": "Br", "no_cell": "cell"}
 FILE_CASES = ("empty_file", "directory", "binary_file")
 OUTPUT_CASES = ("output_unwritable", "output_parent_is_file", "output_is_directory")
 CASES = (*STRUCTURE_CASES, *FILE_CASES, *OUTPUT_CASES)
@@ -151,7 +152,7 @@ validation_fraction = 0.5
 
 
 def train_config(run_dir: Path, train: Path, validation: Path, folder: Path) -> Path:
-    """A one-epoch tiny training config on `train` (elements H C N O, so Cl is unknown)."""
+    """A one-epoch tiny training config on `train` (elements H C N O, so Br is unknown)."""
     path = folder / "train.toml"
     path.write_text(f"""
 run_dir = "{run_dir}"
@@ -407,7 +408,7 @@ def test_subprocess_bad_structure_and_bad_output(shared, tmp_path):
     proc = atomuq("score", str(bad), "-o", "out.extxyz", cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     (line,) = error_lines(proc.stderr)
-    assert line.startswith(f"error: {bad} structure 1: ") and "Cl" in line and "H C N O" in line
+    assert line.startswith(f"error: {bad} structure 1: ") and "Br" in line and "H C N O" in line
     proc = atomuq("attack", str(shared["good"]), "-o", "/proc/atomuq-nowhere/a.extxyz", "--steps", "1", cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert len(error_lines(proc.stderr)) == 1 and "--output /proc/atomuq-nowhere/a.extxyz" in proc.stderr

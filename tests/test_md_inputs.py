@@ -25,14 +25,15 @@ def bad_structures() -> dict[str, tuple[Atoms, str]]:
     overlap.positions[3] = overlap.positions[0] + [0.017, 0.0, 0.0]
     nan = water()
     nan.positions[1, 2] = np.nan
-    chlorine = molecule("CH3Cl")
+    bromine = molecule("CH3Cl")
+    bromine.symbols[bromine.symbols == "Cl"] = "Br"
     copper = Atoms("Cu2", positions=[[0, 0, 0], [2.5, 0, 0]])
     no_cell = water()
     no_cell.pbc = True
     return {
         "overlap": (overlap, "overlap (0.017 Å apart"),
         "nan": (nan, "NaN or infinite"),
-        "chlorine": (chlorine, "element(s) Cl not supported by any bundled model"),
+        "bromine": (bromine, "element(s) Br not supported by any bundled model"),
         "copper": (copper, "element(s) Cu not supported by any bundled model"),
         "no_cell": (no_cell, "periodic along abc but the cell vector is zero"),
     }
