@@ -220,15 +220,18 @@ def figure(result: dict, path: Path) -> None:
     c = result["runs"]["nve_conservative"]["systems"]
     x = np.arange(len(d))
     fig, ax = plt.subplots(figsize=(11, 4.2))
-    ax.bar(x - 0.2, [abs(r["drift_meV_atom_ps"]) for r in d], 0.4, label="direct forces",
-           color=["C0" if r["completed"] else "C3" for r in d])
+    done = np.array([r["completed"] for r in d])
+    drift = np.array([abs(r["drift_meV_atom_ps"]) for r in d])
+    ax.bar(x[done] - 0.2, drift[done], 0.4, label="direct forces, completed", color="C0")
+    ax.bar(x[~done] - 0.2, drift[~done], 0.4, label="direct forces, did not complete", color="C3")
     ax.bar(x + 0.2, [abs(r["drift_meV_atom_ps"]) for r in c], 0.4, label="conservative forces", color="C2")
     ax.set_yscale("log")
     ax.set_xticks(x, [r["molecule"] + ("*" if r["role"] == "held-out" else "") for r in d], rotation=70, fontsize=8)
     ax.set_ylabel("|energy drift| (meV/atom/ps)")
-    ax.set_title(f"NVE {result['ps']:g} ps at {result['temperature_K']:g} K: direct (red: did not complete) "
-                 "vs conservative; * held out")
-    ax.legend()
+    ax.set_title(f"NVE {result['ps']:g} ps at {result['temperature_K']:g} K: direct vs conservative forces; "
+                 "* held out")
+    ax.set_ylim(top=ax.get_ylim()[1] * 100)  # room for the legend above the bars
+    ax.legend(loc="upper left", ncol=3, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
