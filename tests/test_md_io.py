@@ -366,3 +366,31 @@ def test_md_frames_carry_provenance_through_the_schema_and_read_back_the_ase_way
         assert frame.info["model_energy"] == pytest.approx(frame.info["epot"])
         assert frame.get_forces().shape == (3, 3)
     assert len(scan_trajectory(out).frames) == 3  # atomuq's own reader agrees
+
+
+def test_a_run_whose_positions_turn_nan_stops_with_one_error_and_keeps_its_frames(tmp_path, monkeypatch):
+    """An integrator that blows up (here: positions set to NaN in step 12) ends the run with one `error:` line naming
+    the file, the step and the cause, no traceback, and the frames written before it left readable."""
+    from ase.md.verlet import VelocityVerlet
+
+    original = VelocityVerlet.step
+
+    def step(self, forces=None):
+        if self.nsteps == 12:
+            positions = self.atoms.get_positions()
+            positions[2, 1] = np.nan
+            self.atoms.set_positions(positions)
+        return original(self, forces)
+
+    monkeypatch.setattr(VelocityVerlet, "step", step)
+    start = tmp_path / "ethanol.extxyz"
+    write(start, molecule("CH3CH2OH"))
+    out = tmp_path / "run.extxyz"
+    res = runner.invoke(app, md_args(start, out, 20))
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res.output
+    assert str(start) in errors[0] and "after step 12" in errors[0] and "NaN or infinite positions" in res.output
+    frames = scan_trajectory(out).frames
+    assert [f.info["step"] for f in frames] == [0, 5, 10]
+    assert "BLOWN UP" in (tmp_path / "run.extxyz.log").read_text()

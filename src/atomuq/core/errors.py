@@ -19,3 +19,7 @@ class ModelError(AtomuqError):
 
 class MemoryShortage(InputError):
     """A structure too large for the memory at hand; the message says how much it needs and what to do."""
+
+
+class BlownUp(AtomuqError):
+    """Positions that became NaN or infinite during a simulation: the integrator blew up (forces too large for the step)."""

@@ -32,7 +32,7 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import PropertyNotImplementedError
 
-from atomuq.core.errors import AtomuqError, InputError
+from atomuq.core.errors import AtomuqError, BlownUp, InputError
 from atomuq.core.schema import NonFiniteResult, prepare_results
 from atomuq.core.paths import check_output_file
 from atomuq.core.validate import DEFAULT_MIN_DISTANCE, check_structure
@@ -456,6 +456,13 @@ class MDRun:
             status = "interrupted"
             self._log(f"step {self.step:>8d}  interrupted; every frame up to here is on disk (use --resume)",
                       {"event": "interrupted", "step": self.step})
+        except BlownUp as exc:
+            message = (f"{self.where}: after step {self.step} (t = {self.time_fs:g} fs, {self.mode} forces): {exc}; "
+                       "the run is stopped (the frames written so far are kept)")
+            self._log(f"step {self.step:>8d}  BLOWN UP: {exc}", {"event": "blown_up", "step": self.step,
+                                                                 "time_fs": self.time_fs, "reason": str(exc)})
+            self._close()
+            raise AtomuqError(message) from None
         except BaseException:
             self._close()
             raise
