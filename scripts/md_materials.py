@@ -15,7 +15,8 @@ Per system, from the GFN1-xTB relaxed supercell of the materials set (data/mater
    least-squares line through E_tot per atom (atomuq.workflows.md.drift), meV/atom/ps.
 
 Every run resumes (atomuq md's crash-safe files in --out); the report is DOCS/md_materials.md with
-DOCS/md_materials_energy.png (E_tot of the NVE runs) and the numbers in DOCS/md_materials.json.
+DOCS/md_materials_SYSTEM_nve.png (E_tot, U_Δ and temperature of the NVE runs) and the numbers in
+DOCS/md_materials.json.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python scripts/md_materials.py --model runs/materials/best.pt
     ... --report                                         # the report from the finished runs
@@ -29,22 +30,18 @@ import json
 import time
 from pathlib import Path
 
-import matplotlib
 import torch
 from ase.io import read
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from atomuq.core.bonds import bond_changes, bond_graph  # noqa: E402
-from atomuq.core.errors import AtomuqError, InputError  # noqa: E402
-from atomuq.core.io import write_structures  # noqa: E402
-from atomuq.models.registry import resolve_model  # noqa: E402
-from atomuq.workflows.md.drift import analyse, load_md_frames, series  # noqa: E402
-from atomuq.workflows.md.driver import MDRun  # noqa: E402
-from atomuq.workflows.md.monitors import parse_monitor  # noqa: E402
-from atomuq.workflows.md.protocol import relax  # noqa: E402
-from atomuq.workflows.md.settings import MDSettings  # noqa: E402
+from atomuq.core.bonds import bond_changes, bond_graph
+from atomuq.core.errors import AtomuqError
+from atomuq.core.io import write_structures
+from atomuq.models.registry import resolve_model
+from atomuq.workflows.md.drift import analyse, load_md_frames, plot_drift, series
+from atomuq.workflows.md.driver import MDRun
+from atomuq.workflows.md.monitors import parse_monitor
+from atomuq.workflows.md.protocol import relax_with_fallback
+from atomuq.workflows.md.settings import MDSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 #: system -> temperature (K): the paper equilibrates at 300 K, ice at 200 K
@@ -71,13 +68,8 @@ def relaxed_start(system: str, model, out: Path):
     if not path.exists():
         atoms = read(ROOT / "data" / "materials" / "shards" / "relax" / f"{system}.extxyz.gz")
         atoms.calc = None
-        try:
-            done = relax(atoms, model, 0.05)
-            done.info = {"relax_forces": "direct"}
-        except InputError as exc:  # BFGS on non-conservative forces need not converge
-            say(f"{system}: direct-force relaxation failed ({exc}); relaxing on conservative forces")
-            done = relax(atoms, model, 0.05, forces="conservative")
-            done.info = {"relax_forces": "conservative"}
+        done, forces = relax_with_fallback(atoms, model, 0.05, where=system, say=say)
+        done.info = {"relax_forces": forces}
         write_structures(path, [done])
     atoms = read(path)
     atoms.calc = None
@@ -101,11 +93,9 @@ def md(atoms, model, path: Path, key: str, status: dict, status_path: Path, **se
 
 
 def last_frame(path: Path):
-    frame = load_md_frames(path)[0][-1].copy()
-    momenta = frame.get_momenta()
-    frame.calc = None
+    """The last complete frame of a run, momenta kept, without its results and info."""
+    frame = load_md_frames(path)[0][-1].copy()  # copy(): positions and momenta, no calculator
     frame.info = {}
-    frame.set_momenta(momenta)
     return frame
 
 
@@ -114,8 +104,8 @@ def verdict(path: Path, start, target_K: float | None) -> dict:
     frames, _ = load_md_frames(path)
     _, bonds = series(frames, "bonds")
     last = frames[-1]
-    changed = bool((bonds > 0).any()) or sum(bond_changes(last.numbers, last.positions, bond_graph(start), last.cell.array,
-                                                                last.pbc)) > 0
+    broken, formed = bond_changes(last.numbers, last.positions, bond_graph(start), last.cell.array, last.pbc)
+    changed = bool((bonds > 0).any()) or broken + formed > 0
     t, temp = series(frames, "temperature")
     reference = target_K if target_K is not None else float(temp[0])
     late = temp[t >= EQUILIBRATION_PS * 1000.0]
@@ -146,7 +136,7 @@ def report(out: Path, docs: Path, model_name: str, ps: float, nve_ps: float, sta
               "systems": SYSTEMS, "runs": rows}
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "md_materials.json").write_text(json.dumps(result, indent=1))
-    figure(out, docs / "md_materials_energy.png")
+    pictures = figures(out, docs)
     lines = [f"# Direct-force MD of ice and the water box with {model_name}", "",
              f"Rebuilt by `OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python scripts/md_materials.py --model "
              f"{model_name} --ps {ps:g} --nve-ps {nve_ps:g}` (the protocol is the script's docstring). NVT: "
@@ -168,29 +158,23 @@ def report(out: Path, docs: Path, model_name: str, ps: float, nve_ps: float, sta
         lines.append(f"| {system} | {r['atoms']} | {run.replace('_', ' ')} | {done} | {r['max_T_over_reference']:.2f} "
                      f"| {stats} | {r['drift_meV_atom_ps']:.4g} | {fd} | {wall} |")
     lines += ["", "NVT drift is of the extended energy's physical part only and is not a conservation check; the NVE "
-              "rows are.", "", "![NVE total energy](md_materials_energy.png)", ""]
+              "rows are.", "", *[f"![{name}]({name})" for name in pictures], ""]
     (docs / "md_materials.md").write_text("\n".join(lines))
     return result
 
 
-def figure(out: Path, path: Path) -> None:
-    """E_tot per atom against time of the NVE runs, direct and conservative, one panel per system."""
-    fig, axes = plt.subplots(1, len(SYSTEMS), figsize=(10, 3.6), squeeze=False)
-    for ax, system in zip(axes[0], SYSTEMS):
-        for run, colour in (("nve_direct", "C3"), ("nve_conservative", "C0")):
-            p = out / f"{system}.{run}.extxyz"
-            if not p.exists():
-                continue
-            frames, _ = load_md_frames(p)
-            t, e = series(frames, "etot")
-            ax.plot(t / 1000.0, (e - e[0]) / len(frames[0]) * 1000.0, color=colour, label=run.replace("_", " "))
-        ax.set_title(system)
-        ax.set_xlabel("time (ps)")
-        ax.set_ylabel("E_tot - E_tot(0) (meV/atom)")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+def figures(out: Path, docs: Path) -> list[str]:
+    """Per system with NVE runs: DOCS/md_materials_SYSTEM_nve.png (atomuq.workflows.md.drift.plot_drift: E_tot, U_Δ
+    and temperature of the direct and conservative runs); the file names written."""
+    names = []
+    for system in SYSTEMS:
+        runs = [r for r in ("nve_direct", "nve_conservative") if (out / f"{system}.{r}.extxyz").exists()]
+        if runs:
+            name = f"md_materials_{system}_nve.png"
+            plot_drift([out / f"{system}.{r}.extxyz" for r in runs], docs / name,
+                       labels=[r.replace("_", " ") for r in runs], symlog=True, title=f"{system}: NVE")
+            names.append(name)
+    return names
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ from atomuq.uq.force_delta import force_delta
 from atomuq.workflows.md.drift import analyse, load_md_frames, plot_drift, series
 from atomuq.workflows.md.monitors import parse_monitor
 from atomuq.workflows.md.driver import MDRun
-from atomuq.workflows.md.protocol import PaperPreset, relax
+from atomuq.workflows.md.protocol import PaperPreset, relax_with_fallback
 from atomuq.workflows.md.settings import MDSettings
 from atomuq.workflows.md.trajectory import scan_trajectory
 
@@ -120,15 +120,8 @@ def equilibrated(model, atoms, tag: str, seed: int):
     if relaxed_path.exists():
         relaxed = read(relaxed_path)
     else:
-        try:
-            relaxed = relax(atoms, model, PRESET.fmax)
-            relaxed.info["relax_forces"] = "direct"
-        except InputError as exc:  # BFGS on non-conservative forces need not converge
-            say(
-                f"{tag}: direct-force relaxation failed ({exc}); relaxing on conservative forces"
-            )
-            relaxed = relax(atoms, model, PRESET.fmax, forces="conservative")
-            relaxed.info["relax_forces"] = "conservative"
+        relaxed, forces = relax_with_fallback(atoms, model, PRESET.fmax, where=tag, say=say)
+        relaxed.info["relax_forces"] = forces
         write_structures(relaxed_path, [relaxed])
     relaxed.calc = None
     relaxed.set_momenta(np.zeros((len(relaxed), 3)))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import weakref
 from pathlib import Path
 
-import numpy as np
 import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
@@ -13,6 +12,7 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from atomuq.core.batch import Batch
 from atomuq.core.errors import BlownUp
 from atomuq.core.memory import memory_errors
+from atomuq.core.validate import nonfinite_atoms
 from atomuq.core.schema import ASE_PROPERTIES, CALC, PROVENANCE_KEYS, NonFiniteResult, clear_results, write_results, writers_keys
 from atomuq.models.derivatives import evaluate
 from atomuq.models.protocol import AtomisticModel
@@ -106,10 +106,10 @@ class AtomuqCalculator(Calculator):
 
     def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
-        bad = ~np.isfinite(self.atoms.positions).all(axis=1)
-        if bad.any():  # checked here, not deep inside the neighbour search, so that MD can say what happened
-            raise BlownUp(f"{int(bad.sum())} of {len(self.atoms)} atoms have NaN or infinite positions (first: atom "
-                          f"{int(np.flatnonzero(bad)[0])}): the integrator blew up; shorten the time step or use "
+        bad = nonfinite_atoms(self.atoms.positions)
+        if bad.size:  # checked here, not deep inside the neighbour search, so that MD can say what happened
+            raise BlownUp(f"{bad.size} of {len(self.atoms)} atoms have NaN or infinite positions (first: atom "
+                          f"{int(bad[0])}): the integrator blew up; shorten the time step or use "
                           "forces that can be trusted here")
         batch = Batch.from_atoms([self.atoms], device=self.model.device, dtype=self.model.dtype)
         backward = self._needs_backward(properties)

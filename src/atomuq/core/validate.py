@@ -26,6 +26,11 @@ MAX_REFERENCE_FORCE = 1e6
 _MAX_CELLS = 1e4
 
 
+def nonfinite_atoms(positions: np.ndarray) -> np.ndarray:
+    """Indices of the atoms whose positions (N, 3), Å, hold NaN or infinite values (empty if none)."""
+    return np.flatnonzero(~np.isfinite(positions).all(axis=1))
+
+
 def check_structure(
     atoms: Atoms,
     where: str,
@@ -38,8 +43,8 @@ def check_structure(
     if len(atoms) == 0:
         raise InputError(f"{where}: the structure has no atoms")
     positions = atoms.positions
-    if not np.isfinite(positions).all():
-        bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
+    bad = nonfinite_atoms(positions)
+    if bad.size:
         raise InputError(f"{where}: positions of atoms {bad[:10].tolist()} are NaN or infinite")
     cell = atoms.cell.array
     if not np.isfinite(cell).all():

@@ -40,6 +40,19 @@ def relax(
     return atoms
 
 
+def relax_with_fallback(
+    atoms: Atoms, model: AtomisticModel, fmax: float = 0.05, where: str = "the structure",
+    say: Callable[[str], None] = print,
+) -> tuple[Atoms, str]:
+    """Relax to fmax (eV/Å) on the direct forces, or on the conservative ones where BFGS does not converge on the
+    direct (non-conservative) field; (relaxed structure, the forces used)."""
+    try:
+        return relax(atoms, model, fmax), "direct"
+    except InputError as exc:
+        say(f"{where}: direct-force relaxation failed ({exc}); relaxing on conservative forces")
+        return relax(atoms, model, fmax, forces="conservative"), "conservative"
+
+
 @dataclass
 class PaperPreset:
     """The Force Delta paper's protocol (methods.md section 7): relax, NVT equilibration, NVE velocity Verlet."""
