@@ -27,14 +27,14 @@ def bad_structures() -> dict[str, tuple[Atoms, str]]:
     nan.positions[1, 2] = np.nan
     bromine = molecule("CH3Cl")
     bromine.symbols[bromine.symbols == "Cl"] = "Br"
-    copper = Atoms("Cu2", positions=[[0, 0, 0], [2.5, 0, 0]])
+    gold = Atoms("Au2", positions=[[0, 0, 0], [2.5, 0, 0]])  # no bundled model knows Au
     no_cell = water()
     no_cell.pbc = True
     return {
         "overlap": (overlap, "overlap (0.017 Å apart"),
         "nan": (nan, "NaN or infinite"),
         "bromine": (bromine, "element(s) Br not supported by any bundled model"),
-        "copper": (copper, "element(s) Cu not supported by any bundled model"),
+        "gold": (gold, "element(s) Au not supported by any bundled model"),
         "no_cell": (no_cell, "periodic along abc but the cell vector is zero"),
     }
 
