@@ -34,7 +34,7 @@ PYTHONPATH=src "$PY" -m atomuq.cli.main train "configs/train_$SET.toml" --device
 if [ "$MEMBERS" = 1 ]; then
     for seed in 1 2 3 4 5; do
         PYTHONPATH=src "$PY" -m atomuq.cli.main train "configs/train_$SET.toml" --device "$DEVICE" \
-            --seed $seed --epochs 20 --run-dir "runs/${SET}_member$seed" \
+            --seed $seed --epochs 20 --run-dir "runs/${SET}_member$seed" --set error_log.last_epochs=20 \
             --set model.latent=64 --set model.hidden=64 --set model.confidence_hidden=64 --set model.num_layers=2
     done
 fi
