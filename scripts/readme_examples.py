@@ -111,6 +111,19 @@ def _attack_starts() -> Command:
 EXAMPLES: dict[str, Example] = {
     "models": Example((Command("atomuq models"),)),
     "score": Example((Command(f"atomuq score {DEMO} -o out/demo_scored.extxyz --top 5"),), clean=("out/demo_scored.extxyz",)),
+    "score-materials": Example(
+        (
+            Command("mkdir -p out"),
+            Command(
+                "python -c \"from ase.build import bulk; from ase.io import write; \\\n"
+                "cells = [bulk('Cu', 'fcc', a=3.61, cubic=True).repeat(3), bulk('Si', 'diamond', a=5.43, cubic=True).repeat(2), \\\n"
+                "bulk('MgO', 'rocksalt', a=4.21, cubic=True).repeat(2)]; [a.rattle(0.05, seed=i) for i, a in enumerate(cells)]; \\\n"
+                "write('out/crystals.extxyz', cells)\""
+            ),
+            Command("atomuq score out/crystals.extxyz -o out/crystals_scored.extxyz"),
+        ),
+        clean=("out/crystals*",),
+    ),
     "bad-input": Example(
         (
             Command("mkdir -p out"),
