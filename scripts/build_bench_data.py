@@ -70,8 +70,10 @@ def water_box(grid: tuple[int, int, int] = (2, 2, 4), spacing: float = 3.1, seed
     return box
 
 
-def adversarial_frames(model, starts: list[Atoms], settings: AttackSettings, per_start: int) -> tuple[list[Atoms], int]:
-    """Attack every start; keep about per_start log-spaced frames of each search; drop overlapping frames."""
+def adversarial_frames(model, starts: list[Atoms], settings: AttackSettings, per_start: int,
+                       key: str = SYSTEM_KEY) -> tuple[list[Atoms], int]:
+    """Attack every start; keep about per_start log-spaced frames of each search; drop overlapping frames
+    (key: the info key naming each start's system, for the messages)."""
     result = attack(model, starts, settings, batch_size=16)
     frames = result.to_atoms(starts)
     last = {o.index: o.steps_run for o in result.outcomes}
@@ -80,7 +82,7 @@ def adversarial_frames(model, starts: list[Atoms], settings: AttackSettings, per
         if atoms.info["attack_step"] not in kept_steps(last[atoms.info["source_index"]], per_start):
             continue
         try:
-            check_structure(atoms, f"{atoms.info[SYSTEM_KEY]} step {atoms.info['attack_step']}", None, DEFAULT_MIN_DISTANCE)
+            check_structure(atoms, f"{atoms.info[key]} step {atoms.info['attack_step']}", None, DEFAULT_MIN_DISTANCE)
         except InputError:
             overlapping += 1
             continue
@@ -88,9 +90,9 @@ def adversarial_frames(model, starts: list[Atoms], settings: AttackSettings, per
     return keep, overlapping
 
 
-def label(frames: list[Atoms], method: str, output: Path) -> dict:
-    """Label frames with a reference method into output; a summary for the manifest."""
-    report = label_structures(frames, method, output, log=print)
+def label(frames: list[Atoms], method: str, output: Path, options: dict | None = None, workers: int = 1) -> dict:
+    """Label frames with a reference method (options: the calculator's) into output; a summary for the manifest."""
+    report = label_structures(frames, method, output, workers=workers, options=options, log=print)
     return {
         "file": output.name,
         "method": method,

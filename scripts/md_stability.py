@@ -26,18 +26,12 @@ import torch
 from ase.io import read
 from scipy.stats import spearmanr
 
-from atomuq.core.batch import Batch
-from atomuq.core.errors import InputError
-from atomuq.core.io import reference_forces, write_structures
-from atomuq.workflows.label import label_structures
-from atomuq.core.validate import check_structure
-from atomuq.models.derivatives import evaluate
+from atomuq.core.io import write_structures
 from atomuq.models.registry import resolve_model
-from atomuq.uq.force_delta import force_delta
 from atomuq.workflows.md.drift import analyse, load_md_frames, plot_drift, series
 from atomuq.workflows.md.monitors import parse_monitor
 from atomuq.workflows.md.driver import MDRun
-from atomuq.workflows.md.protocol import PaperPreset, relax_with_fallback
+from atomuq.workflows.md.protocol import PaperPreset, errors_along, relax_with_fallback
 from atomuq.workflows.md.settings import MDSettings
 from atomuq.workflows.md.trajectory import scan_trajectory
 
@@ -160,34 +154,7 @@ def md(model, atoms, path: Path, **kw) -> dict:
 
 def label_errors(model, path: Path, n: int) -> dict:
     """Mean ε_nc and ε_c (eV/Å) over n frames spread over the trajectory, against GFN2-xTB."""
-    frames = load_md_frames(path)[0]
-    pick = np.unique(np.linspace(0, len(frames) - 1, n).round().astype(int))
-    sub = []
-    for i in pick:
-        a = frames[i].copy()
-        a.calc = None
-        a.info = {"time_fs": frames[i].info["time_fs"]}
-        try:  # a blown-up frame with overlapping atoms cannot be labelled
-            check_structure(a, f"{path} frame {i}")
-        except InputError:
-            continue
-        sub.append(a)
-    out = path.with_name(path.name + ".xtb.extxyz")
-    if not out.exists():
-        label_structures(sub, "gfn2-xtb", out, workers=1)
-    labelled = read(out, ":")
-    batch = Batch.from_atoms(labelled, dtype=model.dtype)
-    ref = torch.tensor(
-        np.concatenate([reference_forces(a) for a in labelled]), dtype=model.dtype
-    )
-    res = force_delta(evaluate(model, batch).detach(), batch, reference_forces=ref)
-    ps = {k: v.detach().numpy() for k, v in res.per_structure.items()}
-    return {
-        "eps_nc_mean": float(ps["eps_nc"].mean()),
-        "eps_c_mean": float(ps["eps_c"].mean()),
-        "force_delta_labelled_mean": float(ps["force_delta"].mean()),
-        "labelled_frames": len(labelled),
-    }
+    return errors_along(model, path, n, "gfn2-xtb")
 
 
 def run_study(results: dict, model) -> None:

@@ -7,13 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from ase import Atoms
 from ase.optimize import BFGS
 
+from atomuq.core.batch import Batch
 from atomuq.core.errors import InputError
-from atomuq.core.io import read_structures, write_structures
+from atomuq.core.io import read_structures, reference_forces, write_structures
 from atomuq.core.validate import check_structure
+from atomuq.models.derivatives import evaluate
 from atomuq.models.protocol import AtomisticModel
+from atomuq.uq.force_delta import force_delta
 from atomuq.uq.ltau.estimator import LTAUEstimator
 from atomuq.workflows.md.driver import MDRun, RunResult
 from atomuq.workflows.md.drift import load_md_frames
@@ -138,3 +142,34 @@ def run_paper_protocol(
     step_progress = (lambda t: progress("NVE", t, nve.target_fs())) if progress else None
     return MDRun(start, model, nve, path, plan, resume=resume, say=say, ltau=ltau, ltau_k=ltau_k,
                  where=f"{equil_path} last frame", model_name=model_name).run(step_progress)
+
+
+def errors_along(model: AtomisticModel, path: Path, n: int, method: str = "gfn2-xtb",
+                 options: dict | None = None) -> dict:
+    """Mean ε_nc, ε_c and U_Δ (eV/Å) of the model on n frames spread over an MD trajectory, labelled with the
+    reference method (options: its calculator's) into PATH.xtb.extxyz (kept: a rerun labels nothing again); frames
+    with overlapping atoms (a blown-up run) are skipped."""
+    from atomuq.workflows.label import label_structures
+
+    frames = load_md_frames(path)[0]
+    pick = np.unique(np.linspace(0, len(frames) - 1, n).round().astype(int))
+    sub = []
+    for i in pick:
+        a = frames[i].copy()
+        a.calc = None
+        a.info = {"time_fs": frames[i].info["time_fs"]}
+        try:
+            check_structure(a, f"{path} frame {i}")
+        except InputError:
+            continue
+        sub.append(a)
+    out = path.with_name(path.name + ".xtb.extxyz")
+    if not out.exists():
+        label_structures(sub, method, out, workers=1, options=options)
+    labelled = [r.atoms for r in read_structures([out])]
+    batch = Batch.from_atoms(labelled, dtype=model.dtype)
+    ref = torch.tensor(np.concatenate([reference_forces(a) for a in labelled]), dtype=model.dtype)
+    res = force_delta(evaluate(model, batch).detach(), batch, reference_forces=ref)
+    ps = {k: v.detach().numpy() for k, v in res.per_structure.items()}
+    return {"eps_nc_mean": float(ps["eps_nc"].mean()), "eps_c_mean": float(ps["eps_c"].mean()),
+            "force_delta_labelled_mean": float(ps["force_delta"].mean()), "labelled_frames": len(labelled)}
