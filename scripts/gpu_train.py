@@ -3,7 +3,7 @@
 One lease of a GPU machine is short (minutes), so everything that trains runs at once, one process each
 (small graph networks leave a GPU mostly idle; several processes keep it busy):
 
-  materials           configs/train_materials.toml, as many epochs (<= --max-epochs) as the budget allows:
+  materials_gpu       configs/train_materials.toml, as many epochs (<= --max-epochs) as the budget allows:
                       a probe epoch on the validation frames, run under the members' load, sets the count
                       before the real run starts (its cosine schedule needs the count up front)
   materials_member1-5 the same config at 64 wide and 2 layers, seeds 1-5, 20 epochs (ensemble baseline)
@@ -93,6 +93,8 @@ def main() -> int:
     ap.add_argument("--runs", type=Path, default=ROOT / "runs")
     ap.add_argument("--logs", type=Path, default=ROOT / "logs")
     ap.add_argument("--summary", type=Path, default=ROOT / "gpu_train.json")
+    ap.add_argument("--main-name", default="materials_gpu",
+                    help="run folder (under --runs) of the materials model; runs/materials holds the 8-epoch CPU run")
     ap.add_argument("--no-members", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="tiny: 1-epoch members on the validation files")
     args = ap.parse_args()
@@ -155,8 +157,8 @@ def main() -> int:
     runs = list(members)
     if epochs:
         last = max(1, epochs // 2)
-        main_run = Run("materials", train_cmd("configs/train_materials.toml", args.device, "--epochs", str(epochs),
-                                              "--run-dir", str(args.runs / "materials"),
+        main_run = Run(args.main_name, train_cmd("configs/train_materials.toml", args.device, "--epochs", str(epochs),
+                                              "--run-dir", str(args.runs / args.main_name),
                                               "--set", f"error_log.last_epochs={last}", *tiny),
                        args.logs / "gpu_materials.log", extra={"epochs": epochs, "last_epochs": last})
         launch(main_run, env)
