@@ -7,7 +7,7 @@ One lease of a GPU machine is short (minutes), so everything that trains runs at
                       a probe epoch on the validation frames, run under the members' load, sets the count
                       before the real run starts (its cosine schedule needs the count up front)
   materials_member1-5 the same config at 64 wide and 2 layers, seeds 1-5, 20 epochs (ensemble baseline)
-  molecular_broad_member3-5  configs/train_molecular_broad.toml's members (member 3 resumes its saved state)
+  molecular_broad_member4-5  configs/train_molecular_broad.toml's members 4 and 5 (1-3 are committed)
 
 Every run saves a resumable state after each epoch; a run still going at the deadline is killed and
 resumes later with the same `atomuq train` command (scripts/train_new_models.sh lists them). Writes
@@ -115,7 +115,7 @@ def main() -> int:
                                                "--set", f"error_log.last_epochs={member_epochs}", *MEMBER, *tiny),
                                args.logs / f"gpu_{name}.log"))
         if not args.dry_run:
-            for seed in (3, 4, 5):
+            for seed in (4, 5):  # members 1-3 are committed
                 name = f"molecular_broad_member{seed}"
                 members.append(Run(name, train_cmd("configs/train_molecular_broad.toml", args.device, "--seed", str(seed),
                                                    "--epochs", str(member_epochs), "--run-dir", str(args.runs / name),
