@@ -104,6 +104,12 @@ def label(frames: list[Atoms], method: str, output: Path, options: dict | None =
     }
 
 
+def versions() -> dict[str, str]:
+    """The versions a manifest records."""
+    return {"atomuq": atomuq.__version__, "ase": ase.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="data/molecular")
@@ -184,12 +190,7 @@ def main() -> None:
     files = sorted(out.glob("*.extxyz.gz"))
     manifest["sha256"] = {p.name: file_sha256([p])[0] for p in files}
     manifest["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    manifest["versions"] = {
-        "atomuq": atomuq.__version__,
-        "ase": ase.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
+    manifest["versions"] = versions()
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(json.dumps(manifest, indent=1))
 

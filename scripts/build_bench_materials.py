@@ -17,20 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import ase
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import atomuq  # noqa: E402
 from atomuq.core.io import file_sha256, read_structures  # noqa: E402
 from atomuq.models.registry import resolve_model  # noqa: E402
 from atomuq.workflows.attack import AttackSettings  # noqa: E402
-from build_bench_data import adversarial_frames, label, spread  # noqa: E402
+from build_bench_data import adversarial_frames, label, spread, versions  # noqa: E402
 from build_materials_set import TBLITE_OPTIONS  # noqa: E402
 
 KEY = "system"
@@ -86,8 +83,7 @@ def main() -> None:
         "files": {"adversarial_materials": summary},
         "sha256": {output.name: file_sha256([output])[0]},
         "wall_seconds": round(time.perf_counter() - t0, 1),
-        "versions": {"atomuq": atomuq.__version__, "ase": ase.__version__, "numpy": np.__version__,
-                     "python": platform.python_version()},
+        "versions": versions(),
     }
     (args.out / "manifest_materials.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(json.dumps(manifest, indent=1))

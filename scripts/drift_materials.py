@@ -37,7 +37,7 @@ from atomuq.workflows.md.drift import analyse  # noqa: E402
 from atomuq.workflows.md.protocol import errors_along  # noqa: E402
 from build_materials_set import TBLITE_OPTIONS  # noqa: E402
 from md_materials import SYSTEMS as MD_TEMPERATURES  # noqa: E402
-from md_materials import TDAMP, last_frame, md, relaxed_start  # noqa: E402
+from md_materials import TDAMP, TIMESTEP, last_frame, md, relaxed_start  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMS = ["al", "cu", "cu111_co", "ice", "kmgf3", "lgps", "lif", "mg", "mg17al12", "mgo", "mof5", "nacl", "quartz",
@@ -57,12 +57,12 @@ def run_system(system: str, model, out: Path, eq_ps: float, nve_ps: float, label
     status = json.loads(status_path.read_text()) if status_path.exists() else {}
     start = relaxed_start(system, model, out)
     md(start, model, out / f"{system}.nvt_conservative.extxyz", f"{system}/nvt_conservative", status, status_path,
-       ensemble="nvt", forces="conservative", steps=int(round(eq_ps * 2000)), temperature_K=temperature(system),
+       ensemble="nvt", forces="conservative", steps=int(round(eq_ps * 1000 / TIMESTEP)), temperature_K=temperature(system),
        tdamp_fs=TDAMP, seed=seed)
     frame = last_frame(out / f"{system}.nvt_conservative.extxyz")
     for run, forces in (("nve_direct", "direct"), ("nve_conservative", "conservative")):
         md(frame, model, out / f"{system}.{run}.extxyz", f"{system}/{run}", status, status_path, ensemble="nve",
-           forces=forces, steps=int(round(nve_ps * 2000)), seed=seed)
+           forces=forces, steps=int(round(nve_ps * 1000 / TIMESTEP)), seed=seed)
     if label_frames and "labelled" not in status:
         status["labelled"] = errors_along(model, out / f"{system}.nve_direct.extxyz", label_frames, "gfn1-xtb",
                                           dict(TBLITE_OPTIONS))
@@ -95,20 +95,21 @@ def correlation(x: np.ndarray, y: np.ndarray) -> dict:
     return {"r_s": ci.estimate, "low": ci.low, "high": ci.high, "n": int(len(x))}
 
 
-def report(out: Path, docs: Path, model_name: str, eq_ps: float, nve_ps: float) -> dict:
-    rows = rows_of(out)
-    drift = np.abs([r["drift_direct"] for r in rows])
+def correlations(rows: list[dict]) -> dict:
+    """r_s of |drift| of the direct runs with mean U_Δ, ε_nc and ε_c, each over the rows that have it (at least 4)."""
     stats = {}
     for key in ("force_delta_mean", "eps_nc_mean", "eps_c_mean"):
-        have = [i for i, r in enumerate(rows) if r[key] is not None]
+        have = [r for r in rows if r[key] is not None]
         if len(have) >= 4:
-            stats[key] = correlation(np.array([rows[i][key] for i in have]), drift[have])
-    low = [i for i, r in enumerate(rows) if abs(r["drift_direct"]) < LOW_DRIFT]  # the runs that did not run away
-    stats_low = {}
-    for key in ("force_delta_mean", "eps_nc_mean", "eps_c_mean"):
-        have = [i for i in low if rows[i][key] is not None]
-        if len(have) >= 4:
-            stats_low[key] = correlation(np.array([rows[i][key] for i in have]), drift[have])
+            stats[key] = correlation(np.array([r[key] for r in have]), np.abs([r["drift_direct"] for r in have]))
+    return stats
+
+
+def report(out: Path, docs: Path, model_name: str, eq_ps: float, nve_ps: float) -> dict:
+    rows = rows_of(out)
+    stats = correlations(rows)
+    low = [r for r in rows if abs(r["drift_direct"]) < LOW_DRIFT]  # the runs that did not run away
+    stats_low = correlations(low)
     result = {"model": model_name, "eq_ps": eq_ps, "nve_ps": nve_ps, "rows": rows, "spearman_with_abs_drift": stats,
               "low_drift_limit": LOW_DRIFT, "spearman_with_abs_drift_low": stats_low}
     docs.mkdir(parents=True, exist_ok=True)
@@ -119,9 +120,9 @@ def report(out: Path, docs: Path, model_name: str, eq_ps: float, nve_ps: float) 
     lines = [f"# NVE drift against the Force Delta on the materials set ({model_name})", "",
              f"Rebuilt by `OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python scripts/drift_materials.py --eq-ps {eq_ps:g} "
              f"--nve-ps {nve_ps:g}` (protocol in the script's docstring): per system one start, NVT with conservative "
-             f"forces for {eq_ps:g} ps, then NVE at 0.5 fs for {nve_ps:g} ps with direct and with conservative forces "
-             "from the same frame; energies accumulated in float64. ε_nc and ε_c: GFN1-xTB on frames spread over the "
-             "direct run.", "",
+             f"forces for {eq_ps:g} ps, then NVE at {TIMESTEP:g} fs for {nve_ps:g} ps with direct and with conservative "
+             "forces from the same frame (ASE integrators in float64, the model in float32). ε_nc and ε_c: GFN1-xTB "
+             "on frames spread over the direct run.", "",
              "| r_s with \\|drift\\| of the direct runs | ours (95 % interval over systems) | systems | paper (Fig. 6) |",
              "|---|---|---:|---:|"]
     for key, s in stats.items():

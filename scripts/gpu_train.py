@@ -67,20 +67,13 @@ def launch(run: Run, env: dict[str, str]) -> None:
     run.status = "running"
 
 
-def epochs_in(run_dir: Path) -> int:
-    """Epochs completed by a run folder (rows of its metrics.csv)."""
+def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of a run folder's metrics.csv, one per completed epoch (none before the first)."""
     path = run_dir / "metrics.csv"
     if not path.exists():
-        return 0
+        return []
     with path.open() as f:
-        return sum(1 for _ in csv.DictReader(f))
-
-
-def epoch_seconds(run_dir: Path) -> tuple[float, float]:
-    """(wall seconds of epoch 1 as the run measured it, total training seconds) from metrics.csv."""
-    with (run_dir / "metrics.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    return float(rows[0]["wall_time_s"]), float(rows[-1]["wall_time_s"])
+        return list(csv.DictReader(f))
 
 
 def main() -> int:
@@ -140,7 +133,7 @@ def main() -> int:
         print(probe.log.read_text()[-3000:], flush=True)
         epochs = 0
     else:
-        first, _ = epoch_seconds(probe_dir)
+        first = float(metrics_rows(probe_dir)[0]["wall_time_s"])  # epoch 1 as the run measured it
         setup = probe.seconds - first
         # one epoch = steps over the training frames + evaluation of training and validation frames; the probe
         # stepped and evaluated 630 frames and evaluated them again as validation: 5.5x for 4,194 + 630
@@ -179,7 +172,7 @@ def main() -> int:
         else:
             r.status = "finished" if r.proc.returncode == 0 else f"failed (exit {r.proc.returncode})"
         r.seconds = r.seconds or time.perf_counter() - r.start
-        r.epochs_done = epochs_in(args.runs / r.name)
+        r.epochs_done = len(metrics_rows(args.runs / r.name))
         print(f"{r.name:28s} {r.status:36s} {r.epochs_done:3d} epochs {r.seconds:7.1f} s", flush=True)
         if not r.status.startswith(("finished", "killed")):
             print(r.log.read_text()[-2000:], flush=True)
