@@ -410,3 +410,58 @@ def test_plots_write_png_files(tmp_path):
     for k, ax in enumerate(axes):
         path = plots.save_figure(ax, tmp_path / f"plot{k}.png")
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_max_score_scales_each_score_to_the_error_and_takes_the_larger():
+    from atomuq.uq.evaluate import MaxScore
+
+    scores = np.array([[1.0, 10.0], [2.0, 10.0], [4.0, 30.0]])
+    error = np.array([1.0, 2.0, 2.0])
+    fitted = MaxScore(("U", "sigma")).fit(scores, error)
+    rms = np.sqrt(np.mean(error**2))
+    # each scaled score has the error's RMS on the fit data
+    assert np.allclose(np.sqrt(np.mean((scores * fitted.weights_) ** 2, axis=0)), rms)
+    g = fitted.predict(scores)
+    assert np.allclose(g, (scores * fitted.weights_).max(axis=1))
+    assert np.all(g[:, None] >= scores * fitted.weights_ - 1e-12)
+    assert fitted.which(scores).tolist() == np.argmax(scores * fitted.weights_, axis=1).tolist()
+    assert fitted.to_dict()["weights"] == pytest.approx(fitted.weights_.tolist())
+
+
+def test_max_score_keeps_coverage_when_one_score_misses_a_shift():
+    """Two scores each proportional to the error in domain; under a shift one of them drops 3x. The bound on the
+    larger scaled score keeps its coverage; the bound on the score that missed the shift loses it."""
+    from atomuq.uq.evaluate import ConformalCalibrator, MaxScore
+
+    rng = np.random.default_rng(0)
+
+    def sample(n, miss):
+        scale = rng.lognormal(size=n)
+        error = scale * np.abs(rng.normal(size=n))
+        a = scale * rng.lognormal(sigma=0.1, size=n)
+        b = scale * rng.lognormal(sigma=0.1, size=n) / (3.0 if miss else 1.0)
+        return np.stack([a, b], axis=1), error
+
+    fit_s, fit_e = sample(2000, False)
+    cal_s, cal_e = sample(2000, False)
+    test_s, test_e = sample(4000, True)
+    combined = MaxScore().fit(fit_s, fit_e)
+    bound = ConformalCalibrator("score").fit(combined.predict(cal_s), cal_e).predict(combined.predict(test_s), 0.9)
+    only_b = ConformalCalibrator("score").fit(cal_s[:, 1], cal_e).predict(test_s[:, 1], 0.9)
+    assert abs(np.mean(test_e <= bound) - 0.9) < 0.03
+    assert np.mean(test_e <= only_b) < 0.7
+
+
+@pytest.mark.parametrize("scores, error, message", [
+    (np.ones(3), np.ones(3), "array"),
+    (np.array([[1.0, -1.0], [1.0, 1.0]]), np.ones(2), "sigma"),
+    (np.ones((3, 2)), np.ones(2), "paired"),
+    (np.ones((3, 2)), np.zeros(3), "zero"),
+])
+def test_max_score_bad_input_is_a_clear_error(scores, error, message):
+    from atomuq.uq.evaluate import MaxScore
+
+    with pytest.raises(InputError, match=message):
+        MaxScore(("U", "sigma")).fit(scores, error)
+    with pytest.raises(InputError, match="not fitted"):
+        MaxScore().predict(np.ones((2, 2)))

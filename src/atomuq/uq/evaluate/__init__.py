@@ -5,6 +5,7 @@
 - calibration: rmse_vs_rmv, ence, zms, calibration_curve, miscalibration_area (is σ calibrated?)
 - isotonic: IsotonicMap (monotone map from a raw score to the expected error)
 - conformal: ConformalCalibrator (error bars with a stated coverage), Coverage
+- combined: MaxScore (the larger of several scores, each scaled to the error: a normaliser for bounds under shift)
 - plots: figures of all of the above (imported separately: `from atomuq.uq.evaluate import plots`)
 
 Argument order everywhere: (score or sigma, error, ...); every function checks its input and raises
@@ -20,6 +21,7 @@ from .calibration import (
     rmse_vs_rmv,
     zms,
 )
+from .combined import MaxScore
 from .conformal import ConformalCalibrator, Coverage, min_calibration_size
 from .isotonic import IsotonicMap
 from .ranking import RocAuc, roc_auc, spearman
@@ -30,6 +32,7 @@ __all__ = [
     "ConformalCalibrator",
     "Coverage",
     "IsotonicMap",
+    "MaxScore",
     "RocAuc",
     "bootstrap_ci",
     "calibration_curve",
