@@ -22,9 +22,16 @@ exact search (brute force streamed over the .npy), resident memory after the sea
 file-backed). Rows "flat" at 10^6: an exact IndexFlatL2 in memory; "exact (streamed)" at 10^7: the
 brute force over the memory-mapped file that gives the ground truth.
 
+--model materials (issue 16: every shipped model): the query is a 1,000-atom diamond Si supercell (5 × 5 × 5
+cubic cells) rattled by σ = 0.05 Å, the reference set the materials model's features of its training frames
+(runs/materials/error_log, out/materials/train.extxyz.gz) in rattled copies, descriptor width 96.
+A kind may carry build parameters, e.g. ivfsq:nlist=4096,quantizer_ef=4 (`atomuq ltau fit --index ivfsq
+--index-param nlist=4096 ...` builds the same index).
+
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_ltau_scale.py --scratch /tmp/ltau_scale
-     [--sizes 1000000 10000000] [--kinds flat ivf ivfsq ivfpq] [--keep]
-Writes benchmarks/results/ltau_scale.json and .md; deletes the scratch files unless --keep.
+     [--model molecular-small|materials] [--sizes 1000000 10000000] [--kinds flat ivf ivfsq ivfpq
+     ivfsq:nlist=4096,quantizer_ef=4] [--tag TAG] [--keep]
+Writes benchmarks/results/ltau_scale[_TAG].json and .md; deletes the scratch files unless --keep.
 """
 
 from __future__ import annotations
@@ -46,6 +53,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = ROOT / "data" / "molecular"
 LOG = ROOT / "data" / "training" / "molecular-small" / "error_log"
+#: model -> (its training error log, its training files)
+TRAINING = {"molecular-small": (LOG, DATA / "train.extxyz.gz"),
+            "materials": (ROOT / "runs" / "materials" / "error_log", ROOT / "out" / "materials" / "train.extxyz.gz")}
 FRAME_ATOMS = 1000
 RATTLE = 0.05  # Å
 CLUSTERS = 1024
@@ -82,16 +92,21 @@ class AnonPeak:
         self.peak = max(self.peak, memory()["RssAnon"])
 
 
-def frame_and_model():
-    """(bundled model, the 1,008-atom query frame) with torch on one thread."""
+def frame_and_model(name: str = "molecular-small"):
+    """(bundled model, its query frame: 1,008 atoms of molecules, or 1,000 of rattled Si) with torch on one thread."""
     import torch
     from ase import Atoms
+    from ase.build import bulk
 
     from atomuq.core.io import read_structures
     from atomuq.models.registry import resolve_model
 
     torch.set_num_threads(1)
-    model = resolve_model("molecular-small")
+    model = resolve_model(name)
+    if name == "materials":
+        frame = bulk("Si", "diamond", 5.431, cubic=True).repeat((5, 5, 5))
+        frame.positions += np.random.default_rng(0).normal(scale=RATTLE, size=frame.positions.shape)
+        return model, frame
     molecules = [r.atoms for r in read_structures([DATA / "test_300K.extxyz.gz"])]
     frame, i = Atoms(), 0
     while len(frame) < FRAME_ATOMS:
@@ -102,17 +117,17 @@ def frame_and_model():
     return model, frame
 
 
-def real_set(path: Path, size: int) -> None:
-    """size real descriptors: the bundled model's features of its training molecules in rattled copies."""
+def real_set(path: Path, size: int, name: str = "molecular-small") -> None:
+    """size real descriptors: the bundled model's features of its training structures in rattled copies."""
     from atomuq.workflows.ltau import compute_descriptors, load_runs, training_records
 
-    model, _ = frame_and_model()
-    _, logs = load_runs([LOG])
-    train = [r.atoms for r in training_records(logs[0], [DATA / "train.extxyz.gz"])]
+    model, _ = frame_and_model(name)
+    log, train_file = TRAINING[name]
+    _, logs = load_runs([log])
+    train = [r.atoms for r in training_records(logs[0], [train_file])]
     rng = np.random.default_rng(0)
     per_copy = sum(len(a) for a in train)
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(size, 64))
-    row = 0
+    out, row = None, 0
     while row < size:
         rattled = []
         for atoms in train:
@@ -120,6 +135,8 @@ def real_set(path: Path, size: int) -> None:
             copy.positions = copy.positions + rng.normal(scale=RATTLE, size=copy.positions.shape)
             rattled.append(copy)
         block = compute_descriptors(model, rattled, batch_size=32)
+        if out is None:
+            out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(size, block.shape[1]))
         take = min(size - row, per_copy)
         out[row : row + take] = block[:take]
         row += take
@@ -191,7 +208,7 @@ def child_search(args: argparse.Namespace) -> dict:
     from atomuq.workflows.ltau import compute_descriptors
 
     faiss.omp_set_num_threads(1)
-    model, frame = frame_and_model()
+    model, frame = frame_and_model(args.model)
     queries = compute_descriptors(model, [frame])
     exact = np.load(args.exact)
     before = memory()
@@ -234,6 +251,12 @@ def child_search(args: argparse.Namespace) -> dict:
             "file_added_gib": after["RssFile"] - before["RssFile"], "memory_mapped": index.memory_mapped}
 
 
+def parse_kind(variant: str) -> tuple[str, dict[str, int]]:
+    """'ivfsq:nlist=4096,quantizer_ef=4' -> ('ivfsq', {'nlist': 4096, 'quantizer_ef': 4})."""
+    kind, _, rest = variant.partition(":")
+    return kind, {k: int(v) for k, v in (item.split("=") for item in rest.split(",") if item)}
+
+
 def run_child(mode: str, **options: object) -> dict:
     """Run this script as a child process (fresh memory counters) and return its JSON result."""
     command = [sys.executable, __file__, "--child", mode]
@@ -248,14 +271,17 @@ def run_child(mode: str, **options: object) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    parser.add_argument("--kinds", nargs="+", default=["flat", "ivf", "ivfsq", "ivfpq"])
+    parser.add_argument("--kinds", nargs="+", default=["flat", "ivf", "ivfsq", "ivfpq"],
+                        help="index kinds, each optionally KIND:param=value,... (build parameters)")
+    parser.add_argument("--model", choices=list(TRAINING), default="molecular-small")
+    parser.add_argument("--tag", default="", help="results go to ltau_scale_TAG.{json,md}")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/ltau_scale"))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--keep", action="store_true", help="keep the scratch files (descriptor sets, indexes)")
     parser.add_argument("--report-from", type=Path, metavar="LOG",
                         help="write the results from the rows an earlier (interrupted) run printed to LOG; measure nothing")
     parser.add_argument("--child", choices=["build", "search"])
-    for name in ("data", "kind", "params", "out", "exact", "nprobes"):
+    for name in ("data", "kind", "params", "out", "exact", "nprobes"):  # child options
         parser.add_argument(f"--{name}")
     args = parser.parse_args()
     if args.child:
@@ -265,7 +291,7 @@ def main() -> None:
     from atomuq.workflows.ltau import compute_descriptors
 
     faiss.omp_set_num_threads(1)
-    model, frame = frame_and_model()
+    model, frame = frame_and_model(args.model)
     queries = compute_descriptors(model, [frame])
     if args.report_from is not None:
         rows = [json.loads(line) for line in args.report_from.read_text().splitlines() if line.startswith("{")]
@@ -279,13 +305,13 @@ def main() -> None:
         write_results(meta, rows, args)
         return
     args.scratch.mkdir(parents=True, exist_ok=True)
-    real = args.scratch / "real_1000000.npy"
+    real = args.scratch / ("real_1000000.npy" if args.model == "molecular-small" else f"real_{args.model}_1000000.npy")
     meta: dict = {"query_atoms": len(queries), "descriptor_width": int(queries.shape[1]), "threads": 1,
                   "faiss": faiss.__version__, "machine": platform.processor() or platform.machine(),
                   "repeats": args.repeats, "sets": {}}
     if not real.exists():
         start = time.perf_counter()
-        real_set(real, 1_000_000)
+        real_set(real, 1_000_000, args.model)
         meta["sets"]["real_1000000_s"] = time.perf_counter() - start
     rows = []
     for size in args.sizes:
@@ -300,7 +326,8 @@ def main() -> None:
         exact = exact_neighbours(np.load(data, mmap_mode="r"), queries, 10)
         exact_s = time.perf_counter() - start
         np.save(args.scratch / "exact.npy", exact)
-        for kind in args.kinds:
+        for variant in args.kinds:
+            kind, params = parse_kind(variant)
             if kind == "ivf" and size > 1_000_000:  # its flat k-means over 4·sqrt(N) lists is hours at 10^7
                 continue
             if kind == "flat" and size > 1_000_000:
@@ -308,14 +335,15 @@ def main() -> None:
                              "synthetic": True, "rows": [{"nprobe": None, "search_k10_s": exact_s, "recall_at_1": 1.0,
                                                           "recall_at_10": 1.0}]})
                 continue
-            common = {"data": data, "kind": kind, "params": "{}", "out": args.scratch / f"{kind}_{size}.npz"}
+            common = {"data": data, "kind": kind, "params": json.dumps(params), "out": args.scratch / f"{kind}_{size}.npz",
+                      "model": args.model}
             built = ({"build_s": 0.0, "parameters": {}, "index_bytes": 4 * queries.shape[1] * size}
                      if kind == "flat" else run_child("build", **common))
             searched = run_child("search", **{**common, "kind": "flat-memory" if kind == "flat" else kind,
                                               "params": json.dumps(built["parameters"]), "exact": args.scratch / "exact.npy",
                                               "nprobes": json.dumps(list(NPROBES.get(kind, ()))),
                                               "repeats": 1 if kind == "flat" else args.repeats})
-            row = {"reference_atoms": size, "index": kind, "synthetic": data != real, **built, **searched}
+            row = {"reference_atoms": size, "index": variant, "synthetic": data != real, **built, **searched}
             rows.append(row)
             print(json.dumps(row), flush=True)
             Path(common["out"]).unlink(missing_ok=True)
@@ -329,7 +357,7 @@ def main() -> None:
 def write_results(meta: dict, rows: list[dict], args: argparse.Namespace) -> None:
     """benchmarks/results/ltau_scale.json and .md from the rows measured so far."""
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "ltau_scale.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    (RESULTS / f"ltau_scale{'_' + args.tag if args.tag else ''}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     write_markdown(meta, rows, args)
 
 
@@ -338,15 +366,19 @@ def write_markdown(meta: dict, rows: list[dict], args: argparse.Namespace) -> No
     lines = [
         "# LTAU look-up at 10^6 and 10^7 reference atoms", "",
         f"Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_ltau_scale.py --sizes "
-        f"{' '.join(map(str, args.sizes))} --kinds {' '.join(args.kinds)}`"
+        f"{' '.join(map(str, args.sizes))} --kinds {' '.join(args.kinds)}"
+        + (f" --model {args.model}" if args.model != "molecular-small" else "")
+        + (f" --tag {args.tag}" if args.tag else "") + "`"
         + (f" (rows as that run printed them to its log; written by `--report-from {meta['from_log']}`)"
            if meta.get("from_log") else ""), "",
-        f"Query: one {meta['query_atoms']:,}-atom frame (48 molecules of test_300K); descriptor width "
+        f"Model: {args.model}. Query: one {meta['query_atoms']:,}-atom frame ("
+        + ("48 molecules of test_300K" if args.model == "molecular-small" else "diamond Si, 5 × 5 × 5 cubic cells, "
+           "rattled by σ = 0.05 Å") + f"); descriptor width "
         f"{meta['descriptor_width']}; one thread; FAISS {meta['faiss']}. 10^6: real descriptors (the bundled "
-        "model's features of its training molecules in rattled copies, σ = 0.05 Å); 10^7: **synthetic**, a "
+        "model's features of its training structures in rattled copies, σ = 0.05 Å); 10^7: **synthetic**, a "
         f"{CLUSTERS}-cluster Gaussian mixture (weights, means, full covariances) fitted to the 10^6 real set. "
         "Share = search / (model + search), model = the frame's forward pass (direct forces + node features), "
-        "timed interleaved with the searches in the same process. Recall: the frame's 1,008 atoms against exact "
+        "timed interleaved with the searches in the same process. Recall: the frame's atoms against exact "
         "search; self recall@10: 1,000 indexed atoms, as `atomuq ltau fit` reports it.", "",
         "| reference atoms | index | nlist | nprobe | build s | build peak anon / RSS GiB | size MiB | B/atom | "
         "load s | cold search s | model ms | search k=1 ms | share k=1 | search k=10 ms | share k=10 | "
@@ -371,7 +403,7 @@ def write_markdown(meta: dict, rows: list[dict], args: argparse.Namespace) -> No
                 f"{s['share_k10']:.1%} | {s['recall_at_1']:.3f} | {s['recall_at_10']:.3f} | "
                 f"{r['self_recall_at_10'] if r.get('self_recall_at_10') is not None else 1:.3f} | "
                 f"{1024 * r['anon_added_gib']:.0f} / {1024 * r['file_added_gib']:.0f} |")
-    (RESULTS / "ltau_scale.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"ltau_scale{'_' + args.tag if args.tag else ''}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

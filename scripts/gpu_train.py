@@ -76,6 +76,15 @@ def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def finished_run(run_dir: Path) -> bool:
+    """True when a run folder's metrics.csv lists every epoch its config_resolved.json plans (its best.pt is final)."""
+    try:
+        planned = int(json.loads((run_dir / "config_resolved.json").read_text())["epochs"])
+    except (OSError, ValueError, KeyError):
+        return False
+    return (run_dir / "best.pt").exists() and len(metrics_rows(run_dir)) >= planned
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget-s", type=float, required=True, help="wall seconds from start to the last kill")

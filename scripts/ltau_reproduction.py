@@ -2,6 +2,13 @@
 
 Run (about 3 minutes on one core):
     OMP_NUM_THREADS=1 .venv/bin/python scripts/ltau_reproduction.py --out docs/ltau_reproduction
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python scripts/ltau_reproduction.py --set materials --out docs/ltau_materials
+
+--set materials (issue 14, item 6; after `scripts/build_materials_set.py --export out/materials`): the bundled
+materials model and its run's error log (runs/materials/error_log, 8 epochs, every epoch counted), test frames
+split by temperature (the thermal rattles at 300-1200 K), the strained test frames and the held-out MgO; each split
+also ranks with U_Δ and, where its members exist, the ensemble spread σ_ens (runs/materials_member1..4 with the
+model), all against the same ε_nc.
 
 Fits LTAU estimators for the bundled model from its committed training error log
 (data/training/molecular-small/error_log, 80 epochs, 43,385 training atoms; direct-force errors):
@@ -17,8 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from scipy.stats import spearmanr
@@ -30,11 +40,54 @@ from atomuq.uq.ltau.calibration import brier_score, fit_scale, reliability_curve
 from atomuq.uq.ltau.plots import reliability_figure
 from atomuq.workflows.ltau import fit_from_logs, predict_records
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_train import finished_run  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "molecular"
 LOG = ROOT / "data" / "training" / "molecular-small" / "error_log"
 TEST = ("test_300K", "test_600K", "test_1200K")
 HELDOUT = ("heldout_300K", "heldout_600K", "heldout_1200K")
+MATERIALS = ROOT / "out" / "materials"
+MATERIALS_TEMPERATURES = (300, 450, 600, 750, 900, 1200)
+
+
+@dataclass(frozen=True)
+class LTAUSet:
+    """What one reproduction runs on: model, error log, training files, splits (name -> file and frame filter)."""
+
+    model: str
+    log: Path
+    train: Path
+    splits: dict[str, tuple[Path, Callable[[dict], bool]]]
+    groups: dict[str, tuple[str, ...]]  # figure name -> splits drawn in it
+    variants: dict[str, int | None]  # name -> skip_epochs
+    members: tuple[str, ...] = ()
+    title: str = "the molecular set (the paper's 3BPA experiment, Fig. 1)"
+
+
+def _every(info: dict) -> bool:
+    return True
+
+
+def _thermal_at(temperature: float) -> Callable[[dict], bool]:
+    return lambda info: info.get("family") == "thermal" and float(info.get("temperature", -1)) == temperature
+
+
+SETS = {
+    "molecular": LTAUSet(
+        "molecular-small", LOG, DATA / "train.extxyz.gz",
+        {name: (DATA / f"{name}.extxyz.gz", _every) for name in TEST + HELDOUT},
+        {"test": TEST, "heldout": HELDOUT}, {"all epochs": None, "last 40 epochs": 40}),
+    "materials": LTAUSet(
+        "materials", ROOT / "runs" / "materials" / "error_log", MATERIALS / "train.extxyz.gz",
+        {**{f"test_{t}K": (MATERIALS / "test.extxyz.gz", _thermal_at(float(t))) for t in MATERIALS_TEMPERATURES},
+         "test_strained": (MATERIALS / "test.extxyz.gz", lambda info: info.get("family") == "strain"),
+         "heldout_mgo": (MATERIALS / "heldout_mgo.extxyz.gz", _every)},
+        {"test": tuple(f"test_{t}K" for t in MATERIALS_TEMPERATURES), "heldout": ("test_strained", "heldout_mgo")},
+        {"all epochs": None}, members=tuple(f"runs/materials_member{i}/best.pt" for i in range(1, 5)),
+        title="the materials set (GFN1-xTB), after the paper's 3BPA experiment"),
+}
 
 
 def structure_halves(offsets: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,6 +107,17 @@ def per_structure(values: np.ndarray, offsets: np.ndarray, how: str) -> np.ndarr
     if how == "max":
         return np.array([p.max() for p in parts])
     return np.array([np.sqrt(np.mean(p**2) / 3.0) for p in parts])
+
+
+def other_rankers(records, model, ensemble) -> dict:
+    """r_s with ε_nc of the per-structure U_Δ and (with an ensemble) σ_ens on the same frames (workflows.bench.collect)."""
+    from atomuq.workflows.bench import collect
+
+    data = collect(records, model, ensemble=ensemble, group_key="system")
+    out = {"spearman_force_delta_eps": float(spearmanr(data.values["force_delta"], data.values["eps_nc"]).statistic)}
+    if "ensemble_std" in data.values:
+        out["spearman_ensemble_eps"] = float(spearmanr(data.values["ensemble_std"], data.values["eps_nc"]).statistic)
+    return out
 
 
 def evaluate_split(estimator, descriptors, errors, offsets, k: int, seed: int) -> tuple[dict, dict]:
@@ -85,6 +149,7 @@ def evaluate_split(estimator, descriptors, errors, offsets, k: int, seed: int) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", choices=list(SETS), default="molecular", dest="which")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "ltau_reproduction")
     parser.add_argument("--ks", type=int, nargs=2, default=(1, 10), help="small and large k")
     parser.add_argument("--seed", type=int, default=0)
@@ -95,29 +160,36 @@ def main() -> None:
         write_report(json.loads(args.out.with_suffix(".json").read_text()), args.out)
         return
     reuse_freed_memory()
-    model = resolve_model("molecular-small")
+    spec = SETS[args.which]
+    model = resolve_model(spec.model)
     t0 = time.perf_counter()
-    variants = {
-        "all epochs": fit_from_logs([LOG], model, [DATA / "train.extxyz.gz"]),
-        "last 40 epochs": fit_from_logs([LOG], model, [DATA / "train.extxyz.gz"], skip_epochs=40),
-    }
+    variants = {name: fit_from_logs([spec.log], model, [spec.train], skip_epochs=skip)
+                for name, skip in spec.variants.items()}
     fit_time = time.perf_counter() - t0
-    splits = {}
-    for name in TEST + HELDOUT:
-        records = read_structures([DATA / f"{name}.extxyz.gz"])
-        scored = predict_records(records, model, variants["all epochs"], k=1)
+    first = next(iter(variants))
+    members = [model] + [resolve_model(str(ROOT / m)) for m in spec.members if finished_run((ROOT / m).parent)]
+    splits, rankers = {}, {}
+    for name, (path, keep) in spec.splits.items():
+        records = [r for r in read_structures([path]) if keep(r.atoms.info)]
+        scored = predict_records(records, model, variants[first], k=1)
         splits[name] = (scored.descriptors, scored.errors, scored.offsets)
+        if spec.members:
+            rankers[name] = other_rankers(records, model, members if len(members) > 1 else None)
     results, curves = [], {}
     for variant, estimator in variants.items():
         for k in args.ks:
             for name, (descriptors, errors, offsets) in splits.items():
                 row, c = evaluate_split(estimator, descriptors, errors, offsets, k, args.seed)
+                if name in rankers:
+                    row.update(rankers[name])
                 results.append({"variant": variant, "split": name, "atol": estimator.atol, **row})
                 curves[(variant, k, name)] = c
     args.out.parent.mkdir(parents=True, exist_ok=True)
     k_small, k_large = args.ks
-    for variant, tag in (("all epochs", "all"), ("last 40 epochs", "last40")):
-        for group, names in (("test", TEST), ("heldout", HELDOUT)):
+    tags = {"all epochs": "all", "last 40 epochs": "last40"}
+    for variant in variants:
+        tag = tags[variant]
+        for group, names in spec.groups.items():
             fitted_label = "s fitted on half, other half shown"
             panels = [
                 (f"k = {k_small}, s = 1", [(n, curves[(variant, k_small, n)]["s1"]) for n in names]),
@@ -127,8 +199,12 @@ def main() -> None:
                      curves[(variant, k_large, n)]["fitted"]) for n in names]),
             ]
             reliability_figure(panels, args.out.parent / f"{args.out.name}_{tag}_{group}.png")
-    summary = {"fit_time_s": fit_time, "n_training_atoms": variants["all epochs"].n_atoms, "seed": args.seed,
+    summary = {"fit_time_s": fit_time, "n_training_atoms": variants[first].n_atoms, "seed": args.seed,
                "atol": {v: e.atol for v, e in variants.items()}, "rows": results}
+    if args.which != "molecular":
+        summary.update(set=args.which, model=spec.model, ensemble_members=len(members),
+                       epochs=int(json.loads((spec.log / "error_log.json").read_text())["n_epochs_completed"]),
+                       title=spec.title)
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     write_report(summary, args.out)
 
@@ -136,28 +212,45 @@ def main() -> None:
 def write_report(summary: dict, out: Path) -> None:
     """OUT.md from the summary (the table of every split, variant and k, and the figures)."""
     results = summary["rows"]
+    which = summary.get("set", "molecular")
+    labels = {"spearman_force_delta_eps": "r_s(U_Δ, ε_nc)", "spearman_ensemble_eps": "r_s(σ_ens, ε_nc)"}
+    rankers = [key for key in labels if any(key in r for r in results)]
+    if which == "molecular":
+        command = f"OMP_NUM_THREADS=1 .venv/bin/python scripts/ltau_reproduction.py --out {out.relative_to(ROOT)}"
+        about = f"bundled model `molecular-small`, its training error log ({summary['n_training_atoms']:,} atoms, 80 epochs"
+    else:
+        command = (f"OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python scripts/ltau_reproduction.py --set {which} "
+                   f"--out {out.relative_to(ROOT)}")
+        about = (f"bundled model `{summary['model']}`, its run's error log ({summary['n_training_atoms']:,} atoms, "
+                 f"{summary['epochs']} epochs")
     lines = [
-        "# LTAU-FF on the molecular set (the paper's 3BPA experiment, Fig. 1)", "",
-        f"Command: `OMP_NUM_THREADS=1 .venv/bin/python scripts/ltau_reproduction.py --out {out.relative_to(ROOT)}`", "",
-        f"Estimator: bundled model `molecular-small`, its training error log ({summary['n_training_atoms']:,} atoms, "
-        f"80 epochs, direct-force errors), exact FAISS index, atol = mean final-epoch error norm = "
+        f"# LTAU-FF on {summary.get('title', 'the molecular set (the paper' + chr(39) + 's 3BPA experiment, Fig. 1)')}", "",
+        f"Command: `{command}`", "",
+        f"Estimator: {about}, direct-force errors), exact FAISS index, atol = mean final-epoch error norm = "
         f"{summary['atol']['all epochs']:.4f} eV/Å. s is fitted on a random half of each split's structures (seed "
-        f"{summary.get('seed', 0)}) and the 'other half' columns are measured on the rest.", "",
+        f"{summary.get('seed', 0)}) and the 'other half' columns are measured on the rest."
+        + (f" U_Δ and σ_ens (the model and {summary['ensemble_members'] - 1} members) rank the same frames."
+           if rankers else ""), "",
         "| p_i from | split | k | atoms | mean ε_i (eV/Å) | mean p_j | observed P(ε ≤ atol) | area s=1 | Brier s=1 "
-        "| fitted s | area s=1 (other half) | area fitted (other half) | r_s(mean 1−p_j, ε_nc) | r_s(max distance, ε_nc) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| fitted s | area s=1 (other half) | area fitted (other half) | r_s(mean 1−p_j, ε_nc) | r_s(max distance, ε_nc) |"
+        + "".join(f" {labels[k]} |" for k in rankers),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(rankers),
     ]
     for r in results:
         lines.append(f"| {r['variant']} | {r['split']} | {r['k']} | {r['atoms']} | {r['mean_error_norm']:.3f} | "
                      f"{r['mean_p']:.3f} | {r['observed_fraction_below_atol']:.3f} | {r['area_s1']:.3f} | "
                      f"{r['brier_s1']:.3f} | {r['s']:.2f} | {r['area_s1_heldout_half']:.3f} | "
                      f"{r['area_fitted_heldout_half']:.3f} | {r['spearman_uncertainty_eps']:.2f} | "
-                     f"{r['spearman_distance_eps']:.2f} |")
+                     f"{r['spearman_distance_eps']:.2f} |" + "".join(f" {r.get(k, float('nan')):.2f} |" for k in rankers))
     lines += ["", "Figures (left: k small, uncalibrated; middle: k large, uncalibrated; right: k large, calibrated):", ""]
-    for tag in ("all", "last40"):
+    tags = [t for v, t in (("all epochs", "all"), ("last 40 epochs", "last40")) if v in summary["atol"]]
+    for tag in tags:
         for group in ("test", "heldout"):
             lines.append(f"![{tag} {group}]({out.name}_{tag}_{group}.png)")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    path = out.with_suffix(".md")
+    keep = "<!-- hand-written notes below are kept by ltau_reproduction.py -->"
+    notes = path.read_text().split(keep, 1)[1] if path.exists() and keep in path.read_text() else None
+    path.write_text("\n".join(lines) + "\n" + (keep + notes if notes is not None else ""))
     print("\n".join(lines))
 
 

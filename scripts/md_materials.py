@@ -13,6 +13,10 @@ Per system, from the GFN1-xTB relaxed supercell of the materials set (data/mater
 3. nve_direct and nve_conservative: velocity Verlet, 0.5 fs, --nve-ps ps, both from the last frame of
    nvt_conservative (an equilibrium frame of the energy the conservative run conserves); drift: the slope of a
    least-squares line through E_tot per atom (atomuq.workflows.md.drift), meV/atom/ps.
+4. with --cap K (paper Fig. 1, its third level): nve_conservative_capK, the same conservative NVE with the same
+   weights but each atom's edges cut to its K nearest neighbours at inference (NativeConfig.max_neighbors, as
+   orb-v3's "-20" models are trained): an energy that jumps whenever the K-th neighbour changes, so its forces
+   are a gradient only piecewise and the integrator no longer conserves it.
 
 Every run resumes (atomuq md's crash-safe files in --out); the report is DOCS/md_materials.md with
 DOCS/md_materials_SYSTEM_nve.png (E_tot, U_Δ and temperature of the NVE runs) and the numbers in
@@ -83,13 +87,23 @@ def md(atoms, model, path: Path, key: str, status: dict, status_path: Path, **se
         return
     t0 = time.perf_counter()
     try:
-        MDRun(atoms, model, MDSettings(timestep_fs=TIMESTEP, traj_every=10, **settings), path, watch(), resume=True,
+        MDRun(atoms, model, MDSettings(**{"timestep_fs": TIMESTEP, "traj_every": 10, **settings}), path, watch(), resume=True,
               say=say, where=f"{key} ({path})").run()
     except AtomuqError as exc:  # the integrator blew up: the frames so far are kept and reported
         say(str(exc))
         entry["error"] = str(exc)
     entry["wall_s"] += time.perf_counter() - t0
     status_path.write_text(json.dumps(status, indent=1))
+
+
+def capped(model, k: int):
+    """A copy of a native model whose neighbour graph keeps each atom's k nearest edges (same weights)."""
+    import copy
+    import dataclasses
+
+    out = copy.deepcopy(model)
+    out.config = dataclasses.replace(model.config, max_neighbors=k)
+    return out
 
 
 def last_frame(path: Path):
@@ -123,7 +137,8 @@ def report(out: Path, docs: Path, model_name: str, ps: float, nve_ps: float, sta
         if not (out / f"{system}.relaxed.extxyz").exists():
             continue
         start = read(out / f"{system}.relaxed.extxyz")
-        for run in ("nvt_direct", "nvt_conservative", "nve_direct", "nve_conservative"):
+        caps = sorted(p.name.split(".")[1] for p in out.glob(f"{system}.nve_conservative_cap*.extxyz"))
+        for run in ("nvt_direct", "nvt_conservative", "nve_direct", "nve_conservative", *caps):
             path = out / f"{system}.{run}.extxyz"
             if path.exists():
                 target = temperature if run.startswith("nvt") else None
@@ -168,7 +183,8 @@ def figures(out: Path, docs: Path) -> list[str]:
     and temperature of the direct and conservative runs); the file names written."""
     names = []
     for system in SYSTEMS:
-        runs = [r for r in ("nve_direct", "nve_conservative") if (out / f"{system}.{r}.extxyz").exists()]
+        caps = sorted(p.name.split(".")[1] for p in out.glob(f"{system}.nve_conservative_cap*.extxyz"))
+        runs = [r for r in ("nve_direct", "nve_conservative", *caps) if (out / f"{system}.{r}.extxyz").exists()]
         if runs:
             name = f"md_materials_{system}_nve.png"
             plot_drift([out / f"{system}.{r}.extxyz" for r in runs], docs / name,
@@ -186,6 +202,8 @@ def main() -> None:
     parser.add_argument("--nve-ps", type=float, default=5.0, help="simulated time of each NVE run (ps)")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cap", type=int, default=None, metavar="K",
+                        help="also run NVE on conservative forces with each atom's neighbours cut to its K nearest")
     parser.add_argument("--report", action="store_true", help="only write the report from finished runs")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -206,6 +224,11 @@ def main() -> None:
             for run, forces in (("nve_direct", "direct"), ("nve_conservative", "conservative")):
                 md(equilibrated, model, args.out / f"{system}.{run}.extxyz", f"{system}/{run}", status, status_path,
                    ensemble="nve", forces=forces, steps=int(round(args.nve_ps * 1000 / TIMESTEP)), seed=args.seed)
+            if args.cap is not None:
+                run = f"nve_conservative_cap{args.cap}"
+                md(equilibrated, capped(model, args.cap), args.out / f"{system}.{run}.extxyz", f"{system}/{run}",
+                   status, status_path, ensemble="nve", forces="conservative",
+                   steps=int(round(args.nve_ps * 1000 / TIMESTEP)), seed=args.seed)
     result = report(args.out, args.docs, args.model, args.ps, args.nve_ps, status)
     for key, r in result["runs"].items():
         print(f"{key}: completed {r['completed']}, drift {r['drift_meV_atom_ps']:.4g} meV/atom/ps, "
