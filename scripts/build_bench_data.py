@@ -104,6 +104,20 @@ def label(frames: list[Atoms], method: str, output: Path, options: dict | None =
     }
 
 
+ATTACK_FIELDS = ("objective", "kT", "steps", "lr", "init_scale", "budget_kT", "patience", "seed")
+
+
+def attack_record(settings: AttackSettings) -> dict:
+    """The attack settings a manifest records."""
+    return {k: getattr(settings, k) for k in ATTACK_FIELDS}
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    """Write a manifest (JSON, one-space indent) and print it."""
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
+    print(json.dumps(manifest, indent=1))
+
+
 def versions() -> dict[str, str]:
     """The versions a manifest records."""
     return {"atomuq": atomuq.__version__, "ase": ase.__version__, "numpy": np.__version__,
@@ -129,7 +143,7 @@ def main() -> None:
     manifest: dict = {
         "command": "OMP_NUM_THREADS=1 .venv/bin/python scripts/build_bench_data.py",
         "model": "molecular-small",
-        "attack": {k: getattr(settings, k) for k in ("objective", "kT", "steps", "lr", "init_scale", "budget_kT", "patience", "seed")},
+        "attack": attack_record(settings),
         "starts_per_system": args.starts,
         "frames_per_search": args.per_start,
         "files": {},
@@ -191,8 +205,7 @@ def main() -> None:
     manifest["sha256"] = {p.name: file_sha256([p])[0] for p in files}
     manifest["wall_seconds"] = round(time.perf_counter() - t0, 1)
     manifest["versions"] = versions()
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    print(json.dumps(manifest, indent=1))
+    write_manifest(out / "manifest.json", manifest)
 
 
 if __name__ == "__main__":

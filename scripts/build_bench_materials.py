@@ -16,7 +16,6 @@ Resumable: the labelling continues from its resume file when rerun with the same
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from atomuq.core.io import file_sha256, read_structures  # noqa: E402
 from atomuq.models.registry import resolve_model  # noqa: E402
 from atomuq.workflows.attack import AttackSettings  # noqa: E402
-from build_bench_data import adversarial_frames, label, spread, versions  # noqa: E402
+from build_bench_data import adversarial_frames, attack_record, label, spread, versions, write_manifest  # noqa: E402
 from build_materials_set import TBLITE_OPTIONS  # noqa: E402
 
 KEY = "system"
@@ -74,8 +73,7 @@ def main() -> None:
     manifest = {
         "command": f"OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python scripts/build_bench_materials.py --workers {args.workers}",
         "model": args.model,
-        "attack": {k: getattr(settings, k) for k in ("objective", "kT", "steps", "lr", "init_scale", "budget_kT",
-                                                     "patience", "seed")},
+        "attack": attack_record(settings),
         "starts_per_system": args.starts,
         "frames_per_search": args.per_start,
         "tblite_options": TBLITE_OPTIONS,
@@ -85,8 +83,7 @@ def main() -> None:
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "versions": versions(),
     }
-    (args.out / "manifest_materials.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    print(json.dumps(manifest, indent=1))
+    write_manifest(args.out / "manifest_materials.json", manifest)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ Resumable: each labelling continues from its resume file when rerun with the sam
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from atomuq.core.io import file_sha256, read_structures  # noqa: E402
 from atomuq.models.registry import resolve_model  # noqa: E402
 from atomuq.workflows.attack import AttackSettings  # noqa: E402
-from build_bench_data import adversarial_frames, label, spread, versions  # noqa: E402
+from build_bench_data import adversarial_frames, attack_record, label, spread, versions, write_manifest  # noqa: E402
 from build_materials_set import FULL, TBLITE_OPTIONS, random_strain, rattled, strained  # noqa: E402
 
 MGO_STRAIN = 0.01  # largest strain component of the extra MgO frames
@@ -97,8 +96,7 @@ def main() -> None:
     manifest = {
         "command": "OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python scripts/build_bench_shift.py"
                    + (f" --workers {args.workers}" if args.workers != 1 else ""),
-        "attack": {k: getattr(settings, k) for k in ("objective", "kT", "steps", "lr", "init_scale", "budget_kT",
-                                                     "patience", "seed")},
+        "attack": attack_record(settings),
         "frames_per_search": args.per_start,
         "tblite_options_materials": TBLITE_OPTIONS,
         "files": files,
@@ -106,8 +104,7 @@ def main() -> None:
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "versions": versions(),
     }
-    (args.out / "manifest_shift.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    print(json.dumps(manifest, indent=1))
+    write_manifest(args.out / "manifest_shift.json", manifest)
 
 
 if __name__ == "__main__":
