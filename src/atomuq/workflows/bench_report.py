@@ -118,6 +118,10 @@ def averaged_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: systems beyond which the scatter figures name none of them
+MAX_LEGEND_SYSTEMS = 20
+
+
 def _scatter(data: BenchData, ax, score: str, error: str) -> None:
     series = {
         name: (data.values[score][data.systems == name], data.values[error][data.systems == name])
@@ -128,7 +132,11 @@ def _scatter(data: BenchData, ax, score: str, error: str) -> None:
     lo = min(float(data.values[score].min()), float(data.values[error].min()))
     hi = max(float(data.values[score].max()), float(data.values[error].max()))
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.7)
-    ax.legend(fontsize=6, markerscale=2, ncol=2)
+    if len(series) > MAX_LEGEND_SYSTEMS:  # a legend of 100 molecules would cover the points
+        ax.get_legend().remove()
+        ax.text(0.02, 0.98, f"{len(series)} systems, one colour each", transform=ax.transAxes, va="top", fontsize=7)
+    else:
+        ax.legend(fontsize=6, markerscale=2, ncol=2)
 
 
 def write_figures(data: BenchData, report: dict[str, Any], calibration: Calibration | None, out: Path) -> list[Path]:
