@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_train import finished_run  # noqa: E402
+from gpu_train import finished_members  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "out" / "conformal_shift"
@@ -110,22 +110,18 @@ def atom_distances(model, records, index) -> np.ndarray:
     """Each atom's descriptor distance to its nearest training descriptor (descriptor units), structures concatenated."""
     from atomuq.workflows.ltau import compute_descriptors
 
-    descriptors = compute_descriptors(model, [r.atoms for r in records])
-    distance, _ = index.search(descriptors, 1)
-    return np.sqrt(np.maximum(distance[:, 0], 0.0))
+    distance, _ = index.search(compute_descriptors(model, [r.atoms for r in records]), 1)
+    return distance[:, 0]
 
 
 def training_index(model, paths: tuple[str, ...]):
-    """An exact FAISS index over the descriptors of every training atom (float32)."""
-    import faiss
-
+    """An exact index (uq.ltau.index, kind flat) over the descriptors of every training atom."""
     from atomuq.core.io import read_structures
+    from atomuq.uq.ltau.index import build_index
     from atomuq.workflows.ltau import compute_descriptors
 
-    descriptors = compute_descriptors(model, [r.atoms for r in read_structures([ROOT / p for p in paths])], batch_size=32)
-    index = faiss.IndexFlatL2(descriptors.shape[1])
-    index.add(np.ascontiguousarray(descriptors))
-    return index
+    return build_index(compute_descriptors(model, [r.atoms for r in read_structures([ROOT / p for p in paths])],
+                                           batch_size=32))
 
 
 def collect_study(study: Study) -> None:
@@ -134,11 +130,10 @@ def collect_study(study: Study) -> None:
     from atomuq.workflows.bench import collect, load_labelled
 
     model = resolve_model(study.model)
-    members = [resolve_model(str(ROOT / spec) if spec.endswith(".pt") else spec) for spec in study.ensemble
-               if not spec.endswith(".pt") or finished_run((ROOT / spec).parent)]
+    members = [resolve_model(spec) for spec in finished_members(study.ensemble, ROOT)]
     t = time.perf_counter()
     index = training_index(model, study.train)
-    print(f"{study.name}: {len(members)} ensemble members; training descriptors of {index.ntotal} atoms in "
+    print(f"{study.name}: {len(members)} ensemble members; training descriptors of {index.size} atoms in "
           f"{time.perf_counter() - t:.0f} s", flush=True)
     arrays: dict[str, np.ndarray] = {}
     for k, spec in enumerate(study.sets):

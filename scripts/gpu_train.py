@@ -85,6 +85,13 @@ def finished_run(run_dir: Path) -> bool:
     return (run_dir / "best.pt").exists() and len(metrics_rows(run_dir)) >= planned
 
 
+def finished_members(specs: list[str] | tuple[str, ...], root: Path) -> list[str]:
+    """The model specs of an ensemble that can be used now: catalog names as given, and each checkpoint RUN/best.pt
+    (relative to root) only when its run finished training (finished_run), as an absolute path."""
+    return [spec if not spec.endswith(".pt") else str(root / spec) for spec in specs
+            if not spec.endswith(".pt") or finished_run((root / spec).parent)]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget-s", type=float, required=True, help="wall seconds from start to the last kill")

@@ -41,7 +41,7 @@ from atomuq.uq.ltau.plots import reliability_figure
 from atomuq.workflows.ltau import fit_from_logs, predict_records
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_train import finished_run  # noqa: E402
+from gpu_train import finished_members  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "molecular"
@@ -167,7 +167,7 @@ def main() -> None:
                 for name, skip in spec.variants.items()}
     fit_time = time.perf_counter() - t0
     first = next(iter(variants))
-    members = [model] + [resolve_model(str(ROOT / m)) for m in spec.members if finished_run((ROOT / m).parent)]
+    members = [model] + [resolve_model(m) for m in finished_members(spec.members, ROOT)]
     splits, rankers = {}, {}
     for name, (path, keep) in spec.splits.items():
         records = [r for r in read_structures([path]) if keep(r.atoms.info)]

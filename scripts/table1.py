@@ -38,8 +38,8 @@ from atomuq.core.io import read_structures  # noqa: E402
 from atomuq.models.registry import resolve_model  # noqa: E402
 from build_bench_data import label  # noqa: E402
 from build_materials_set import TBLITE_OPTIONS  # noqa: E402
-from gpu_train import finished_run  # noqa: E402
-from md_materials import md, relaxed_start, say  # noqa: E402
+from gpu_train import finished_members  # noqa: E402
+from md_materials import TIMESTEP, md, relaxed_start, say  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "out" / "table1"
@@ -53,16 +53,14 @@ PARTS = {
                   {"ac_ala3_nhme": 300.0, "stachyose": 300.0, "aspirin": 300.0, "paracetamol": 300.0, "dha": 300.0}),
 }
 SURFACE = {"cu111_co"}
-BURN_IN_STEPS = 500  # 250 fs at 0.5 fs
+BURN_IN_STEPS = 500  # 250 fs at md_materials.TIMESTEP = 0.5 fs
 EVERY = 50  # a frame every 25 fs
 
 
 def members_of(part: str) -> list[str]:
     """The ensemble: the bundled model and those of its members runs/<set>_member1..4 that finished training."""
-    model = PARTS[part][0]
     prefix = "materials" if part == "materials" else "molecular_broad"
-    runs = [ROOT / "runs" / f"{prefix}_member{i}" for i in range(1, 5)]
-    return [model] + [str(run / "best.pt") for run in runs if finished_run(run)]
+    return finished_members([PARTS[part][0]] + [f"runs/{prefix}_member{i}/best.pt" for i in range(1, 5)], ROOT)
 
 
 def start_of(part: str, system: str, model):
@@ -97,7 +95,7 @@ def run_part(part: str, trajectories: int, frames: int) -> Path:
             if status[f"{system}.nvt{seed}"]["error"]:
                 continue
             for frame in load_md_frames(path)[0]:
-                step = int(round(frame.info["time_fs"] / 0.5))
+                step = int(round(frame.info["time_fs"] / TIMESTEP))
                 if step > BURN_IN_STEPS:
                     atoms = frame.copy()
                     atoms.calc = None
