@@ -68,6 +68,16 @@ STAGES = [  # (label, folder, short label for the figures)
     ("gen 1, conservative, fine-tuning seed 1 (replicate)", REPLICATE_DIR, "gen 1 cons.\nseed 1"),
     ("gen 1 random displacements, conservative (control)", CONTROL_DIR, "gen 1 cons.\nrandom\n(control)"),
 ]
+VARIANCE_DIR = "gen_001_variance"
+VARIANCE_LABEL = "gen 1 ensemble variance, conservative (control)"
+VARIANCE_POOL = 10  # candidates per structure picked: random displacements scored by the ensemble's σ_ens
+#: stages that run again with further fine-tuning seeds (Study.seeds), each from the same seed's previous stage
+SEEDED = (DIRECT_DIR, "gen_001", "gen_002", CONTROL_DIR, VARIANCE_DIR)
+
+
+def seeded(folder: str, seed: int) -> str:
+    """The folder of a stage fine-tuned with another seed (seed 0: the stage itself)."""
+    return folder if seed == 0 else f"{folder}_seed{seed}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +98,27 @@ class Study:
     extra: Callable[["Study", list], dict[str, list]] | None = None  # further input files from the training frames
     notes: tuple[str, ...] = ()  # the hand-written reading, kept here so --report reproduces the file
     fresh_every: int = 5  # every this-many-th 300 K test frame of each molecule starts the fixed search
+    key: str = "molecule"  # the info key that names each frame's system
+    seeds: int = 1  # fine-tuning seeds of every stage (seed 0 is the loop's own)
+    ensemble: tuple[Path, ...] = ()  # members of the ensemble-variance control (none: no such control)
+    start_family: str | None = None  # MD and fresh-search starts only from 300 K test frames of this family
+
+    def md_start_ok(self, atoms) -> bool:
+        """Whether a test frame may start the fixed MD runs and the fixed search."""
+        if self.start_family is None:
+            return True
+        return atoms.info.get("family") == self.start_family and float(atoms.info.get("temperature", 0.0)) == 300.0
+
+    def stages(self) -> list[tuple[str, str, str]]:
+        """(label, folder, short label) of every stage of this study, in the order of Fig. 4."""
+        out = [st for st in STAGES if self.replicate or st[1] != REPLICATE_DIR]
+        if self.ensemble:
+            out.append((VARIANCE_LABEL, VARIANCE_DIR, "gen 1 cons.\nσ_ens\n(control)"))
+        for seed in range(1, self.seeds):
+            for label, folder, short in list(out):
+                if folder in SEEDED:
+                    out.append((f"{label}, seed {seed}", seeded(folder, seed), f"{short}\nseed {seed}"))
+        return out
 
     def command(self) -> str:
         """The command line that runs this study."""
@@ -111,6 +142,14 @@ def studies() -> dict[str, Study]:
                    source_hint="run `PYTHONPATH=src python scripts/build_broad_molecular_set.py --export "
                    "out/molecular_broad` first (about a minute)", extra=broad_extra, fresh_every=1,
                    notes=tuple(NOTES_BROAD)),
+    "ice": Study("ice", ROOT / "configs" / "improve_ice.toml", ROOT / "data" / "improve_ice", "improve_ice",
+                 ("ice",), (0, 6), MATERIALS / "train_ice.extxyz.gz", MATERIALS / "test_ice.extxyz.gz",
+                 "bundled `materials` model", replicate=False,
+                 source_hint="run `PYTHONPATH=src python scripts/build_materials_set.py --export out/materials` "
+                 "first (about half a minute)", extra=ice_extra, fresh_every=1, key="system", seeds=3,
+                 ensemble=(ROOT / "src/atomuq/data/models/materials.pt",
+                           *(ROOT / f"runs/materials_member{k}/best.pt" for k in range(1, 5))),
+                 start_family="thermal", notes=tuple(NOTES_ICE)),
     }
 
 
@@ -136,7 +175,31 @@ def broad_extra(study: Study, train: list) -> dict[str, list]:
 
 #: the broad study's reading, written by hand after looking at its results
 NOTES_BROAD: list[str] = []
-SHORT = {label: short for label, _, short in STAGES}
+
+MATERIALS = ROOT / "out" / "materials"  # scripts/build_materials_set.py --export writes it
+ICE_REPLAY_FRAMES = 300
+OTHERS_PER_SYSTEM = 4
+
+
+def ice_extra(study: Study, train: list) -> dict[str, list]:
+    """The ice study's replay draw from the whole materials training split, ice's test frames (every family) and
+    the first four test frames of every other system (does fine-tuning on ice cost the rest?)."""
+    pool = frames(MATERIALS / "train.extxyz.gz")
+    rng = np.random.default_rng(0)
+    replay = [pool[i] for i in np.sort(rng.choice(len(pool), ICE_REPLAY_FRAMES, replace=False))]
+    others, seen = [], {}
+    for a in frames(MATERIALS / "test.extxyz.gz"):
+        system = a.info["system"]
+        seen[system] = seen.get(system, 0) + 1
+        if system not in study.molecules and seen[system] <= OTHERS_PER_SYSTEM:
+            others.append(a)
+    return {"replay.extxyz.gz": replay, "test_ice.extxyz.gz": frames(MATERIALS / "test_ice.extxyz.gz"),
+            "test_others.extxyz.gz": others}
+
+
+#: the ice study's reading, written by hand after looking at its results
+NOTES_ICE: list[str] = []
+
 
 
 def frames(path: Path) -> list:
@@ -176,9 +239,9 @@ def prepare(study: Study) -> None:
         return
     train = frames(study.train)
     test = frames(study.test)
-    pick = {m: [a for a in test if a.info["molecule"] == m] for m in study.molecules}
+    pick = {m: [a for a in test if a.info[study.key] == m and study.md_start_ok(a)] for m in study.molecules}
     files = {
-        "search_starts.extxyz.gz": [a for a in train if a.info["molecule"] in study.molecules],
+        "search_starts.extxyz.gz": [a for a in train if a.info[study.key] in study.molecules],
         "fresh_starts.extxyz.gz": [a for m in study.molecules for k, a in enumerate(pick[m])
                                    if k % study.fresh_every == 2 % study.fresh_every],
         "md_starts.extxyz.gz": [pick[m][k] for m in study.molecules for k in study.md_frames],
@@ -191,46 +254,95 @@ def prepare(study: Study) -> None:
         say(f"{study.inputs / name}: {len(written)} structures")
 
 
-def branch(
-    config: ImproveConfig, baseline: dict, name: str, labelled: list[Path], mode: str = "conservative", seed: int | None = None
-) -> None:
-    """Fine-tune the trained model on `labelled` (+ the same replay) in RUN_DIR/name and evaluate it like the loop."""
+def branch(config: ImproveConfig, baseline: dict, name: str, labelled: list[Path], mode: str = "conservative",
+           seed: int | None = None, generation: int = 1, init: Path | None = None) -> None:
+    """Fine-tune `init` (default: the trained model) on `labelled` (+ the same replay) in RUN_DIR/name and evaluate
+    it like the loop's generation `generation`."""
     folder = config.run_dir / name
     if (folder / EVALUATION_FILE).is_file():
         return
     train = config.train if seed is None else {**config.train, "seed": seed}
     variant = dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, mode=mode), train=train)
     callback = LogCallback()
-    finetune(variant, folder, labelled, model_path(config, 0), 1, callback)
+    finetune(variant, folder, labelled, init or model_path(config, 0), generation, callback)
     model = load(folder / FINETUNE_DIR / "best.pt", config.device)
-    evaluate_generation(variant, model, 1, folder, read_atoms([config.run_dir / MD_STARTS_FILE]), baseline, callback)
+    evaluate_generation(variant, model, generation, folder, read_atoms([config.run_dir / MD_STARTS_FILE]), baseline,
+                        callback)
 
 
-def control_branch(config: ImproveConfig, baseline: dict) -> None:
-    """Control: generation 1's search starts displaced at random by the same RMS displacement as each selected
-    adversarial frame (same count), labelled, fine-tuned conservatively and evaluated like the loop."""
-    folder = config.run_dir / CONTROL_DIR
-    if (folder / EVALUATION_FILE).is_file():
-        return
+def displaced_like_selected(config: ImproveConfig, copies: int, seed: int) -> list:
+    """Generation 1's search starts, each selected adversarial frame's start displaced at random (Gaussian) by
+    that frame's RMS displacement, `copies` times per selected frame."""
     starts = draw(read_atoms(config.search.starts), config.search.n_starts, config.search.seed + 1)
     selected = read_atoms([generation_dir(config.run_dir, 1) / SELECTED_FILE])
-    rng = np.random.default_rng(2024)
-    rattled = []
+    rng = np.random.default_rng(seed)
+    out = []
     for frame in selected:
         start = starts[int(frame.info["source_index"])]
         rms = float(np.sqrt(((frame.positions - start.positions) ** 2).sum(axis=1).mean()))
-        atoms = start.copy()
-        atoms.positions += rng.normal(scale=rms / np.sqrt(3.0), size=atoms.positions.shape)
-        atoms.info = {"control_rms_displacement": rms}
-        rattled.append(atoms)
+        for _ in range(copies):
+            atoms = start.copy()
+            atoms.positions += rng.normal(scale=rms / np.sqrt(3.0), size=atoms.positions.shape)
+            atoms.info = {"control_rms_displacement": rms}
+            out.append(atoms)
+    return out
+
+
+def labelled_once(config: ImproveConfig, folder: Path, frames: list) -> Path:
+    """Reference labels of frames in FOLDER/labelled.extxyz (kept: the seeds of a control share them)."""
     folder.mkdir(parents=True, exist_ok=True)
-    label_structures(rattled, config.label.method, folder / LABELLED_FILE)
-    branch(config, baseline, CONTROL_DIR, [folder / LABELLED_FILE])
+    if not (folder / LABELLED_FILE).is_file():
+        label_structures(frames, config.label.method, folder / LABELLED_FILE, options=config.label_options)
+    return folder / LABELLED_FILE
+
+
+def control_branch(config: ImproveConfig, baseline: dict, seed: int = 0) -> None:
+    """Control: generation 1's search starts displaced at random by the same RMS displacement as each selected
+    adversarial frame (same count), labelled, fine-tuned conservatively and evaluated like the loop."""
+    name = seeded(CONTROL_DIR, seed)
+    if (config.run_dir / name / EVALUATION_FILE).is_file():
+        return
+    labelled = config.run_dir / CONTROL_DIR / LABELLED_FILE
+    if not labelled.is_file():
+        labelled = labelled_once(config, config.run_dir / CONTROL_DIR, displaced_like_selected(config, 1, 2024))
+    branch(config, baseline, name, [labelled], seed=seed or None)
+
+
+def variance_branch(config: ImproveConfig, baseline: dict, study: Study, seed: int = 0) -> None:
+    """Control: as many structures as generation 1 selected, picked by the ensemble's force spread σ_ens (the
+    largest) from VARIANCE_POOL random displacements per selected frame (each by that frame's RMS displacement),
+    labelled, fine-tuned conservatively and evaluated like the loop: the adversarial choice against the usual
+    active-learning one, on the same starts and displacement sizes."""
+    name = seeded(VARIANCE_DIR, seed)
+    if (config.run_dir / name / EVALUATION_FILE).is_file():
+        return
+    folder = config.run_dir / VARIANCE_DIR
+    if not (folder / LABELLED_FILE).is_file():
+        from atomuq.core.batch import Batch
+        from atomuq.uq.ensemble import ensemble_uncertainty, evaluate_ensemble
+
+        pool = displaced_like_selected(config, VARIANCE_POOL, 4048)
+        members = [load(path, config.device) for path in study.ensemble]
+        sigma = []
+        for k in range(0, len(pool), 16):
+            batch = Batch.from_atoms(pool[k:k + 16], dtype=members[0].dtype)
+            uq = ensemble_uncertainty(evaluate_ensemble(members, batch), batch)
+            sigma.extend(uq.per_structure["ensemble_std"].tolist())
+        n = len(pool) // VARIANCE_POOL
+        chosen = np.argsort(sigma)[::-1][:n]
+        picked = []
+        for k in sorted(chosen.tolist()):
+            pool[k].info["ensemble_std"] = float(sigma[k])
+            picked.append(pool[k])
+        say(f"variance control: {n} of {len(pool)} displaced structures, σ_ens {min(sigma):.3f}-{max(sigma):.3f}, "
+            f"picked from {float(np.asarray(sigma)[chosen].min()):.3f} eV/Å")
+        labelled_once(config, folder, picked)
+    branch(config, baseline, name, [folder / LABELLED_FILE], seed=seed or None)
 
 
 def run(study: Study) -> None:
-    """Generation 1 (conservative), the direct-head comparison and the random-displacement control, then the
-    further generations (and the replicate where the study has one)."""
+    """Generation 1 (conservative), the direct-head comparison and the controls, then the further generations,
+    the replicate where the study has one and every stage again with each further fine-tuning seed."""
     config = ImproveConfig.from_toml(study.config)
     evaluations = run_improve(dataclasses.replace(config, generations=1), LogCallback())
     say("generation 1 done; direct-head comparison")
@@ -238,20 +350,34 @@ def run(study: Study) -> None:
     branch(config, evaluations[0], DIRECT_DIR, gen1, mode="direct")
     say("control: random displacements")
     control_branch(config, evaluations[0])
+    if study.ensemble:
+        say("control: ensemble variance")
+        variance_branch(config, evaluations[0], study)
     say(f"generations 2 to {config.generations}")
-    run_improve(config, LogCallback())
+    evaluations = run_improve(config, LogCallback())
     if study.replicate:
         say("replicate of generation 1 (conservative) with another fine-tuning seed: the noise of one fine-tuning")
         branch(config, evaluations[0], REPLICATE_DIR, gen1, seed=1)
+    for seed in range(1, study.seeds):
+        say(f"fine-tuning seed {seed}: every stage again")
+        branch(config, evaluations[0], seeded(DIRECT_DIR, seed), gen1, mode="direct", seed=seed)
+        branch(config, evaluations[0], seeded("gen_001", seed), gen1, seed=seed)
+        control_branch(config, evaluations[0], seed)
+        if study.ensemble:
+            variance_branch(config, evaluations[0], study, seed)
+        if config.generations >= 2:  # generation 2's structures, fine-tuned from this seed's generation 1
+            gen1_seed = config.run_dir / seeded("gen_001", seed) / FINETUNE_DIR / "best.pt"
+            branch(config, evaluations[1], seeded("gen_002", seed), [generation_dir(config.run_dir, 2) / LABELLED_FILE],
+                   seed=seed, generation=2, init=gen1_seed)
 
 
 # ------------------------------------------------------------------------------------------ report
 
 
-def stages(run_dir: Path) -> list[tuple[str, Path, dict]]:
+def stages(run_dir: Path, study: Study) -> list[tuple[str, Path, dict]]:
     """(label, folder, evaluation) of every finished stage, in the order of Fig. 4."""
     out = []
-    for label, name, _ in STAGES:
+    for label, name, _ in study.stages():
         path = run_dir / name / EVALUATION_FILE
         if path.is_file():
             out.append((label, run_dir / name, json.loads(path.read_text())))
@@ -270,7 +396,8 @@ def md_curves(folder: Path, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
 
 def figures(found: list, labels: list[str], config: ImproveConfig, study: Study) -> None:
     """Fig. 4 analogue (drift, time to failure, force errors per stage) and Fig. 8 analogue (E_tot(t))."""
-    names = [SHORT[lbl] for lbl, _, _ in found]
+    short = {label: sh for label, _, sh in study.stages()}
+    names = [short[lbl] for lbl, _, _ in found]
     colors = plt.cm.tab10(np.arange(len(found)))
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
     x = np.arange(len(found))
@@ -309,14 +436,14 @@ def figures(found: list, labels: list[str], config: ImproveConfig, study: Study)
         ax.set_xticks(x)
         ax.set_xticklabels(names, fontsize=7)
     fig.suptitle(f"Fine-tuning on U_Δ-maximised structures ({study.model_text.replace('`', '')}; "
-                 f"{' + '.join(study.molecules)}; GFN2-xTB)")
+                 f"{' + '.join(study.molecules)}; {reference_name(config)})")
     fig.tight_layout()
     fig.savefig(DOCS / f"{study.stem}.png", dpi=120)
     plt.close(fig)
 
     n = len(found[0][2]["md_runs"])
     energy_figure({label: md_curves(folder, n) for label, folder, _ in found}, labels,
-                  DOCS / f"{study.stem}_energy.png", config.evaluate.max_temperature_K)
+                  DOCS / f"{study.stem}_energy.png", config.evaluate.max_temperature_K, short)
 
 
 #: the stages drawn in the E_tot(t) figure (all seven in one panel were unreadable): the main line and the direct head
@@ -324,7 +451,7 @@ ENERGY_STAGES = ("trained", "gen 1, direct head", "gen 1, conservative", "gen 2,
 
 
 def energy_figure(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], labels: list[str], path: Path,
-                  max_temperature_K: float) -> None:
+                  max_temperature_K: float, short: dict[str, str]) -> None:
     """Fig. 8 analogue: E_tot per atom minus its start (meV/atom) against time, one panel per fixed NVE start."""
     stages = [s for s in ENERGY_STAGES if s in curves]
     colours = dict(zip(stages, plt.cm.viridis(np.linspace(0.0, 0.85, len(stages)))))
@@ -335,7 +462,8 @@ def energy_figure(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], labels
     for k, ax in enumerate(axes.ravel()[:n]):
         for stage in stages:
             t, e = curves[stage][k]
-            ax.plot(t, e, color=colours[stage], lw=1.1, ls="--" if "direct" in stage else "-", label=SHORT[stage].replace("\n", " "))
+            ax.plot(t, e, color=colours[stage], lw=1.1, ls="--" if "direct" in stage else "-",
+                    label=short[stage].replace("\n", " "))
         ax.set_title(labels[k], fontsize=9)
         ax.set_yscale("symlog", linthresh=1.0)
         ax.grid(alpha=0.3)
@@ -355,6 +483,34 @@ def energy_figure(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], labels
     plt.close(fig)
 
 
+def reference_name(config: ImproveConfig) -> str:
+    """The reference method as the papers write it."""
+    return {"gfn2-xtb": "GFN2-xTB", "gfn1-xtb": "GFN1-xTB"}.get(config.label.method, config.label.method)
+
+
+def over_seeds(found: list, study: Study) -> list[str]:
+    """Per stage, the spread over its fine-tuning seeds (studies with Study.seeds > 1): mean time lasted, median
+    |drift| and mean test direct-force MAE, each as the mean over seeds with the min-max range."""
+    if study.seeds <= 1:
+        return []
+    by_label = {label: ev for label, _, ev in found}
+    lines = ["", f"Over the {study.seeds} fine-tuning seeds of each stage (mean over seeds, min-max in brackets):", "",
+             "| stage | seeds done | mean time lasted ps | median abs drift meV/atom/ps | test direct-force MAE eV/Å |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for label, folder, _ in study.stages():
+        if folder not in SEEDED:
+            continue
+        evs = [by_label[lbl] for lbl in [label] + [f"{label}, seed {k}" for k in range(1, study.seeds)] if lbl in by_label]
+        if not evs:
+            continue
+        cols = [[ev["md"]["survived_ps_mean"] for ev in evs],
+                [float(np.median([abs(r["drift_meV_atom_ps"]) for r in ev["md_runs"]])) for ev in evs],
+                [float(np.mean([t["forces_mae"] for t in ev["test"].values()])) for ev in evs]]
+        cells = [f"{np.mean(c):.3g} [{min(c):.3g}, {max(c):.3g}]" for c in cols]
+        lines.append(f"| {label} | {len(evs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _fmt(v, d=4) -> str:
     return "-" if v is None else f"{v:.{d}g}"
 
@@ -362,7 +518,7 @@ def _fmt(v, d=4) -> str:
 def report(study: Study) -> None:
     """Figures, docs/STEM.json and docs/STEM.md from the finished stages."""
     config = ImproveConfig.from_toml(study.config)
-    found = stages(config.run_dir)
+    found = stages(config.run_dir, study)
     if not found:
         raise SystemExit("no finished stage yet")
     state = json.loads((config.run_dir / STATE_FILE).read_text())["done"]
@@ -381,11 +537,13 @@ def report(study: Study) -> None:
         + ", plus a control fine-tuned on randomly displaced structures.",
         "",
         f"Setup: {study.model_text} (float32, CPU, one thread); systems {' and '.join(study.molecules)} (in "
-        "its training set); reference GFN2-xTB (tblite). Per generation: adversarial search (U_Δ²·exp(−Ē/kT), "
+        f"its training set); reference {reference_name(config)} (tblite). Per generation: adversarial search "
+        "(U_Δ²·exp(−Ē/kT), "
         f"kT {config.attack.kT} eV/atom, energy budget {config.attack.energy_budget:.3g} eV/atom, "
         f"{config.attack.steps} steps) from {config.search.n_starts} training frames drawn afresh, selection "
         f"(U_Δ above the {config.select.percentile:g}th percentile of the starts, RMSD ≥ "
-        f"{config.select.rmsd_threshold} Å, at most {config.select.max_selected}), GFN2-xTB labels, fine-tuning "
+        f"{config.select.rmsd_threshold} Å, at most {config.select.max_selected}), {reference_name(config)} labels, "
+        "fine-tuning "
         f"from the previous model for {config.train['epochs']} epochs (lr {config.train['optimizer']['lr']}, "
         f"cosine) with replay fraction {config.finetune.replay_fraction} (that share of the fine-tuning set is "
         "drawn from the original training file).",
@@ -426,6 +584,7 @@ def report(study: Study) -> None:
             f"| {label} | {ev['md']['completed']} of {ev['md']['runs']} | {ev['md']['survived_ps_mean']:.2f} | "
             f"{np.median([abs(r['drift_meV_atom_ps']) for r in runs]):.3g} | {_fmt(np.mean(fd) if fd else None)} |"
         )
+    lines += over_seeds(found, study)
     lines += [
         "",
         f"![Fig. 4 analogue]({study.stem}.png)",
@@ -476,6 +635,7 @@ def report(study: Study) -> None:
 #: the stage each stage is compared with in the reading (the paper's order for the main line)
 COMPARED_WITH = {
     "gen 1 random displacements, conservative (control)": "trained",
+    VARIANCE_LABEL: "trained",
     "gen 1, direct head": "trained",
     "gen 1, conservative": "gen 1, direct head",
     "gen 1, conservative, fine-tuning seed 1 (replicate)": "gen 1, direct head",
