@@ -110,7 +110,7 @@ def rows_of(out: Path, starts: int) -> list[dict]:
                          "labelled_frames": labelled.get("labelled_frames", 0),
                          "error": status.get(f"{name}/nve_direct", {}).get("error"),
                          "wall_s": sum(v.get("wall_s", 0.0) for k, v in status.items()
-                                       if k.startswith(name + "/") and isinstance(v, dict))})
+                                       if k.startswith(name + "/"))})
     return rows
 
 
@@ -146,7 +146,6 @@ def report(out: Path, docs: Path, model_name: str, eq_ps: float, nve_ps: float, 
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "drift_materials.json").write_text(json.dumps(result, indent=1))
     figure(rows, docs / "drift_materials.png", stats)
-    names, paper = NAMES, PAPER
     lines = [f"# NVE drift against the Force Delta on the materials set ({model_name})", "",
              f"Rebuilt by `OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python scripts/drift_materials.py --eq-ps {eq_ps:g} "
              f"--nve-ps {nve_ps:g}` (protocol in the script's docstring): per system one start, NVT with conservative "
@@ -156,10 +155,10 @@ def report(out: Path, docs: Path, model_name: str, eq_ps: float, nve_ps: float, 
              "| r_s with \\|drift\\| of the direct runs | ours (95 % interval over systems) | systems | paper (Fig. 6) |",
              "|---|---|---:|---:|"]
     for key, s in stats.items():
-        lines.append(f"| {names[key]} | {s['r_s']:.2f} [{s['low']:.2f}, {s['high']:.2f}] | {s['n']} | {paper[key]} |")
+        lines.append(f"| {NAMES[key]} | {s['r_s']:.2f} [{s['low']:.2f}, {s['high']:.2f}] | {s['n']} | {PAPER[key]} |")
     for key, s in stats_low.items():
-        lines.append(f"| {names[key]}, runs with \\|drift\\| < {LOW_DRIFT:g} | {s['r_s']:.2f} [{s['low']:.2f}, "
-                     f"{s['high']:.2f}] | {s['n']} | {paper[key]} |")
+        lines.append(f"| {NAMES[key]}, runs with \\|drift\\| < {LOW_DRIFT:g} | {s['r_s']:.2f} [{s['low']:.2f}, "
+                     f"{s['high']:.2f}] | {s['n']} | {PAPER[key]} |")
     runaway = len(rows) - len(low)
     no_floor = [r["system"] for r in rows if abs(r["drift_conservative"]) >= 1.0]
     lines += ["", f"{runaway} of {len(rows)} direct runs drift by {LOW_DRIFT:g} meV/atom/ps or more (the fragile "
@@ -294,8 +293,6 @@ def main() -> None:
     parser.add_argument("--starts", type=int, default=1, help="independent starts per system")
     parser.add_argument("--floor-starts", type=int, default=None,
                         help="conservative NVE (the floor) for the first this many starts of each system (default all)")
-    parser.add_argument("--start-range", type=int, nargs=2, default=None, metavar=("FIRST", "STOP"),
-                        help="run only starts FIRST..STOP-1 (to split one study between processes)")
     parser.add_argument("--name", default="drift_materials", help="stem of the report files in --docs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report", action="store_true", help="only write the report from finished runs")
@@ -307,10 +304,9 @@ def main() -> None:
     floor = args.starts if args.floor_starts is None else args.floor_starts
     if not args.report:
         model = resolve_model(args.model)
-        first, stop = args.start_range or (0, args.starts)
         # every direct run first, the floors after them (a study cut short still has all its points)
         for with_floor in (False, True):
-            for start in range(first, min(stop, args.starts)):
+            for start in range(args.starts):
                 if with_floor and start >= floor:
                     continue
                 for system in args.systems:

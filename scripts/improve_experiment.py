@@ -158,19 +158,30 @@ REPLAY_FRAMES = 1000  # the broad study's replay: a fixed draw of the training s
 HELDOUT_PER_MOLECULE = 5
 
 
+def replay_draw(pool: list, n: int) -> list:
+    """A fixed draw of n frames of pool (numpy seed 0), in file order: a study's replay file."""
+    rng = np.random.default_rng(0)
+    return [pool[i] for i in np.sort(rng.choice(len(pool), n, replace=False))]
+
+
+def first_per_system(pool: list, key: str, n: int, skip: tuple[str, ...] = ()) -> list:
+    """The first n frames of every system (info[key]) of pool, systems in skip left out."""
+    out, seen = [], {}
+    for a in pool:
+        system = a.info[key]
+        seen[system] = seen.get(system, 0) + 1
+        if system not in skip and seen[system] <= n:
+            out.append(a)
+    return out
+
+
 def broad_extra(study: Study, train: list) -> dict[str, list]:
     """The broad study's replay draw and test files: aspirin's test frames (every stage) and the first five
     300 K frames of each held-out molecule."""
-    rng = np.random.default_rng(0)
-    replay = [train[i] for i in np.sort(rng.choice(len(train), REPLAY_FRAMES, replace=False))]
     test = [a for a in frames(BROAD / "test.extxyz.gz") if a.info["molecule"] in study.molecules]
-    heldout, seen = [], {}
-    for a in frames(BROAD / "heldout_md300.extxyz.gz"):
-        m = a.info["molecule"]
-        seen[m] = seen.get(m, 0) + 1
-        if seen[m] <= HELDOUT_PER_MOLECULE:
-            heldout.append(a)
-    return {"replay.extxyz.gz": replay, "test_aspirin.extxyz.gz": test, "heldout_300K.extxyz.gz": heldout}
+    heldout = first_per_system(frames(BROAD / "heldout_md300.extxyz.gz"), "molecule", HELDOUT_PER_MOLECULE)
+    return {"replay.extxyz.gz": replay_draw(train, REPLAY_FRAMES), "test_aspirin.extxyz.gz": test,
+            "heldout_300K.extxyz.gz": heldout}
 
 
 #: the broad study's reading, written by hand after looking at its results
@@ -184,17 +195,9 @@ OTHERS_PER_SYSTEM = 4
 def ice_extra(study: Study, train: list) -> dict[str, list]:
     """The ice study's replay draw from the whole materials training split, ice's test frames (every family) and
     the first four test frames of every other system (does fine-tuning on ice cost the rest?)."""
-    pool = frames(MATERIALS / "train.extxyz.gz")
-    rng = np.random.default_rng(0)
-    replay = [pool[i] for i in np.sort(rng.choice(len(pool), ICE_REPLAY_FRAMES, replace=False))]
-    others, seen = [], {}
-    for a in frames(MATERIALS / "test.extxyz.gz"):
-        system = a.info["system"]
-        seen[system] = seen.get(system, 0) + 1
-        if system not in study.molecules and seen[system] <= OTHERS_PER_SYSTEM:
-            others.append(a)
-    return {"replay.extxyz.gz": replay, "test_ice.extxyz.gz": frames(MATERIALS / "test_ice.extxyz.gz"),
-            "test_others.extxyz.gz": others}
+    others = first_per_system(frames(MATERIALS / "test.extxyz.gz"), "system", OTHERS_PER_SYSTEM, skip=study.molecules)
+    return {"replay.extxyz.gz": replay_draw(frames(MATERIALS / "train.extxyz.gz"), ICE_REPLAY_FRAMES),
+            "test_ice.extxyz.gz": frames(MATERIALS / "test_ice.extxyz.gz"), "test_others.extxyz.gz": others}
 
 
 #: the ice study's reading, written by hand after looking at its results
